@@ -1,0 +1,215 @@
+"""Model presets: tiny random-weight models for tests, real architectures for benchmarks.
+
+A preset is a YAML file in ``dflow/configs/models``: the pipeline class, each
+component's class and config, defaults and limits. Presets with ``build: folder``
+(the tiny ones) are built once with random weights and offline tokenizers, saved
+as an ordinary diffusers folder in ``dflow.cache-dir`` and then loaded like any
+other folder. Presets with ``build: memory`` (real sizes) are built directly on
+the device that runs them, a stage at a time, since their random weights are
+tens of GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import dask.config
+
+import dflow.config  # noqa: F401
+from dflow import tokenizers
+from dflow.spec import FAMILY_DEFAULTS, STAGES, ModelSpec, stage_of_component
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _presets() -> dict[str, dict[str, Any]]:
+    folder = files("dflow.configs").joinpath("models")
+    return {
+        entry.name.removesuffix(".yaml"): yaml.safe_load(entry.read_text())
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def names() -> list[str]:
+    return sorted(_presets())
+
+
+def get(name: str) -> dict[str, Any]:
+    try:
+        return _presets()[name]
+    except KeyError:
+        raise ValueError(
+            f"model: unknown preset {name!r}; presets are {', '.join(names())}"
+        ) from None
+
+
+def spec(name: str) -> ModelSpec:
+    """The spec of a preset; tiny presets are built (once) to describe their folder."""
+    from dflow.adapters import adapter_for
+
+    preset = get(name)
+    if preset["build"] == "folder":
+        source: str | None = folder(name)
+    else:
+        source = None
+    configs = {
+        component: {"_class_name": entry.get("class", ""), **entry.get("config", {})}
+        for component, entry in preset["components"].items()
+    }
+    adapter = adapter_for(preset["pipeline"])
+    defaults = dict(FAMILY_DEFAULTS[adapter.family])
+    defaults.update(preset.get("defaults", {}))
+    return adapter.describe(
+        name=name,
+        pipeline=preset["pipeline"],
+        configs=configs,
+        source=source,
+        preset=name,
+        dtype=preset.get("dtype", "float32"),
+        defaults=defaults,
+        limits=preset.get("limits", {}),
+        weight_bytes=weight_bytes(name),
+    )
+
+
+def cache_dir() -> Path:
+    path = dask.config.get("dflow.cache-dir", None) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dflow"
+    )
+    return Path(path)
+
+
+def folder(name: str) -> str:
+    """The diffusers folder of a ``build: folder`` preset, built on first use.
+
+    The folder name carries a hash of the preset, so editing a preset rebuilds it.
+    Concurrent builders (several workers starting at once) each write a temporary
+    folder and the first rename wins.
+    """
+    preset = get(name)
+    digest = hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
+    target = cache_dir() / "models" / f"{name}-{digest[:12]}"
+    if (target / "model_index.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Building preset %s in %s", name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        pipeline = build(name, stages=STAGES, device="cpu", dtype="float32")
+        with quiet_progress_bars():
+            pipeline.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Silence diffusers' and transformers' load/save progress bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+def _component_class(class_name: str) -> Any:
+    import diffusers
+    import transformers
+
+    for module in (diffusers, transformers):
+        if hasattr(module, class_name):
+            return getattr(module, class_name)
+    raise ValueError(f"unknown component class {class_name!r}")
+
+
+def build_component(entry: dict[str, Any], device: str = "cpu", dtype: Any = None):
+    """Instantiate one component of a preset with random weights (seeded)."""
+    import torch
+
+    if "kind" in entry:
+        options = {k: v for k, v in entry.items() if k != "kind"}
+        return tokenizers.build(entry["kind"], **options)
+    cls = _component_class(entry["class"])
+    config = dict(entry.get("config", {}))
+    if hasattr(cls, "set_timesteps"):
+        return cls.from_config(config)  # a scheduler
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            if hasattr(cls, "config_class") and hasattr(cls.config_class, "model_type"):
+                model = cls(cls.config_class(**config))  # transformers
+            else:
+                model = cls.from_config(config)  # diffusers
+    finally:
+        torch.set_default_dtype(previous)
+    # as from_pretrained(torch_dtype=...) does: some modules stay in float32
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    for name, parameter in model.named_parameters():
+        if any(module in name for module in keep):
+            parameter.data = parameter.data.float()
+    return model.eval()
+
+
+def build(name: str, stages: tuple[str, ...], device: str = "cpu", dtype: Any = None):
+    """A pipeline of preset ``name`` holding only the components of ``stages``."""
+    import torch
+
+    from dflow.adapters import adapter_for
+
+    preset = get(name)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    components = {}
+    for component, entry in preset["components"].items():
+        if stage_of_component(component) in stages:
+            components[component] = build_component(entry, device, dtype)
+        else:
+            components[component] = None
+    pipeline_class = adapter_for(preset["pipeline"]).pipeline_class(preset["pipeline"])
+    return pipeline_class(**components)
+
+
+@cache
+def weight_bytes(name: str) -> dict[str, int]:
+    """Bytes of each stage's weights at the preset's dtype, counted on the meta device."""
+    import torch
+
+    preset = get(name)
+    element = torch.empty(0, dtype=getattr(torch, preset.get("dtype", "float32")))
+    total = dict.fromkeys(STAGES, 0)
+    for component, entry in preset["components"].items():
+        stage = stage_of_component(component)
+        if stage is None or "kind" in entry:
+            continue
+        model = build_component(entry, device="meta")
+        if isinstance(model, torch.nn.Module):
+            count = sum(p.numel() for p in model.parameters())
+            total[stage] += count * element.element_size()
+    return total

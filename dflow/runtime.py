@@ -1,0 +1,413 @@
+"""The stage runtime: the resident model of a stage in one process.
+
+Stage calls (``encode``, ``denoise``, ``decode``, ``generate``) take and return
+plain data: a :class:`~dflow.request.Request` plus dicts of tensors, so they run
+as Dask tasks whose intermediates move worker to worker. The model is never an
+argument: a call looks the runtime up by model and stage in its process.
+
+Concurrent ``encode`` and ``decode`` calls (a worker running several tasks at
+once) are batched: while one batch runs, new calls queue, and the next batch
+takes every queued call that can share it. No call waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import dask.config
+
+import dflow.config  # noqa: F401
+from dflow.adapters import adapter_for
+from dflow.output import Output
+from dflow.request import Request
+from dflow.spec import STAGES, ModelSpec, resolve
+
+logger = logging.getLogger(__name__)
+
+#: The stages a runtime can host: one of ``STAGES``, or ``"all"`` (monolithic).
+RUNTIME_STAGES = (*STAGES, "all")
+
+
+class StageOutOfMemory(MemoryError):
+    """A stage call ran out of device memory; its memory was released."""
+
+
+class Cancelled(RuntimeError):
+    """A stage call stopped early because its request no longer needs it."""
+
+
+def default_device() -> str:
+    return dask.config.get("dflow.runtime.device", None) or (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+
+
+def default_dtype(spec: ModelSpec, device: str) -> torch.dtype:
+    """The spec's dtype on accelerators; float32 on CPU, where bf16 is slow."""
+    configured = dask.config.get("dflow.runtime.dtype", None)
+    if configured:
+        return getattr(torch, configured)
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return getattr(torch, spec.dtype)
+
+
+@dataclass
+class _Call:
+    item: Any
+    key: tuple
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Batcher:
+    """Run ``function`` on batches of concurrent calls that share a key."""
+
+    function: Callable[[list[Any]], list[Any]]
+    max_size: int
+    _pending: list[_Call] = field(default_factory=list)
+    _busy: bool = False
+    _condition: threading.Condition = field(default_factory=threading.Condition)
+
+    def __call__(self, item: Any, key: tuple) -> Any:
+        call = _Call(item, key)
+        with self._condition:
+            self._pending.append(call)
+        while True:
+            with self._condition:
+                while self._busy and not call.done:
+                    self._condition.wait()
+                if call.done:
+                    break
+                self._busy = True
+                first = self._pending[0]
+                batch = [c for c in self._pending if c.key == first.key][
+                    : self.max_size
+                ]
+                for c in batch:
+                    self._pending.remove(c)
+            try:
+                self._run(batch)
+            finally:
+                with self._condition:
+                    for c in batch:
+                        c.done = True
+                    self._busy = False
+                    self._condition.notify_all()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _run(self, batch: list[_Call]) -> None:
+        try:
+            results = self.function([c.item for c in batch])
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].error = error
+                return
+            # One bad request must not fail the others: retry them one by one.
+            for c in batch:
+                self._run([c])
+            return
+        for c, result in zip(batch, results, strict=True):
+            c.result = result
+
+
+class StageRuntime:
+    """The resident model of one stage of one model, on one device.
+
+    Parameters
+    ----------
+    model
+        A model name or path (see :class:`~dflow.request.Request`).
+    stage
+        ``"encoder"``, ``"dit"``, ``"vae"``, or ``"all"`` for the whole pipeline.
+    device, dtype
+        Defaults: CUDA if present, else CPU; the model's dtype on CUDA, float32 on
+        CPU (config ``dflow.runtime.device`` / ``dflow.runtime.dtype``).
+    max_batch
+        Most requests one encode or decode call batches (config
+        ``dflow.runtime.max-batch``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        stage: str,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        max_batch: int | None = None,
+    ):
+        if stage not in RUNTIME_STAGES:
+            raise ValueError(
+                f"stage must be one of {', '.join(RUNTIME_STAGES)}, got {stage!r}"
+            )
+        self.spec = resolve(model)
+        self.stage = stage
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.spec, self.device)
+        max_batch = max_batch or dask.config.get("dflow.runtime.max-batch", 8)
+        start = time.perf_counter()
+        stages = STAGES if stage == "all" else (stage,)
+        self.adapter = adapter_for(self.spec.pipeline)(
+            self.spec, stages, self.device, self.dtype
+        )
+        self.load_seconds = time.perf_counter() - start
+        self.peak_memory: int | None = None
+        self._lock = threading.Lock()
+        self._encode = Batcher(self._encode_batch, max_batch)
+        self._decode = Batcher(self._decode_batch, max_batch)
+        logger.info(
+            "Loaded %s stage %s on %s (%s) in %.1fs",
+            self.spec.name,
+            stage,
+            self.device,
+            self.dtype,
+            self.load_seconds,
+        )
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    def serves(self, stage: str) -> bool:
+        return self.stage in (stage, "all")
+
+    # -- stage calls ---------------------------------------------------------------
+
+    def encode(self, request: Request) -> dict[str, Any]:
+        """Embeddings of the request's prompts, as a dict of tensors plus ``timings``."""
+        self._check(request, "encoder")
+        embeddings, seconds, size = self._encode(
+            request, self.adapter.batch_key("encoder", request)
+        )
+        return {**embeddings, "timings": {"encode": seconds, "encode_batch": size}}
+
+    def denoise(
+        self,
+        request: Request,
+        embeddings: dict[str, Any],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Denoised latents (``{"latents": tensor, "timings": ...}``).
+
+        ``should_stop`` is polled after each step; when it returns True the call
+        raises :class:`Cancelled` and frees the device.
+        """
+        self._check(request, "dit")
+        tensors = {k: v for k, v in embeddings.items() if isinstance(v, torch.Tensor)}
+
+        def on_step(step: int) -> None:
+            if should_stop is not None and should_stop():
+                raise Cancelled(
+                    f"request stopped after {step + 1} of {request.steps} steps"
+                )
+
+        with self._lock, self._measure() as elapsed:
+            latents = self.adapter.denoise(request, tensors, on_step)
+        timings = {**embeddings.get("timings", {}), "denoise": elapsed()}
+        return {"latents": latents, "timings": timings}
+
+    def decode(self, request: Request, latents: dict[str, Any]) -> Output:
+        """The request's output from its latents."""
+        self._check(request, "vae")
+        pixels, seconds, size = self._decode(
+            (request, latents["latents"]), self.adapter.batch_key("vae", request)
+        )
+        timings = {
+            **latents.get("timings", {}),
+            "decode": seconds,
+            "decode_batch": size,
+        }
+        return Output.from_pixels(request, pixels, timings)
+
+    def generate(
+        self, request: Request, should_stop: Callable[[], bool] | None = None
+    ) -> Output:
+        """All three stages in this process (the monolithic path)."""
+        start = time.perf_counter()
+        embeddings = self.encode(request)
+        latents = self.denoise(request, embeddings, should_stop)
+        output = self.decode(request, latents)
+        output.timings["generate"] = time.perf_counter() - start
+        return output
+
+    def warmup(self) -> float:
+        """Run the stage once on the smallest request, so no request pays for
+        first-call costs (allocator, kernels, lazy imports). Returns seconds."""
+        start = time.perf_counter()
+        multiple = self.spec.size_multiple
+        request = Request(
+            model=self.spec.name,
+            prompt="warm up",
+            height=multiple,
+            width=multiple,
+            num_frames=1 if self.spec.video else None,
+            steps=1,
+            seed=0,
+        )
+        if self.serves("encoder"):
+            embeddings = self.encode(request)
+        else:
+            embeddings = self._fake_embeddings(request)
+        if self.serves("dit"):
+            latents = self.denoise(request, embeddings)
+        else:
+            latents = {"latents": self._fake_latents(request)}
+        if self.serves("vae"):
+            self.decode(request, latents)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Drop the model and return its device memory."""
+        del self.adapter
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _check(self, request: Request, stage: str) -> None:
+        if not self.serves(stage):
+            raise RuntimeError(
+                f"this runtime serves stage {self.stage!r}, not {stage!r}"
+            )
+        if request.model != self.spec.name:
+            raise RuntimeError(
+                f"this runtime serves model {self.spec.name!r}, not {request.model!r}"
+            )
+
+    def _encode_batch(self, requests: Sequence[Request]) -> list[tuple]:
+        with self._lock, self._measure() as elapsed:
+            embeddings = self.adapter.encode(requests)
+        seconds = elapsed()
+        return [(e, seconds, len(requests)) for e in embeddings]
+
+    def _decode_batch(
+        self, items: Sequence[tuple[Request, torch.Tensor]]
+    ) -> list[tuple]:
+        requests = [request for request, _ in items]
+        with self._lock, self._measure() as elapsed:
+            pixels = self.adapter.decode(requests, [latents for _, latents in items])
+        seconds = elapsed()
+        return [(p, seconds, len(items)) for p in pixels]
+
+    @contextlib.contextmanager
+    def _measure(self) -> Iterator[Callable[[], float]]:
+        """Time a device call (synchronized) and record its peak memory; turn a
+        device out-of-memory error into :class:`StageOutOfMemory` after freeing."""
+        cuda = torch.device(self.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        stop: float | None = None
+
+        def elapsed() -> float:
+            return (stop or time.perf_counter()) - start
+
+        try:
+            yield elapsed
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                self.peak_memory = torch.cuda.max_memory_allocated(self.device)
+            stop = time.perf_counter()
+        except torch.OutOfMemoryError as error:
+            if cuda:
+                torch.cuda.empty_cache()
+            raise StageOutOfMemory(
+                f"{self.spec.name} {self.stage} ran out of device memory: {error}"
+            ) from None
+
+    def _fake_embeddings(self, request: Request) -> dict[str, Any]:
+        spec = self.spec
+        shape = (1, spec.max_sequence_length, spec.text_dim)
+        embeddings = {"prompt_embeds": torch.zeros(shape)}
+        if spec.pooled_dim:
+            embeddings["pooled_prompt_embeds"] = torch.zeros(1, spec.pooled_dim)
+        if spec.family == "pixart":
+            embeddings["prompt_attention_mask"] = torch.ones(
+                shape[:2], dtype=torch.long
+            )
+        if self.adapter.uses_negative(request):
+            embeddings["negative_prompt_embeds"] = torch.zeros(shape)
+            if spec.family == "pixart":
+                embeddings["negative_prompt_attention_mask"] = torch.ones(
+                    shape[:2], dtype=torch.long
+                )
+        return embeddings
+
+    def _fake_latents(self, request: Request) -> torch.Tensor:
+        shape = request.features["latent_shape"]
+        if self.spec.family == "flux":
+            # packed: (tokens, channels x 2 x 2)
+            tokens = shape[1] * shape[2] // 4
+            return torch.zeros(1, tokens, shape[0] * 4)
+        return torch.zeros(1, *shape)
+
+
+_runtimes: dict[tuple[str, str], StageRuntime] = {}
+_runtimes_lock = threading.Lock()
+
+
+def install(runtime: StageRuntime) -> None:
+    """Make ``runtime`` the one stage calls in this process find."""
+    with _runtimes_lock:
+        _runtimes[runtime.model, runtime.stage] = runtime
+
+
+def uninstall(model: str, stage: str) -> StageRuntime | None:
+    with _runtimes_lock:
+        return _runtimes.pop((model, stage), None)
+
+
+def installed() -> list[StageRuntime]:
+    with _runtimes_lock:
+        return list(_runtimes.values())
+
+
+def lookup(model: str, stage: str) -> StageRuntime:
+    """The runtime of this process serving ``stage`` of ``model``."""
+    with _runtimes_lock:
+        runtime = _runtimes.get((model, stage)) or _runtimes.get((model, "all"))
+        serving = sorted(f"{m} {s}" for m, s in _runtimes)
+    if runtime is None:
+        raise LookupError(
+            f"no {stage} runtime for model {model!r} in this process; it serves: "
+            f"{', '.join(serving) or 'nothing'}"
+        )
+    return runtime
+
+
+def local(model: str, stage: str = "all") -> StageRuntime:
+    """This process's runtime for ``model``, created on first use (for ``generate``)."""
+    name = resolve(model).name
+    with _runtimes_lock:
+        runtime = _runtimes.get((name, stage))
+    if runtime is None:
+        runtime = StageRuntime(name, stage)
+        with _runtimes_lock:
+            runtime = _runtimes.setdefault((name, stage), runtime)
+    return runtime
+
+
+def generate(request: Request) -> Output:
+    """Run all three stages of ``request`` in this process.
+
+    The reference for the disaggregated path (same seed, same pixels) and the
+    monolithic mode's task body. The model stays resident for later calls.
+
+    Examples
+    --------
+    >>> output = dflow.generate(dflow.Request(model="tiny-flux", prompt="a fox"))  # doctest: +SKIP
+    >>> output.images[0].save("fox.png")  # doctest: +SKIP
+    """
+    return local(request.model).generate(request)
