@@ -13,7 +13,10 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Request": "dflow.request",
-    "InvalidRequest": "dflow.request",
+    "InvalidRequest": "dflow.errors",
+    "ModelNotServed": "dflow.errors",
+    "StageOutOfMemory": "dflow.errors",
+    "Cancelled": "dflow.errors",
     "ModelSpec": "dflow.spec",
     "Output": "dflow.output",
     "generate": "dflow.runtime",

@@ -12,20 +12,13 @@ from functools import cached_property
 from typing import Any
 
 from dflow import spec as specs
+from dflow.errors import InvalidRequest
 from dflow.spec import ModelSpec
 
 #: Output formats per kind of model; the first is the default.
 OUTPUT_FORMATS = {False: ("pil", "png"), True: ("np", "gif")}
 MAX_SEED = 2**64 - 1
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class InvalidRequest(ValueError):
-    """A request field is out of its allowed range; ``field`` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

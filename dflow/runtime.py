@@ -26,6 +26,7 @@ import dask.config
 
 import dflow.config  # noqa: F401
 from dflow.adapters import adapter_for
+from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
 from dflow.request import Request
 from dflow.spec import STAGES, ModelSpec, resolve
@@ -34,14 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: The stages a runtime can host: one of ``STAGES``, or ``"all"`` (monolithic).
 RUNTIME_STAGES = (*STAGES, "all")
-
-
-class StageOutOfMemory(MemoryError):
-    """A stage call ran out of device memory; its memory was released."""
-
-
-class Cancelled(RuntimeError):
-    """A stage call stopped early because its request no longer needs it."""
 
 
 def default_device() -> str:

@@ -1,0 +1,162 @@
+"""Command lines: ``dflow worker`` (also ``dflow-worker`` and ``dask dflow worker``),
+``dflow demo``, ``dflow bench``, ``dflow profile``.
+
+The worker command takes ``dask worker``'s own options (reused from distributed's
+click command, so they stay in step with it) plus dflow's: the stage and model
+to serve, the GPUs to use and the GPU type to publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from tlz import valmap
+
+from distributed.cli.dask_worker import _apportion_ports
+from distributed.cli.dask_worker import main as dask_worker_main
+from distributed.compatibility import asyncio_run
+from distributed.config import get_loop_factory
+from distributed.utils import import_term
+
+from dflow.worker import WORKER_STAGES, nanny_specs, run_nannies
+
+logger = logging.getLogger("dflow.worker")
+
+# dask worker's options, minus the ones a GPU-per-process worker decides itself
+_DASK_WORKER_OPTIONS = [
+    p
+    for p in dask_worker_main.params
+    if p.name not in ("n_workers", "version", "preload_argv")
+]
+_PRELOAD_ARGV = next(p for p in dask_worker_main.params if p.name == "preload_argv")
+
+
+def _dflow_worker_options(function):
+    options = [
+        click.option(
+            "--stage",
+            type=click.Choice(WORKER_STAGES),
+            required=True,
+            help="The stage to serve; 'all' hosts the whole pipeline (monolithic).",
+        ),
+        click.option(
+            "--model",
+            required=True,
+            help="Model to serve: a dflow preset, a diffusers folder or a Hugging "
+            "Face id in the local cache.",
+        ),
+        click.option(
+            "--gpu-type",
+            default="auto",
+            show_default=True,
+            help="GPU type to publish; 'auto' reads it from the device.",
+        ),
+        click.option(
+            "--gpus",
+            default=None,
+            help="Comma-separated GPU ids to start one worker each on "
+            "(default: every visible GPU; one CPU worker if there is none).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.command(name="worker", context_settings=dict(ignore_unknown_options=True))
+@_dflow_worker_options
+def worker(
+    scheduler,
+    stage,
+    model,
+    gpu_type,
+    gpus,
+    nthreads,
+    name,
+    resources,
+    nanny,
+    worker_port,
+    nanny_port,
+    listen_address,
+    contact_address,
+    host,
+    tls_ca_file,
+    tls_cert,
+    tls_key,
+    worker_class,
+    pid_file,
+    dashboard_prefix,
+    preload_nanny,
+    preload_argv=(),
+    **kwargs,
+):
+    """Start dflow stage workers attached to SCHEDULER: one per GPU."""
+    if not nanny:
+        logger.error("dflow workers run under a Nanny; --no-nanny is not supported")
+        sys.exit(1)
+    if pid_file:
+        with open(pid_file, "w") as f:
+            f.write(str(__import__("os").getpid()))
+    if resources:
+        pairs = resources.replace(",", " ").split()
+        resources = valmap(float, dict(pair.split("=") for pair in pairs))
+    gpu_list = gpus.split(",") if gpus else None
+    specs = nanny_specs(
+        stage,
+        model,
+        gpu_list,
+        gpu_type=gpu_type,
+        name=name,
+        nthreads=nthreads or None,
+        resources=resources,
+    )
+    if len(specs) > 1 and listen_address:
+        logger.error("--listen-address needs a single GPU (use --gpus)")
+        sys.exit(1)
+    ports = _apportion_ports(worker_port, nanny_port, len(specs), True)
+    for spec, port_kwargs in zip(specs, ports):
+        spec.update(port_kwargs)
+    security = {
+        key: value
+        for key, value in [
+            ("tls_ca_file", tls_ca_file),
+            ("tls_worker_cert", tls_cert),
+            ("tls_worker_key", tls_key),
+        ]
+        if value is not None
+    }
+    try:
+        asyncio_run(
+            run_nannies(
+                scheduler,
+                specs,
+                security=security,
+                worker_class=import_term(worker_class),
+                preload_nanny=preload_nanny,
+                preload_argv=list(preload_argv),
+                listen_address=listen_address,
+                contact_address=contact_address or listen_address,
+                host=host,
+                **kwargs,
+            ),
+            loop_factory=get_loop_factory(),
+        )
+    except TimeoutError:
+        logger.info("Timed out starting worker")
+        sys.exit(1)
+
+
+for _option in reversed(_DASK_WORKER_OPTIONS):
+    worker.params.insert(0, _option)
+worker.params.append(_PRELOAD_ARGV)
+
+
+@click.group(name="dflow")
+@click.version_option(package_name="dflow")
+def dflow():
+    """dflow: disaggregated diffusion serving on Dask."""
+
+
+dflow.add_command(worker)

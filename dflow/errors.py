@@ -1,0 +1,26 @@
+"""dflow's exceptions: what a caller can catch."""
+
+from __future__ import annotations
+
+
+class InvalidRequest(ValueError):
+    """A request field is out of its allowed range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+    def __reduce__(self):
+        return type(self), (self.field, str(self).removeprefix(f"{self.field}: "))
+
+
+class ModelNotServed(LookupError):
+    """No worker serves (or is loading) the stages a request of this model needs."""
+
+
+class StageOutOfMemory(MemoryError):
+    """A stage call ran out of device memory; its memory was released."""
+
+
+class Cancelled(RuntimeError):
+    """A stage call stopped early because its request no longer needs it."""

@@ -1,0 +1,257 @@
+"""Stage workers: Dask workers that hold one stage of one model.
+
+``dflow-worker SCHEDULER --stage dit --model NAME`` starts one Nanny per GPU (each
+with its own ``CUDA_VISIBLE_DEVICES``, as ``dask cuda worker`` does), or one CPU
+worker on a machine without GPUs. Each worker process runs a
+:class:`StagePlugin`: it loads and warms up the stage model, then advertises the
+stage as Dask resources (``{"dit": 1, "dit:<model>": 1}``) and publishes its GPU
+type, memory and model to dflow's scheduler extension. Until then the worker has
+no stage resource, so no request waits on a cold load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import dask.config
+from distributed import Nanny, Worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+import dflow.config  # noqa: F401
+from dflow import runtime as runtimes
+from dflow.spec import STAGES
+
+logger = logging.getLogger(__name__)
+
+WORKER_STAGES = (*STAGES, "all")
+
+
+def stage_resources(stage: str, model: str, slots: int) -> dict[str, float]:
+    """The Dask resources a worker serving ``stage`` of ``model`` advertises."""
+    return {stage: slots, pool_resource(stage, model): slots}
+
+
+def pool_resource(stage: str, model: str) -> str:
+    """The resource a stage task of ``model`` requires (a pool is a stage of a model)."""
+    return f"{stage}:{model}"
+
+
+def stage_slots(stage: str) -> int:
+    """Concurrent tasks of a stage per worker: the DiT runs one request at a time,
+    the encoder and VAE take several so the runtime can batch them."""
+    if stage in ("dit", "all"):
+        return 1
+    return int(dask.config.get("dflow.runtime.max-batch"))
+
+
+def gpu_type_of(device: str) -> str:
+    """A short GPU type name (``"h200"``, ``"a100-80gb"``) or ``"cpu"``."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for prefix in ("nvidia ", "geforce ", "tesla "):
+        name = name.replace(prefix, "")
+    return "-".join(name.split())
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory the stage model can use on ``device``."""
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
+class StagePlugin(WorkerPlugin):
+    """Loads a stage model into its worker and advertises it once warm.
+
+    Parameters
+    ----------
+    stage
+        ``"encoder"``, ``"dit"``, ``"vae"`` or ``"all"``.
+    model
+        Model name or path, as :class:`~dflow.request.Request` takes it.
+    gpu_type
+        ``"auto"`` reads it from the device; any other value is published as given
+        (heterogeneous fleets name their GPU types).
+    """
+
+    name = "dflow-stage"
+
+    def __init__(self, stage: str, model: str, gpu_type: str = "auto"):
+        if stage not in WORKER_STAGES:
+            raise ValueError(f"stage must be one of {', '.join(WORKER_STAGES)}")
+        self.stage = stage
+        self.model = model
+        self.gpu_type = gpu_type
+        self.worker: Worker | None = None
+        self.runtime: runtimes.StageRuntime | None = None
+        self.ready: asyncio.Event | None = None
+
+    async def setup(self, worker: Worker) -> None:
+        from dflow.protocol import register_serializers
+
+        register_serializers()
+        self.worker = worker
+        self.ready = asyncio.Event()
+        # Load in the background: the worker joins the scheduler (and shows as
+        # loading) at once, and takes stage tasks once the model is warm.
+        self._loading = asyncio.create_task(self.assign(self.stage, self.model))
+
+    async def assign(self, stage: str, model: str) -> None:
+        """Load ``stage`` of ``model``, warm it up, then advertise it."""
+        assert self.worker is not None and self.ready is not None
+        worker = self.worker
+        await self._report("loading", stage=stage, model=model)
+        try:
+            runtime = await asyncio.to_thread(runtimes.StageRuntime, model, stage)
+            warmup = await asyncio.to_thread(runtime.warmup)
+        except Exception as error:
+            logger.exception("Could not load %s stage %s", model, stage)
+            await self._report("failed", stage=stage, model=model, error=repr(error))
+            raise
+        runtimes.install(runtime)
+        self.runtime = runtime
+        resources = stage_resources(stage, runtime.model, stage_slots(stage))
+        await worker.set_resources(**resources)
+        await self._report(
+            "ready",
+            stage=stage,
+            model=runtime.model,
+            resources=resources,
+            load_seconds=runtime.load_seconds,
+            warmup_seconds=warmup,
+            spec=runtime.spec.to_dict(),
+        )
+        self.ready.set()
+        logger.info(
+            "Serving %s stage %s (load %.1fs, warm-up %.1fs)",
+            runtime.model,
+            stage,
+            runtime.load_seconds,
+            warmup,
+        )
+
+    async def _report(self, state: str, **info: Any) -> None:
+        """Tell dflow's scheduler extension what this worker is doing."""
+        assert self.worker is not None
+        device = (
+            self.runtime.device
+            if self.runtime is not None
+            else runtimes.default_device()
+        )
+        gpu_type = self.gpu_type if self.gpu_type != "auto" else gpu_type_of(device)
+        try:
+            await self.worker.scheduler.dflow_worker_state(
+                worker=self.worker.address,
+                state=state,
+                gpu_type=gpu_type,
+                device=device,
+                memory=device_memory(device),
+                host=socket.gethostname(),
+                **info,
+            )
+        except (KeyError, ValueError) as error:
+            # a scheduler without dflow's preload still serves requests
+            logger.warning("Scheduler has no dflow extension (%s)", error)
+
+    async def teardown(self, worker: Worker) -> None:
+        if self.runtime is not None:
+            runtimes.uninstall(self.runtime.model, self.runtime.stage)
+            self.runtime.close()
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` or all devices."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_name(stage: str, gpu: str | None) -> str:
+    host = socket.gethostname()
+    if gpu is None:
+        return f"{stage}-{host}-cpu-{os.getpid()}"
+    return f"{stage}-{host}-gpu{gpu}"
+
+
+def cuda_visible_devices(gpus: list[str], index: int) -> str:
+    """The GPU list rotated so that GPU ``index`` comes first (as dask-cuda does)."""
+    return ",".join(gpus[index:] + gpus[:index])
+
+
+def nanny_specs(
+    stage: str,
+    model: str,
+    gpus: list[str] | None,
+    gpu_type: str = "auto",
+    name: str | None = None,
+    nthreads: int | None = None,
+    resources: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Keyword arguments of the Nannies of one ``dflow-worker`` process: one per
+    GPU in ``gpus`` (``None``: every visible GPU), or a single CPU worker."""
+    if gpus is None:
+        gpus = visible_gpus()
+    slots = stage_slots(stage)
+    placements: list[str | None] = list(gpus) or [None]
+    specs = []
+    for i, gpu in enumerate(placements):
+        env = (
+            {}
+            if gpu is None
+            else {"CUDA_VISIBLE_DEVICES": cuda_visible_devices(gpus, i)}
+        )
+        if name:
+            label = name if len(placements) == 1 else f"{name}-{i}"
+        else:
+            label = worker_name(stage, gpu)
+        specs.append(
+            {
+                "name": label,
+                "nthreads": nthreads or slots,
+                "env": env,
+                "resources": resources,
+                "plugins": {StagePlugin(stage, model, gpu_type)},
+            }
+        )
+    return specs
+
+
+async def run_nannies(
+    scheduler: str | None, specs: list[dict[str, Any]], **kwargs: Any
+) -> None:
+    """Start one Nanny per spec and run until they finish or a signal arrives."""
+    from distributed._signals import wait_for_signals
+
+    nannies = [Nanny(scheduler, **spec, **kwargs) for spec in specs]
+
+    async def finish() -> None:
+        await asyncio.gather(*nannies)
+        await asyncio.gather(*(n.finished() for n in nannies))
+
+    async def close_on_signal() -> None:
+        signum = await wait_for_signals()
+        await asyncio.gather(
+            *(n.close(timeout=10, reason=f"signal-{signum}") for n in nannies)
+        )
+
+    done, pending = await asyncio.wait(
+        [asyncio.create_task(finish()), asyncio.create_task(close_on_signal())],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    for task in pending:
+        task.cancel()
+    for task in done:
+        task.result()

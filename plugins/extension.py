@@ -1,0 +1,373 @@
+"""dflow's scheduler extension: stage pools and request bookkeeping.
+
+Installed by ``dask scheduler --preload dflow.preload`` (or registered by the
+first ``dflow.submit`` when the scheduler lacks it). It keeps
+
+- the workers' stage records: which stage of which model each worker serves,
+  whether it is loading, ready or draining, its GPU type and memory;
+- the pools (a pool is a stage of a model) derived from them;
+- each request from submission to completion, failure or cancellation.
+
+Workers report through the ``dflow_worker_state`` handler; clients and
+dashboards read through ``dflow_pools``, ``dflow_models``, ``dflow_workers`` and
+``dflow_status``. Telemetry, the elastic controller and the dashboard attach to
+this extension (``extension.telemetry``, ``extension.elastic``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol import pickle
+from distributed.scheduler import Scheduler, TaskState
+
+import dflow.config  # noqa: F401
+from dflow.errors import ModelNotServed
+from dflow.spec import STAGES
+
+logger = logging.getLogger(__name__)
+
+#: Final keys of a request: the output of the chain, or of a monolithic task
+FINAL_PREFIXES = ("decode-", "generate-")
+
+
+@dataclass
+class WorkerRecord:
+    """What a worker serves, as it reported it."""
+
+    address: str
+    name: str
+    state: str = "starting"  # starting | loading | ready | draining | failed
+    stage: str | None = None
+    model: str | None = None
+    gpu_type: str = "unknown"
+    device: str = ""
+    memory: int = 0
+    host: str = ""
+    load_seconds: float | None = None
+    since: float = field(default_factory=time.time)
+    error: str | None = None
+
+    @property
+    def pool(self) -> tuple[str, str] | None:
+        if self.stage is None or self.model is None:
+            return None
+        return self.stage, self.model
+
+
+@dataclass
+class RequestRecord:
+    """One request from submission to its end."""
+
+    request_id: str
+    model: str
+    mode: str  # disaggregated | monolithic
+    final_key: str
+    submitted: float
+    features: dict[str, Any]
+    finished: float | None = None
+    status: str = "pending"  # pending | completed | failed | cancelled
+
+
+class DflowExtension(SchedulerPlugin):
+    """Pools per stage and model, and request bookkeeping, on the scheduler."""
+
+    name = "dflow"
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.scheduler: Scheduler | None = None
+        self.workers: dict[str, WorkerRecord] = {}
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.requests: dict[str, RequestRecord] = {}
+        self.final_keys: dict[str, str] = {}
+        self.counts: Counter[tuple[str, str]] = Counter()
+        history = dask.config.get("dflow.scheduler.history")
+        #: (finish time, model, latency seconds) of recent completed requests
+        self.latencies: deque[tuple[float, str, float]] = deque(maxlen=history)
+        #: (time, kind, detail) of pool changes, for dashboards
+        self.events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=history)
+        self.telemetry: Any = None
+        self.elastic: Any = None
+        self._unserved_since: dict[str, float] = {}
+
+    # -- plugin hooks ----------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.extensions["dflow"] = self
+        scheduler.handlers.update(
+            {
+                "dflow_worker_state": self.worker_state,
+                "dflow_pools": self.pools,
+                "dflow_models": self.models,
+                "dflow_workers": self.worker_records,
+                "dflow_status": self.status,
+            }
+        )
+        interval = parse_timedelta(dask.config.get("dflow.scheduler.check-interval"))
+        scheduler.periodic_callbacks["dflow-unserved"] = pc = _periodic(
+            self.fail_unserved, interval
+        )
+        pc.start()
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        ws = scheduler.workers[worker]
+        self.workers[worker] = WorkerRecord(address=worker, name=str(ws.name))
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        record = self.workers.pop(worker, None)
+        if record is not None and record.pool is not None:
+            self.event("worker-removed", worker=record.name, pool=list(record.pool))
+
+    def update_graph(
+        self, scheduler: Scheduler, *, annotations: dict | None = None, **kwargs: Any
+    ) -> None:
+        now = time.time()
+        for key, info in ((annotations or {}).get("dflow") or {}).items():
+            if not isinstance(key, str) or not key.startswith(FINAL_PREFIXES):
+                continue
+            record = RequestRecord(
+                request_id=info["request"],
+                model=info["model"],
+                mode=info["mode"],
+                final_key=key,
+                submitted=now,
+                features=info.get("features", {}),
+            )
+            self.requests[record.request_id] = record
+            self.final_keys[key] = record.request_id
+            self.counts[record.model, "submitted"] += 1
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        request_id = self.final_keys.get(key)
+        if request_id is None:
+            return
+        record = self.requests[request_id]
+        if finish == "memory":
+            self._finish(record, "completed")
+        elif finish == "erred":
+            self._finish(record, "failed")
+        elif finish == "forgotten":
+            if record.status == "pending":
+                self._finish(record, "cancelled")
+            del self.requests[request_id]
+            del self.final_keys[key]
+
+    def _finish(self, record: RequestRecord, status: str) -> None:
+        if record.status != "pending":
+            return
+        record.status = status
+        record.finished = time.time()
+        self.counts[record.model, status] += 1
+        if status == "completed":
+            latency = record.finished - record.submitted
+            self.latencies.append((record.finished, record.model, latency))
+
+    # -- handlers --------------------------------------------------------------------
+
+    def worker_state(
+        self,
+        worker: str,
+        state: str,
+        stage: str | None = None,
+        model: str | None = None,
+        spec: dict[str, Any] | None = None,
+        **info: Any,
+    ) -> None:
+        """A worker reports a stage change (``loading``, ``ready``, ...)."""
+        assert self.scheduler is not None
+        if worker not in self.scheduler.workers:
+            return
+        record = self.workers.setdefault(
+            worker, WorkerRecord(worker, str(self.scheduler.workers[worker].name))
+        )
+        previous = record.pool
+        record.state, record.stage, record.model = state, stage, model
+        record.since = time.time()
+        for name in ("gpu_type", "device", "memory", "host", "load_seconds", "error"):
+            if name in info:
+                setattr(record, name, info[name])
+        if spec is not None and model is not None:
+            self.specs[model] = spec
+        self.event(
+            f"worker-{state}",
+            worker=record.name,
+            pool=[stage, model],
+            previous=list(previous) if previous else None,
+        )
+        if state == "ready":
+            self._schedule_unrunnable(worker)
+
+    def pools(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{model: {stage: {"ready": n, "loading": n, "slots": n}}}``.
+
+        Ready pools come from the workers' resources (``"dit:<model>"``), the
+        ground truth of where the scheduler can place tasks; loading ones from the
+        workers' reports.
+        """
+        assert self.scheduler is not None
+        pools: dict[str, dict[str, dict[str, int]]] = {}
+
+        def entry(stage: str, model: str) -> dict[str, int]:
+            return pools.setdefault(model, {}).setdefault(
+                stage, {"ready": 0, "loading": 0, "slots": 0}
+            )
+
+        for ws in self.scheduler.workers.values():
+            for resource, quantity in ws.resources.items():
+                stage, _, model = resource.partition(":")
+                if model and quantity > 0:
+                    e = entry(stage, model)
+                    e["ready"] += 1
+                    e["slots"] += int(quantity)
+        for record in self.workers.values():
+            if record.state == "loading" and record.pool is not None:
+                entry(*record.pool)["loading"] += 1
+        return pools
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Specs of the models workers serve, for clients that lack them."""
+        return dict(self.specs)
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.workers.values()]
+
+    def status(self) -> dict[str, Any]:
+        """Per stage: workers, queue, arrival rate, predicted and observed service
+        time; the elastic controller's recent decisions."""
+        stages = {stage: self.stage_summary(stage) for stage in (*STAGES, "all")}
+        if self.telemetry is not None:
+            self.telemetry.annotate_status(stages)
+        decisions = self.elastic.decisions() if self.elastic is not None else []
+        return {"stages": stages, "decisions": decisions}
+
+    # -- views -----------------------------------------------------------------------
+
+    def stage_summary(self, stage: str) -> dict[str, Any]:
+        """Workers and queued tasks of one stage, over all models."""
+        assert self.scheduler is not None
+        workers = [
+            r for r in self.workers.values() if r.stage == stage and r.state == "ready"
+        ]
+        queue = sum(
+            1
+            for ts in self.scheduler.unrunnable
+            if ts.resource_restrictions and stage in ts.resource_restrictions
+        )
+        for record in workers:
+            ws = self.scheduler.workers.get(record.address)
+            if ws is not None:
+                queue += len(ws.processing)
+        return {
+            "workers": len(workers),
+            "loading": sum(
+                1
+                for r in self.workers.values()
+                if r.stage == stage and r.state == "loading"
+            ),
+            "queue": queue,
+            "arrival_rate": None,
+            "predicted_s": None,
+            "observed_s": None,
+        }
+
+    def in_flight(self) -> list[RequestRecord]:
+        return [r for r in self.requests.values() if r.status == "pending"]
+
+    def event(self, kind: str, **detail: Any) -> None:
+        self.events.append((time.time(), kind, detail))
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def _schedule_unrunnable(self, worker: str) -> None:
+        """Place tasks that waited for a resource this worker now has.
+
+        The scheduler re-examines unrunnable tasks when a worker joins, not when a
+        worker's resources change, so a worker that became ready after joining
+        must ask for it.
+        """
+        assert self.scheduler is not None
+        ws = self.scheduler.workers.get(worker)
+        if ws is None:
+            return
+        recommendations = self.scheduler.bulk_schedule_unrunnable_after_adding_worker(
+            ws
+        )
+        if recommendations:
+            self.scheduler.transitions(
+                recommendations, stimulus_id=f"dflow-worker-ready-{time.time()}"
+            )
+
+    def fail_unserved(self) -> None:
+        """Fail requests whose pool has had no worker, ready or loading, for longer
+        than ``dflow.scheduler.unserved-timeout``: they get a clear error instead
+        of waiting forever."""
+        assert self.scheduler is not None
+        timeout = parse_timedelta(dask.config.get("dflow.scheduler.unserved-timeout"))
+        now = time.time()
+        served = {
+            r.pool for r in self.workers.values() if r.state in ("loading", "ready")
+        }
+        recommendations: dict = {}
+        waiting: set[str] = set()
+        for ts in list(self.scheduler.unrunnable):
+            pool = _pool_of(ts)
+            if pool is None or pool in served:
+                continue
+            waiting.add(ts.key)
+            since = self._unserved_since.setdefault(ts.key, now)
+            if now - since < timeout:
+                continue
+            stage, model = pool
+            error = ModelNotServed(
+                f"no worker serves the {stage} stage of model {model!r} "
+                f"(waited {timeout:g}s); start one with "
+                f"`dflow-worker SCHEDULER --stage {stage} --model {model}`"
+            )
+            recommendations.update(
+                self.scheduler.transition(
+                    ts.key,
+                    "erred",
+                    exception=pickle.dumps(error),
+                    cause=ts.key,
+                    stimulus_id=f"dflow-unserved-{now}",
+                )
+            )
+        self._unserved_since = {
+            k: v for k, v in self._unserved_since.items() if k in waiting
+        }
+        if recommendations:
+            self.scheduler.transitions(
+                recommendations, stimulus_id=f"dflow-unserved-{now}"
+            )
+
+
+def _pool_of(ts: TaskState) -> tuple[str, str] | None:
+    info = (ts.annotations or {}).get("dflow")
+    if not info:
+        return None
+    return info["stage"], info["model"]
+
+
+def _periodic(callback: Any, interval: float) -> Any:
+    from tornado.ioloop import PeriodicCallback
+
+    return PeriodicCallback(callback, interval * 1000)
+
+
+def extension(scheduler: Scheduler) -> DflowExtension:
+    """The scheduler's dflow extension, installed on first use."""
+    ext = scheduler.extensions.get("dflow")
+    if ext is None:
+        raise RuntimeError("the scheduler has no dflow extension")
+    return ext
