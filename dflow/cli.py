@@ -20,6 +20,7 @@ from distributed.compatibility import asyncio_run
 from distributed.config import get_loop_factory
 from distributed.utils import import_term
 
+from dflow.demo import demo
 from dflow.worker import WORKER_STAGES, nanny_specs, run_nannies
 
 logger = logging.getLogger("dflow.worker")
@@ -160,3 +161,4 @@ def dflow():
 
 
 dflow.add_command(worker)
+dflow.add_command(demo)

@@ -19,6 +19,7 @@ from typing import Any
 
 import dask.config
 from distributed import Nanny, Worker
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import dflow.config  # noqa: F401
@@ -110,6 +111,10 @@ class StagePlugin(WorkerPlugin):
         """Load ``stage`` of ``model``, warm it up, then advertise it."""
         assert self.worker is not None and self.ready is not None
         worker = self.worker
+        # setup() runs before the worker registers; the scheduler ignores reports
+        # of workers it does not know yet
+        while worker.status in (Status.init, Status.starting, Status.undefined):
+            await asyncio.sleep(0.05)
         await self._report("loading", stage=stage, model=model)
         try:
             runtime = await asyncio.to_thread(runtimes.StageRuntime, model, stage)
