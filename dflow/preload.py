@@ -15,6 +15,7 @@ import logging
 from distributed.scheduler import Scheduler
 
 from dflow.plugins.extension import DflowExtension
+from dflow.plugins.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ def dask_setup(scheduler: Scheduler) -> None:
     from dflow.protocol import register_serializers
 
     register_serializers()
-    if "dflow" not in scheduler.plugins:
-        scheduler.add_plugin(DflowExtension())
+    if "dflow" in scheduler.plugins:
+        return
+    extension = DflowExtension()
+    scheduler.add_plugin(extension)
+    scheduler.add_plugin(Telemetry(extension))
     logger.info("dflow scheduler extension installed")

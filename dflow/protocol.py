@@ -20,7 +20,8 @@ _registered = False
 
 
 def register_sizeof(sizeof: Any) -> None:
-    """The ``dask.sizeof`` entry point: count a tensor's bytes, lazily on torch import."""
+    """The ``dask.sizeof`` entry point: count the bytes of tensors and outputs,
+    registered lazily on first use of torch or dflow types."""
 
     @sizeof.register_lazy("torch")
     def register_torch() -> None:
@@ -29,6 +30,16 @@ def register_sizeof(sizeof: Any) -> None:
         @sizeof.register(torch.Tensor)
         def sizeof_tensor(tensor: torch.Tensor) -> int:
             return tensor.element_size() * tensor.nelement()
+
+    @sizeof.register_lazy("dflow")
+    def register_dflow() -> None:
+        from dflow.output import Output
+
+        @sizeof.register(Output)
+        def sizeof_output(output: Output) -> int:
+            if output.array is not None:
+                return output.array.nbytes
+            return sum(len(data) for data in output.encoded or ())
 
 
 def register_serializers() -> None:

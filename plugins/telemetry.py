@@ -1,0 +1,269 @@
+"""Telemetry: every finished stage task, and the pools' load over time.
+
+A :class:`Telemetry` scheduler plugin records each stage task that finishes:
+stage, model, worker, GPU type, request features (from the task's ``dflow``
+annotation), compute and transfer time (from ``startstops``) and bytes. Memory is
+bounded (``dflow.telemetry.max-records``). From the records it derives, per
+pool (a stage of a model): the arrival rate, the queue depth and the observed
+service time; and once a second it samples the fleet (workers per stage and GPU
+type, queues, throughput, latency percentiles) for the dashboard and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
+
+from dflow.plugins.extension import DflowExtension, _periodic
+
+logger = logging.getLogger(__name__)
+
+Pool = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One finished stage task."""
+
+    finished: float
+    key: str
+    request: str
+    stage: str
+    model: str
+    worker: str
+    gpu_type: str
+    compute_s: float
+    transfer_s: float
+    nbytes: int
+    features: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The fleet at one moment (one per ``dflow.telemetry.sample-interval``)."""
+
+    time: float
+    #: ready workers per stage and GPU type: {stage: {gpu_type: n}}
+    workers: dict[str, dict[str, int]]
+    #: queued or running stage tasks per stage
+    queue: dict[str, int]
+    #: requests completed per second since the previous sample
+    throughput: float
+    #: end-to-end latency percentiles over the latency window, seconds
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class Telemetry(SchedulerPlugin):
+    """Stage-task records and fleet samples, attached to dflow's extension."""
+
+    name = "dflow-telemetry"
+
+    def __init__(self, extension: DflowExtension):
+        self.extension = extension
+        self.scheduler: Scheduler | None = None
+        self.records: deque[StageRecord] = deque(
+            maxlen=dask.config.get("dflow.telemetry.max-records")
+        )
+        self.samples: deque[Sample] = deque(
+            maxlen=dask.config.get("dflow.telemetry.max-samples")
+        )
+        self.window = parse_timedelta(dask.config.get("dflow.telemetry.window"))
+        #: stage-task submission times per pool, for arrival rates
+        self.arrivals: defaultdict[Pool, deque[float]] = defaultdict(
+            lambda: deque(maxlen=10_000)
+        )
+        #: EWMA of observed compute seconds per pool
+        self.service: dict[Pool, float] = {}
+        self.alpha = float(dask.config.get("dflow.telemetry.ewma-alpha"))
+        self.predictor: Any = None
+        self._last_sample_completed = 0
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.extension.telemetry = self
+        interval = parse_timedelta(dask.config.get("dflow.telemetry.sample-interval"))
+        scheduler.periodic_callbacks["dflow-telemetry"] = pc = _periodic(
+            self.sample, interval
+        )
+        pc.start()
+
+    # -- plugin hooks ----------------------------------------------------------------
+
+    def update_graph(
+        self, scheduler: Scheduler, *, annotations: dict | None = None, **kwargs: Any
+    ) -> None:
+        now = time.time()
+        for info in ((annotations or {}).get("dflow") or {}).values():
+            self.arrivals[info["stage"], info["model"]].append(now)
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if start != "processing" or finish != "memory":
+            return
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(key)
+        info = (ts.annotations or {}).get("dflow") if ts is not None else None
+        if not info:
+            return
+        compute = transfer = 0.0
+        finished = time.time()
+        for startstop in kwargs.get("startstops", ()):
+            duration = startstop["stop"] - startstop["start"]
+            if startstop["action"] == "compute":
+                compute += duration
+                finished = startstop["stop"]
+            elif startstop["action"] == "transfer":
+                transfer += duration
+        worker = kwargs.get("worker", "")
+        record = self.extension.workers.get(worker)
+        entry = StageRecord(
+            finished=finished,
+            key=str(key),
+            request=info["request"],
+            stage=info["stage"],
+            model=info["model"],
+            worker=worker,
+            gpu_type=record.gpu_type if record else "unknown",
+            compute_s=compute,
+            transfer_s=transfer,
+            nbytes=int(kwargs.get("nbytes") or 0),
+            features=info.get("features", {}),
+        )
+        self.records.append(entry)
+        pool = (entry.stage, entry.model)
+        previous = self.service.get(pool)
+        self.service[pool] = (
+            compute
+            if previous is None
+            else previous + self.alpha * (compute - previous)
+        )
+        if self.predictor is not None:
+            self.predictor.observe(
+                entry.model, entry.stage, entry.gpu_type, entry.features, compute
+            )
+
+    # -- derived views ---------------------------------------------------------------
+
+    def arrival_rate(self, pool: Pool, window: float | None = None) -> float:
+        """Stage tasks of ``pool`` submitted per second over the last ``window``."""
+        window = window or self.window
+        now = time.time()
+        times = self.arrivals.get(pool, ())
+        return sum(1 for t in times if t >= now - window) / window
+
+    def queue(self, pool: Pool) -> int:
+        """Tasks of ``pool`` waiting for a worker or placed on one (queued or running)."""
+        assert self.scheduler is not None
+        stage, model = pool
+        resource = f"{stage}:{model}"
+        count = sum(
+            1
+            for ts in self.scheduler.unrunnable
+            if ts.resource_restrictions and resource in ts.resource_restrictions
+        )
+        for ws in self.scheduler.workers.values():
+            if ws.resources.get(resource):
+                count += sum(
+                    1
+                    for ts in ws.processing
+                    if ts.resource_restrictions and resource in ts.resource_restrictions
+                )
+        return count
+
+    def pools(self) -> set[Pool]:
+        """Pools that have workers or have seen requests."""
+        known = {r.pool for r in self.extension.workers.values() if r.pool}
+        return known | set(self.arrivals)
+
+    def annotate_status(self, stages: dict[str, dict[str, Any]]) -> None:
+        """Fill ``dflow.status``'s rates and service times, summed over models."""
+        for stage, summary in stages.items():
+            pools = [p for p in self.pools() if p[0] == stage]
+            summary["arrival_rate"] = sum(self.arrival_rate(p) for p in pools)
+            observed = [self.service[p] for p in pools if p in self.service]
+            summary["observed_s"] = float(np.mean(observed)) if observed else None
+            predicted = [self.predicted(p) for p in pools]
+            predicted = [p for p in predicted if p is not None]
+            summary["predicted_s"] = float(np.mean(predicted)) if predicted else None
+            summary["models"] = {
+                model: {
+                    "arrival_rate": self.arrival_rate((stage, model)),
+                    "queue": self.queue((stage, model)),
+                    "observed_s": self.service.get((stage, model)),
+                    "predicted_s": self.predicted((stage, model)),
+                }
+                for _, model in pools
+            }
+
+    def predicted(self, pool: Pool) -> float | None:
+        """The predictor's mean service time over the pool's recent requests."""
+        if self.predictor is None:
+            return None
+        stage, model = pool
+        recent = [r for r in self.records if (r.stage, r.model) == pool][-50:]
+        if not recent:
+            return None
+        try:
+            values = [
+                self.predictor.predict(model, stage, r.gpu_type, r.features).seconds
+                for r in recent
+            ]
+        except LookupError:
+            return None
+        return float(np.mean(values))
+
+    # -- sampling --------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Record the fleet's state now (workers, queues, throughput, latency)."""
+        now = time.time()
+        workers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for record in self.extension.workers.values():
+            if record.state == "ready" and record.stage:
+                workers[record.stage][record.gpu_type] += 1
+        queue: dict[str, int] = defaultdict(int)
+        for pool in self.pools():
+            queue[pool[0]] += self.queue(pool)
+        completed = sum(
+            n
+            for (_, status), n in self.extension.counts.items()
+            if status == "completed"
+        )
+        previous = self.samples[-1] if self.samples else None
+        elapsed = now - previous.time if previous else 0.0
+        throughput = (
+            (completed - self._last_sample_completed) / elapsed if elapsed > 0 else 0.0
+        )
+        self._last_sample_completed = completed
+        latencies = [
+            latency
+            for finished, _, latency in self.extension.latencies
+            if finished >= now - self.window
+        ]
+        p50 = p95 = p99 = None
+        if latencies:
+            p50, p95, p99 = (float(x) for x in np.percentile(latencies, [50, 95, 99]))
+        self.samples.append(
+            Sample(
+                time=now,
+                workers={k: dict(v) for k, v in workers.items()},
+                queue=dict(queue),
+                throughput=throughput,
+                p50=p50,
+                p95=p95,
+                p99=p99,
+            )
+        )
