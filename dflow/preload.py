@@ -14,10 +14,17 @@ import logging
 
 from distributed.scheduler import Scheduler
 
+from dflow import dashboards
+from dflow.plugins.elastic import ElasticController
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
+
+# At import, not in dask_setup: Scheduler.__init__ imports its preload modules and
+# then builds the dashboard's Bokeh server from distributed's table of pages, all
+# before dask_setup runs, so pages added in dask_setup would not be served.
+dashboards.register()
 
 
 def dask_setup(scheduler: Scheduler) -> None:
@@ -29,4 +36,5 @@ def dask_setup(scheduler: Scheduler) -> None:
     extension = DflowExtension()
     scheduler.add_plugin(extension)
     scheduler.add_plugin(Telemetry(extension))
+    scheduler.add_plugin(ElasticController(extension))
     logger.info("dflow scheduler extension installed")

@@ -13,6 +13,7 @@ takes every queued call that can share it. No call waits for a batch to fill.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -264,6 +265,7 @@ class StageRuntime:
     def close(self) -> None:
         """Drop the model and return its device memory."""
         del self.adapter
+        gc.collect()
         if torch.device(self.device).type == "cuda":
             torch.cuda.empty_cache()
 

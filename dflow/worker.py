@@ -103,9 +103,54 @@ class StagePlugin(WorkerPlugin):
         register_serializers()
         self.worker = worker
         self.ready = asyncio.Event()
+        worker.handlers["dflow_drain"] = self.drain
+        worker.handlers["dflow_assign"] = self.reassign
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
         self._loading = asyncio.create_task(self.assign(self.stage, self.model))
+
+    def _running(self, resource: str) -> list[str]:
+        assert self.worker is not None
+        return [
+            str(ts.key)
+            for ts in self.worker.state.tasks.values()
+            if ts.state in ("executing", "long-running")
+            and resource in (ts.resource_restrictions or {})
+        ]
+
+    async def drain(self) -> list[str]:
+        """Stop taking tasks of the current pool; returns the keys still running.
+
+        The pool's resources drop to zero here and on the scheduler, so no queued
+        task of the pool starts on this worker any more; the scheduler moves the
+        queued ones elsewhere.
+        """
+        assert self.worker is not None
+        if self.runtime is None:
+            return []
+        resource = pool_resource(self.runtime.stage, self.runtime.model)
+        await self.worker.set_resources(**{self.runtime.stage: 0, resource: 0})
+        await self._report(
+            "draining", stage=self.runtime.stage, model=self.runtime.model
+        )
+        return self._running(resource)
+
+    async def reassign(self, stage: str, model: str) -> str:
+        """Switch to ``stage`` of ``model`` once running tasks finish (in the
+        background: the scheduler hears "loading", then "ready")."""
+        self._loading = asyncio.create_task(self._switch(stage, model))
+        return "OK"
+
+    async def _switch(self, stage: str, model: str) -> None:
+        if self.runtime is not None:
+            old = self.runtime
+            resource = pool_resource(old.stage, old.model)
+            while self._running(resource):
+                await asyncio.sleep(0.05)
+            runtimes.uninstall(old.model, old.stage)
+            self.runtime = None
+            await asyncio.to_thread(old.close)
+        await self.assign(stage, model)
 
     async def assign(self, stage: str, model: str) -> None:
         """Load ``stage`` of ``model``, warm it up, then advertise it."""
@@ -122,7 +167,7 @@ class StagePlugin(WorkerPlugin):
         except Exception as error:
             logger.exception("Could not load %s stage %s", model, stage)
             await self._report("failed", stage=stage, model=model, error=repr(error))
-            raise
+            return
         runtimes.install(runtime)
         self.runtime = runtime
         resources = stage_resources(stage, runtime.model, stage_slots(stage))
@@ -132,8 +177,8 @@ class StagePlugin(WorkerPlugin):
             stage=stage,
             model=runtime.model,
             resources=resources,
-            load_seconds=runtime.load_seconds,
-            warmup_seconds=warmup,
+            # what a switch to this pool costs: load plus warm-up
+            load_seconds=runtime.load_seconds + warmup,
             spec=runtime.spec.to_dict(),
         )
         self.ready.set()

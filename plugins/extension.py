@@ -207,6 +207,10 @@ class DflowExtension(SchedulerPlugin):
         )
         if state == "ready":
             self._schedule_unrunnable(worker)
+        if self.elastic is not None and state in ("ready", "failed"):
+            self.elastic.worker_ready(
+                worker, record.pool, record.gpu_type, record.load_seconds
+            )
 
     def pools(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{model: {stage: {"ready": n, "loading": n, "slots": n}}}``.
@@ -248,7 +252,7 @@ class DflowExtension(SchedulerPlugin):
         stages = {stage: self.stage_summary(stage) for stage in (*STAGES, "all")}
         if self.telemetry is not None:
             self.telemetry.annotate_status(stages)
-        decisions = self.elastic.decisions() if self.elastic is not None else []
+        decisions = self.elastic.decisions(last=20) if self.elastic is not None else []
         return {"stages": stages, "decisions": decisions}
 
     # -- views -----------------------------------------------------------------------

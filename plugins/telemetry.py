@@ -151,9 +151,12 @@ class Telemetry(SchedulerPlugin):
             else previous + self.alpha * (compute - previous)
         )
         if self.predictor is not None:
-            self.predictor.observe(
-                entry.model, entry.stage, entry.gpu_type, entry.features, compute
-            )
+            try:
+                self.predictor.observe(
+                    entry.model, entry.stage, entry.gpu_type, entry.features, compute
+                )
+            except LookupError:
+                pass  # no profile prices this pool; the EWMA above still does
 
     # -- derived views ---------------------------------------------------------------
 

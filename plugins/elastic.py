@@ -1,0 +1,367 @@
+"""The elastic controller: how many workers serve each pool follows the load.
+
+Every ``dflow.elastic.interval`` the controller prices the demand of each pool
+(a stage of a model) from telemetry and the predictor, asks the planner
+(:func:`dflow.planner.plan`, a pure function) for a target assignment, and
+applies the planner's moves by switching idle workers' roles:
+
+1. *drain*: the worker's pool resources drop to zero, on the worker and the
+   scheduler, so none of its queued tasks starts there any more;
+2. the pool's tasks queued on the worker (placed but not running) go back to the
+   scheduler, which places them on the pool's other workers;
+3. the running task finishes; the worker unloads the old model, loads and warms
+   up the new one, and advertises its new resources; tasks that waited for that
+   pool are then placed (the scheduler does not re-examine them on a resource
+   change by itself).
+
+The worker process lives throughout, so the intermediates it holds (embeddings
+and latents other stages still need) stay where they are: no request loses
+data in a switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
+
+from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
+from dflow.plugins.extension import DflowExtension, _periodic, _pool_of
+from dflow.predictor import Predictor, anchor_rows, load_profile
+
+logger = logging.getLogger(__name__)
+
+Pool = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One applied move and why."""
+
+    time: float
+    worker: str
+    source: Pool | None
+    target: Pool | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "worker": self.worker,
+            "source": list(self.source) if self.source else None,
+            "target": list(self.target) if self.target else None,
+            "reason": self.reason,
+        }
+
+
+class RoleSwitcher:
+    """Switches a worker from its pool to another: drain, requeue, reload."""
+
+    def __init__(self, scheduler: Scheduler, extension: DflowExtension):
+        self.scheduler = scheduler
+        self.extension = extension
+        #: workers being switched and their target pool
+        self.switching: dict[str, Pool] = {}
+
+    async def switch(self, address: str, target: Pool) -> None:
+        record = self.extension.workers.get(address)
+        if record is None or address in self.switching:
+            return
+        self.switching[address] = target
+        try:
+            source = record.pool
+            running = set(await self.scheduler.rpc(address).dflow_drain())
+            self.requeue(address, source, running)
+            await self.scheduler.rpc(address).dflow_assign(
+                stage=target[0], model=target[1]
+            )
+        except Exception:
+            logger.exception("Switching %s to %s failed", address, target)
+            self.switching.pop(address, None)
+            raise
+
+    def requeue(self, address: str, pool: Pool | None, running: set[str]) -> None:
+        """Send the pool's tasks placed on ``address`` but not running back to the
+        scheduler, which places them on the pool's other workers."""
+        ws = self.scheduler.workers.get(address)
+        if ws is None or pool is None:
+            return
+        queued = {
+            ts.key: "released"
+            for ts in ws.processing
+            if _pool_of(ts) == pool and ts.key not in running
+        }
+        if queued:
+            self.scheduler.transitions(
+                queued, stimulus_id=f"dflow-requeue-{time.time()}"
+            )
+
+    def finished(self, address: str) -> None:
+        """The worker reported ready (or left): its switch is over."""
+        self.switching.pop(address, None)
+
+
+class ElasticController(SchedulerPlugin):
+    """Scheduler-side control loop: telemetry -> predictor -> planner -> switches.
+
+    Configured under ``dflow.elastic`` (``enabled``, ``interval``) and
+    ``dflow.planner`` (horizon, cooldown, hysteresis, min and max per pool).
+    """
+
+    name = "dflow-elastic"
+
+    def __init__(self, extension: DflowExtension, predictor: Any = None):
+        self.extension = extension
+        self.predictor = predictor
+        self.scheduler: Scheduler | None = None
+        self.switcher: RoleSwitcher | None = None
+        self.enabled = bool(dask.config.get("dflow.elastic.enabled"))
+        self._decisions: deque[Decision] = deque(
+            maxlen=dask.config.get("dflow.scheduler.history")
+        )
+        #: last plan's summary, for status and dashboards
+        self.last_plan: dict[str, Any] = {}
+        #: time of each worker's last move (planner cooldown)
+        self.moved: dict[str, float] = {}
+        #: measured seconds to load and warm a pool, per (pool, gpu type)
+        self.load_seconds: dict[tuple[Pool, str], float] = {}
+        self._step_seconds: deque[float] = deque(maxlen=1000)
+        self.refit_every = parse_timedelta(
+            dask.config.get("dflow.predictor.refit-interval")
+        )
+        self._refitted = time.time()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.switcher = RoleSwitcher(scheduler, self.extension)
+        self.extension.elastic = self
+        if self.predictor is None:
+            # seeding imports torch and diffusers: off the event loop, and until it
+            # is done the controller prices pools by their observed service times
+            task = asyncio.ensure_future(asyncio.to_thread(default_predictor))
+            task.add_done_callback(self._predictor_ready)
+            self._tasks.add(task)
+        interval = parse_timedelta(dask.config.get("dflow.elastic.interval"))
+        scheduler.periodic_callbacks["dflow-elastic"] = pc = _periodic(
+            self.step, interval
+        )
+        pc.start()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def _predictor_ready(self, task: asyncio.Future) -> None:
+        self._tasks.discard(task)  # type: ignore[arg-type]
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            logger.error("No stage-cost predictor: %r", task.exception())
+            return
+        self.predictor = task.result()
+        if self.telemetry is not None:
+            self.telemetry.predictor = self.predictor
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        if self.switcher is not None:
+            self.switcher.finished(worker)
+
+    def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
+        """Applied moves, oldest first (the ``last`` ones if given)."""
+        decisions = list(self._decisions)[-last:] if last else self._decisions
+        return [d.to_dict() for d in decisions]
+
+    def worker_ready(
+        self, address: str, pool: Pool | None, gpu_type: str, seconds: float | None
+    ) -> None:
+        """The extension heard a worker report ready (or failed)."""
+        if self.switcher is not None:
+            self.switcher.finished(address)
+        if pool is not None and seconds is not None:
+            self.load_seconds[pool, gpu_type] = seconds
+
+    def step(self) -> None:
+        """One control interval: plan and apply."""
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        plan = self.plan()
+        self._step_seconds.append(time.perf_counter() - start)
+        if plan is None:
+            return
+        for move in plan.moves:
+            if move.target is not None:
+                self.apply(move.worker, move.source, move.target, move.reason)
+        if (
+            self.predictor is not None
+            and time.time() - self._refitted > self.refit_every
+        ):
+            self.predictor.refit()
+            self._refitted = time.time()
+
+    def apply(
+        self, address: str, source: Pool | None, target: Pool, reason: str
+    ) -> None:
+        assert self.switcher is not None
+        now = time.time()
+        self.moved[address] = now
+        record = self.extension.workers.get(address)
+        name = record.name if record else address
+        self._decisions.append(Decision(now, name, source, target, reason))
+        logger.info("Switching %s from %s to %s: %s", name, source, target, reason)
+        task = asyncio.ensure_future(self.switcher.switch(address, target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def plan(self) -> Plan | None:
+        """The planner's plan for the current fleet and demand (None: no fleet)."""
+        assert self.scheduler is not None and self.switcher is not None
+        now = time.time()
+        workers = self.planner_workers(now)
+        if not workers:
+            return None
+        pools = {w.pool for w in workers if w.pool is not None}
+        pools |= {p for p in self.telemetry.pools() if p[0] != "all" or p in pools}
+        reference = Counter(w.gpu_type for w in workers).most_common(1)[0][0]
+        gpu_types = {w.gpu_type for w in workers}
+        prices = {pool: self.price(pool, reference, gpu_types) for pool in pools}
+        costs = {pool: price.cost for pool, price in prices.items()}
+        demands = self.demands(prices)
+        result = plan(workers, demands, costs, now=now)
+        self.last_plan = {
+            "time": now,
+            "utilization": {"/".join(p): u for p, u in result.utilization.items()},
+            "bottleneck": list(result.bottleneck) if result.bottleneck else None,
+            "feasible": result.feasible,
+            "reason": result.reason,
+        }
+        return result
+
+    def planner_workers(self, now: float) -> list[PlannerWorker]:
+        """The fleet as the planner sees it; workers loading or switching stay put."""
+        assert self.scheduler is not None and self.switcher is not None
+        workers = []
+        for address, record in self.extension.workers.items():
+            ws = self.scheduler.workers.get(address)
+            if ws is None or record.state not in (
+                "ready",
+                "loading",
+                "draining",
+                "failed",
+            ):
+                continue
+            pool = self.switcher.switching.get(address, record.pool)
+            if record.state == "failed":
+                pool = None
+            settling = record.state != "ready" or address in self.switcher.switching
+            workers.append(
+                PlannerWorker(
+                    name=address,
+                    gpu_type=record.gpu_type,
+                    memory_bytes=record.memory,
+                    pool=pool,
+                    busy=bool(ws.processing),
+                    last_move=now if settling else self.moved.get(address),
+                )
+            )
+        return workers
+
+    @property
+    def telemetry(self) -> Any:
+        return self.extension.telemetry
+
+    def service(self, pool: Pool, gpu_type: str, features: dict | None) -> float | None:
+        """Predicted seconds of one task of ``pool`` on ``gpu_type``: the predictor
+        where a profile covers the pool, else the observed average."""
+        stage, model = pool
+        if self.predictor is not None and features:
+            try:
+                return self.predictor.predict(model, stage, gpu_type, features).seconds
+            except LookupError:
+                pass
+        return self.telemetry.service.get(pool)
+
+    def price(self, pool: Pool, reference: str, gpu_types: set[str]) -> Price:
+        """Service time on the reference GPU type, speeds and memory of a pool."""
+        stage, model = pool
+        features = self.recent_features(pool)
+        base = self.service(pool, reference, features)
+        speeds = {}
+        for gpu_type in gpu_types:
+            seconds = self.service(pool, gpu_type, features) if base else None
+            speeds[gpu_type] = base / seconds if base and seconds else 1.0
+        spec = self.extension.specs.get(model, {})
+        memory = int(spec.get("weight_bytes", {}).get(stage, 0))
+        if self.predictor is not None and features:
+            try:
+                peak = self.predictor.predict(
+                    model, stage, reference, features
+                ).peak_bytes
+            except LookupError:
+                peak = None
+            memory = max(memory, peak or 0)
+        known = [s for (p, _), s in self.load_seconds.items() if p == pool]
+        default = parse_timedelta(dask.config.get("dflow.elastic.default-switch"))
+        switch = {
+            g: self.load_seconds.get((pool, g), max(known, default=default))
+            for g in gpu_types
+        }
+        return Price(
+            seconds=base or 0.0,
+            cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
+        )
+
+    def recent_features(self, pool: Pool) -> dict | None:
+        """Features of the pool's most recent finished task."""
+        for record in reversed(self.telemetry.records):
+            if (record.stage, record.model) == pool:
+                return record.features
+        return None
+
+    def demands(self, prices: dict[Pool, Price]) -> dict[Pool, Demand]:
+        """Arrivals times service, plus the work owed by requests in flight."""
+        assert self.scheduler is not None
+        backlog: Counter[Pool] = Counter()
+        for ts in self.scheduler.tasks.values():
+            pool = _pool_of(ts)
+            if pool is not None and pool in prices and ts.state in OWED:
+                backlog[pool] += prices[pool].seconds
+        return {
+            pool: Demand(
+                rate=self.telemetry.arrival_rate(pool) * price.seconds,
+                backlog=backlog[pool],
+            )
+            for pool, price in prices.items()
+        }
+
+    def planning_seconds(self) -> list[float]:
+        """Recent control steps' durations (planning only, not the switches)."""
+        return list(self._step_seconds)
+
+
+def default_predictor() -> Predictor:
+    """A predictor seeded with the shipped H200 anchors and the profiles named in
+    ``dflow.elastic.profiles``."""
+    rows = anchor_rows()
+    for path in dask.config.get("dflow.elastic.profiles"):
+        rows += load_profile(path)
+    return Predictor(rows)
+
+
+#: task states whose work is still owed
+OWED = ("waiting", "no-worker", "queued", "processing")
+
+
+@dataclass(frozen=True)
+class Price:
+    seconds: float
+    cost: PoolCost
