@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections import deque
 from typing import Any
 
+from dask.utils import parse_timedelta
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.deploy.spec import NoOpAwaitable
 
@@ -136,3 +139,78 @@ class StageCluster(SpecCluster):
         if self.asynchronous:
             return NoOpAwaitable()
         return None
+
+    def adapt(  # type: ignore[override]
+        self,
+        minimum: int = 1,
+        maximum: int | None = None,
+        interval: str = "2s",
+        wait: str = "60s",
+        utilization: float | None = None,
+    ) -> PoolAdaptive:
+        """Grow and shrink each pool to follow its load (instead of switching
+        workers' roles): see :class:`PoolAdaptive`."""
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        self._adaptive = PoolAdaptive(
+            self,
+            minimum=minimum,
+            maximum=maximum,
+            interval=interval,
+            wait=wait,
+            utilization=utilization,
+        )
+        return self._adaptive
+
+
+class PoolAdaptive:
+    """Sizes a :class:`StageCluster`'s pools to what the scheduler's elastic
+    controller says each needs (``dflow_pool_targets``).
+
+    A pool grows at once and shrinks only to the largest target seen over the
+    last ``wait``, so a lull does not release workers a returning load needs
+    (dask-gateway's adapt loop does the same).
+    """
+
+    def __init__(
+        self,
+        cluster: StageCluster,
+        minimum: int = 1,
+        maximum: int | None = None,
+        interval: str = "2s",
+        wait: str = "60s",
+        utilization: float | None = None,
+    ):
+        from tornado.ioloop import PeriodicCallback
+
+        self.cluster = cluster
+        self.minimum = minimum
+        self.maximum = maximum
+        self.wait = parse_timedelta(wait)
+        self.utilization = utilization
+        self.history: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+        self._periodic = PeriodicCallback(self.step, parse_timedelta(interval) * 1000)
+        self.cluster.loop.add_callback(self._periodic.start)
+
+    def stop(self) -> None:
+        self._periodic.stop()
+
+    async def step(self) -> None:
+        targets = await self.cluster.scheduler_comm.dflow_pool_targets(
+            utilization=self.utilization
+        )
+        now = time.monotonic()
+        for name, needed in targets.items():
+            stage, _, model = name.partition("/")
+            if stage == "all":
+                continue
+            history = self.history.setdefault((stage, model), deque())
+            history.append((now, needed))
+            while history and history[0][0] < now - self.wait:
+                history.popleft()
+            size = max(self.minimum, max(n for _, n in history))
+            if self.maximum is not None:
+                size = min(size, self.maximum)
+            if size != len(self.cluster.stage_workers(stage, model)):
+                logger.info("Scaling %s of %s to %d workers", stage, model, size)
+                self.cluster.scale(size, stage=stage, model=model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class ElasticController(SchedulerPlugin):
         self.scheduler = scheduler
         self.switcher = RoleSwitcher(scheduler, self.extension)
         self.extension.elastic = self
+        scheduler.handlers["dflow_pool_targets"] = self.pool_targets
         if self.predictor is None:
             # seeding imports torch and diffusers: off the event loop, and until it
             # is done the controller prices pools by their observed service times
@@ -342,6 +344,29 @@ class ElasticController(SchedulerPlugin):
             )
             for pool, price in prices.items()
         }
+
+    def pool_targets(self, utilization: float | None = None) -> dict[str, int]:
+        """Workers each pool needs to run at ``utilization`` over the horizon: the
+        sizes a cluster manager that can grow pools should scale them to (see
+        :class:`dflow.cluster.PoolAdaptive`). Keys are ``"stage/model"``."""
+        assert self.scheduler is not None
+        if utilization is None:
+            utilization = float(dask.config.get("dflow.elastic.target-utilization"))
+        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
+        workers = self.planner_workers(time.time())
+        pools = {w.pool for w in workers if w.pool is not None} | self.telemetry.pools()
+        reference = (
+            Counter(w.gpu_type for w in workers).most_common(1)[0][0]
+            if workers
+            else "cpu"
+        )
+        prices = {p: self.price(p, reference, {reference}) for p in pools}
+        targets = {}
+        for pool, demand in self.demands(prices).items():
+            load = demand.rate * horizon + demand.backlog
+            needed = math.ceil(load / (horizon * utilization)) if load else 0
+            targets["/".join(pool)] = needed
+        return targets
 
     def planning_seconds(self) -> list[float]:
         """Recent control steps' durations (planning only, not the switches)."""
