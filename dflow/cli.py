@@ -21,6 +21,7 @@ from distributed.config import get_loop_factory
 from distributed.utils import import_term
 
 from dflow.demo import demo
+from dflow.profile import profile
 from dflow.worker import WORKER_STAGES, nanny_specs, run_nannies
 
 logger = logging.getLogger("dflow.worker")
@@ -162,3 +163,4 @@ def dflow():
 
 dflow.add_command(worker)
 dflow.add_command(demo)
+dflow.add_command(profile)
