@@ -15,11 +15,16 @@ _PUBLIC = {
     "Request": "dflow.request",
     "InvalidRequest": "dflow.errors",
     "ModelNotServed": "dflow.errors",
+    "Overloaded": "dflow.errors",
     "StageOutOfMemory": "dflow.errors",
     "Cancelled": "dflow.errors",
     "ModelSpec": "dflow.spec",
     "Output": "dflow.output",
     "generate": "dflow.runtime",
+    "submit": "dflow.client",
+    "map": "dflow.client",
+    "status": "dflow.client",
+    "models": "dflow.client",
     "StageRuntime": "dflow.runtime",
 }
 

@@ -9,7 +9,6 @@ the next stage has consumed them, and cancelling the output releases the chain.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -21,9 +20,9 @@ from distributed import Client, Future
 
 import dflow.config  # noqa: F401
 from dflow import tasks
-from dflow.errors import ModelNotServed
+from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
 from dflow.request import Request
-from dflow.spec import STAGES, ModelSpec, register
+from dflow.spec import ModelSpec, register
 from dflow.worker import pool_resource
 
 #: Task key prefix and function per stage
@@ -36,7 +35,13 @@ STAGE_TASKS = {
 MODES = ("disaggregated", "monolithic")
 
 
-def submit(client: Client, request: Request, *, mode: str | None = None) -> Future:
+def submit(
+    client: Client,
+    request: Request,
+    *,
+    mode: str | None = None,
+    deadline: str | float | None = None,
+) -> Future:
     """Submit one request; returns a future of its :class:`~dflow.output.Output`.
 
     Parameters
@@ -51,26 +56,43 @@ def submit(client: Client, request: Request, *, mode: str | None = None) -> Futu
         ``"monolithic"`` (one task on a ``--stage all`` worker), or ``None``:
         disaggregated if the cluster has all three stage pools of the model,
         else monolithic.
+    deadline
+        Seconds (or a duration like ``"30s"``) after submission past which the
+        request is cancelled: its future raises ``FutureCancelledError`` with
+        reason ``deadline-exceeded`` and its work stops (config
+        ``dflow.client.deadline``; default none).
 
     Raises
     ------
     ModelNotServed
         If no worker serves (or is loading) the model within
         ``dflow.client.model-timeout``.
+    Overloaded
+        If the model has ``dflow.admission.max-outstanding`` requests in flight
+        and none finishes within ``dflow.admission.timeout``.
+    InvalidRequest
+        If no worker of a stage has the memory the request needs.
 
     Examples
     --------
     >>> future = dflow.submit(client, dflow.Request(model="tiny-flux", prompt="a fox"))  # doctest: +SKIP
     >>> future.result().images[0]  # doctest: +SKIP
     """
-    (future,) = map(client, [request], mode=mode)
+    (future,) = map(client, [request], mode=mode, deadline=deadline)
     return future
 
 
 def map(
-    client: Client, requests: Iterable[Request], *, mode: str | None = None
+    client: Client,
+    requests: Iterable[Request],
+    *,
+    mode: str | None = None,
+    deadline: str | float | None = None,
 ) -> list[Future]:
-    """Submit many requests in one graph; returns their output futures in order."""
+    """Submit many requests in one graph; returns their output futures in order.
+
+    Takes the arguments of :func:`submit`; admission is all or nothing.
+    """
     requests = list(requests)
     if not requests:
         return []
@@ -83,16 +105,29 @@ def map(
             raise TypeError(
                 f"expected dflow.Request objects, got {type(request).__name__}"
             )
-    pools = _served_pools(client, {r.model for r in requests}, mode)
+    if deadline is None:
+        deadline = dask.config.get("dflow.client.deadline")
+    seconds = None if deadline is None else parse_timedelta(deadline)
+    answer = client.sync(
+        _scheduler_call,
+        client,
+        "dflow_admit",
+        requests=[
+            {"model": r.model, "features": _annotated_features(r)} for r in requests
+        ],
+        mode=mode,
+        model_timeout=parse_timedelta(dask.config.get("dflow.client.model-timeout")),
+        admission_timeout=parse_timedelta(dask.config.get("dflow.admission.timeout")),
+    )
+    if "error" in answer:
+        raise _refusal(answer)
     layers: dict[str, MaterializedLayer] = {}
     dependencies: dict[str, set[str]] = {}
     final_keys = []
-    for request in requests:
-        request_mode = mode or _mode(pools[request.model])
+    for request, admission in zip(requests, answer["admitted"]):
         request_id = uuid.uuid4().hex[:16]
-        stages = STAGES if request_mode == "disaggregated" else ("all",)
         previous: str | None = None
-        for stage in stages:
+        for stage, workers in admission["workers"].items():
             prefix, function = STAGE_TASKS[stage]
             key = f"{prefix}-{request_id}"
             task = (
@@ -100,19 +135,21 @@ def map(
                 if previous is None
                 else (function, request, previous)
             )
-            layers[key] = MaterializedLayer(
-                {key: task},
-                annotations={
-                    "resources": {stage: 1, pool_resource(stage, request.model): 1},
-                    "dflow": {
-                        "stage": stage,
-                        "model": request.model,
-                        "request": request_id,
-                        "mode": request_mode,
-                        "features": _annotated_features(request),
-                    },
+            annotations: dict[str, Any] = {
+                "resources": {stage: 1, pool_resource(stage, request.model): 1},
+                "dflow": {
+                    "stage": stage,
+                    "model": request.model,
+                    "request": request_id,
+                    "mode": admission["mode"],
+                    "features": _annotated_features(request),
+                    "deadline": seconds,
                 },
-            )
+            }
+            if workers is not None:
+                # some workers of the pool lack the memory for this request
+                annotations["workers"] = workers
+            layers[key] = MaterializedLayer({key: task}, annotations=annotations)
             dependencies[key] = {previous} if previous else set()
             previous = key
         assert previous is not None
@@ -140,55 +177,31 @@ def models(client: Client) -> list[str]:
     return sorted(specs)
 
 
+def _refusal(answer: dict[str, Any]) -> Exception:
+    """The exception a refused admission raises on the client."""
+    if answer["error"] == "InvalidRequest":
+        field = answer["field"]
+        return InvalidRequest(field, answer["message"].removeprefix(f"{field}: "))
+    error = {"ModelNotServed": ModelNotServed, "Overloaded": Overloaded}[
+        answer["error"]
+    ]
+    return error(answer["message"])
+
+
 def _annotated_features(request: Request) -> dict[str, Any]:
     return {
         k: v for k, v in request.features.items() if isinstance(v, (int, float, bool))
     }
 
 
-def _mode(stages: dict[str, Any]) -> str:
-    if all(stage in stages for stage in STAGES):
-        return "disaggregated"
-    return "monolithic"
-
-
-def _serves(stages: dict[str, Any], mode: str | None) -> bool:
-    if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
-        return True
-    return mode in (None, "monolithic") and "all" in stages
-
-
-def _served_pools(
-    client: Client, models: set[str], mode: str | None
-) -> dict[str, dict[str, Any]]:
-    """The pools of ``models``, waiting up to ``dflow.client.model-timeout`` for
-    workers to appear."""
-    timeout = parse_timedelta(dask.config.get("dflow.client.model-timeout"))
-    deadline = time.monotonic() + timeout
-    while True:
-        pools = client.sync(_scheduler_call, client, "dflow_pools")
-        missing = sorted(m for m in models if not _serves(pools.get(m, {}), mode))
-        if not missing:
-            return pools
-        if time.monotonic() >= deadline:
-            served = ", ".join(sorted(pools)) or "none"
-            wanted = f" in {mode} mode" if mode else ""
-            raise ModelNotServed(
-                f"no workers serve model {missing[0]!r}{wanted} (served: {served}); "
-                f"start them with `dflow-worker SCHEDULER --stage dit --model "
-                f"{missing[0]}` (and encoder, vae), or `--stage all`"
-            )
-        time.sleep(min(0.2, timeout))
-
-
-async def _scheduler_call(client: Client, handler: str) -> Any:
+async def _scheduler_call(client: Client, handler: str, **kwargs: Any) -> Any:
     """Call a dflow handler on the scheduler, installing the extension if absent."""
     try:
-        return await getattr(client.scheduler, handler)()
+        return await getattr(client.scheduler, handler)(**kwargs)
     except ValueError as error:
         if handler not in str(error):
             raise
     from dflow.plugins.extension import DflowExtension
 
     await client.register_plugin(DflowExtension())
-    return await getattr(client.scheduler, handler)()
+    return await getattr(client.scheduler, handler)(**kwargs)

@@ -18,6 +18,11 @@ class ModelNotServed(LookupError):
     """No worker serves (or is loading) the stages a request of this model needs."""
 
 
+class Overloaded(RuntimeError):
+    """A model has as many requests in flight as ``dflow.admission.max-outstanding``
+    allows, and no room freed up within ``dflow.admission.timeout``."""
+
+
 class StageOutOfMemory(MemoryError):
     """A stage call ran out of device memory; its memory was released."""
 

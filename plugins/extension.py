@@ -16,6 +16,7 @@ this extension (``extension.telemetry``, ``extension.elastic``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter, deque
@@ -29,7 +30,7 @@ from distributed.protocol import pickle
 from distributed.scheduler import Scheduler, TaskState
 
 import dflow.config  # noqa: F401
-from dflow.errors import ModelNotServed
+from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
 from dflow.spec import STAGES
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class RequestRecord:
     final_key: str
     submitted: float
     features: dict[str, Any]
+    #: absolute time past which the request is cancelled (None: no deadline)
+    deadline: float | None = None
     finished: float | None = None
     status: str = "pending"  # pending | completed | failed | cancelled
 
@@ -97,6 +100,8 @@ class DflowExtension(SchedulerPlugin):
         self.telemetry: Any = None
         self.elastic: Any = None
         self._unserved_since: dict[str, float] = {}
+        #: admission slots granted to clients whose graphs have not arrived yet
+        self.reserved: Counter[str] = Counter()
 
     # -- plugin hooks ----------------------------------------------------------------
 
@@ -110,11 +115,12 @@ class DflowExtension(SchedulerPlugin):
                 "dflow_models": self.models,
                 "dflow_workers": self.worker_records,
                 "dflow_status": self.status,
+                "dflow_admit": self.admit,
             }
         )
         interval = parse_timedelta(dask.config.get("dflow.scheduler.check-interval"))
-        scheduler.periodic_callbacks["dflow-unserved"] = pc = _periodic(
-            self.fail_unserved, interval
+        scheduler.periodic_callbacks["dflow-requests"] = pc = _periodic(
+            self.check_requests, interval
         )
         pc.start()
 
@@ -134,6 +140,7 @@ class DflowExtension(SchedulerPlugin):
         for key, info in ((annotations or {}).get("dflow") or {}).items():
             if not isinstance(key, str) or not key.startswith(FINAL_PREFIXES):
                 continue
+            deadline = info.get("deadline")
             record = RequestRecord(
                 request_id=info["request"],
                 model=info["model"],
@@ -141,10 +148,13 @@ class DflowExtension(SchedulerPlugin):
                 final_key=key,
                 submitted=now,
                 features=info.get("features", {}),
+                deadline=None if deadline is None else now + deadline,
             )
             self.requests[record.request_id] = record
             self.final_keys[key] = record.request_id
             self.counts[record.model, "submitted"] += 1
+            if self.reserved[record.model] > 0:
+                self.reserved[record.model] -= 1
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
@@ -239,6 +249,129 @@ class DflowExtension(SchedulerPlugin):
                 entry(*record.pool)["loading"] += 1
         return pools
 
+    async def admit(self, **kwargs: Any) -> dict[str, Any]:
+        """Handler of :meth:`admit_requests`: refusals come back as data, so the
+        client raises them and the scheduler's log stays quiet."""
+        try:
+            return {"admitted": await self.admit_requests(**kwargs)}
+        except (InvalidRequest, ModelNotServed, Overloaded) as error:
+            return {
+                "error": type(error).__name__,
+                "field": getattr(error, "field", None),
+                "message": str(error),
+            }
+
+    async def admit_requests(
+        self,
+        requests: list[dict[str, Any]],
+        mode: str | None = None,
+        model_timeout: float = 0.0,
+        admission_timeout: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Admit requests before their graph is sent.
+
+        Waits up to ``model_timeout`` for workers of every model (raising
+        :class:`ModelNotServed`), rejects what no worker of a pool has the memory
+        for (``InvalidRequest`` naming the size), restricts stages to the workers
+        that can hold them, and holds each model under
+        ``dflow.admission.max-outstanding`` requests in flight, waiting up to
+        ``admission_timeout`` for room (:class:`Overloaded`).
+
+        Returns, per request: its mode and, per stage, the workers it must run
+        on (``None``: any worker of the pool).
+        """
+        deadline = time.monotonic() + model_timeout
+        models = {r["model"] for r in requests}
+        while True:
+            pools = self.pools()
+            missing = sorted(m for m in models if not _serves(pools.get(m, {}), mode))
+            if not missing:
+                break
+            if time.monotonic() >= deadline:
+                served = ", ".join(sorted(pools)) or "none"
+                wanted = f" in {mode} mode" if mode else ""
+                raise ModelNotServed(
+                    f"no workers serve model {missing[0]!r}{wanted} (served: {served}); "
+                    f"start them with `dflow-worker SCHEDULER --stage dit --model "
+                    f"{missing[0]}` (and encoder, vae), or `--stage all`"
+                )
+            await asyncio.sleep(0.1)
+        admitted = []
+        for request in requests:
+            request_mode = mode or _mode(pools[request["model"]])
+            stages = STAGES if request_mode == "disaggregated" else ("all",)
+            admitted.append(
+                {
+                    "mode": request_mode,
+                    "workers": {s: self._capable(s, request) for s in stages},
+                }
+            )
+        await self._reserve(Counter(r["model"] for r in requests), admission_timeout)
+        return admitted
+
+    def _capable(self, stage: str, request: dict[str, Any]) -> list[str] | None:
+        """Workers of the pool with memory for the request's predicted peak
+        (``None``: all of them, or no prediction to go by)."""
+        predictor = getattr(self.elastic, "predictor", None)
+        if predictor is None:
+            return None
+        model, features = request["model"], request["features"]
+        members = [
+            r
+            for r in self.workers.values()
+            if r.pool == (stage, model) and r.state in ("ready", "loading")
+        ]
+        capable, needs = [], []
+        for record in members:
+            try:
+                peak = predictor.predict(
+                    model, stage, record.gpu_type, features
+                ).peak_bytes
+            except LookupError:
+                return None
+            if peak is None or peak <= record.memory:
+                capable.append(record.address)
+            else:
+                needs.append((peak, record.memory))
+        if not needs:
+            return None
+        if not capable:
+            peak, largest = max(needs)
+            size = f"{features.get('height')}x{features.get('width')}"
+            if features.get("frames", 1) > 1:
+                size += f"x{features['frames']} frames"
+            raise InvalidRequest(
+                "height",
+                f"the {stage} stage of {model} needs {peak / 2**30:.1f} GiB at {size}; "
+                f"its largest worker has {largest / 2**30:.1f} GiB: use a smaller size",
+            )
+        return capable
+
+    async def _reserve(self, counts: Counter[str], timeout: float) -> None:
+        limit = dask.config.get("dflow.admission.max-outstanding")
+        if limit is None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = Counter(r.model for r in self.in_flight())
+            over = [
+                m
+                for m, n in counts.items()
+                if pending[m] + self.reserved[m] + n > _limit(limit, m)
+            ]
+            if not over:
+                break
+            if time.monotonic() >= deadline:
+                model = over[0]
+                raise Overloaded(
+                    f"model {model!r} has {pending[model] + self.reserved[model]} "
+                    f"requests in flight and {counts[model]} more were submitted; the "
+                    f"limit is {_limit(limit, model)} (dflow.admission.max-outstanding): "
+                    "retry later"
+                )
+            await asyncio.sleep(0.05)
+        self.reserved.update(counts)
+
     def models(self) -> dict[str, dict[str, Any]]:
         """Specs of the models workers serve, for clients that lack them."""
         return dict(self.specs)
@@ -312,6 +445,33 @@ class DflowExtension(SchedulerPlugin):
                 recommendations, stimulus_id=f"dflow-worker-ready-{time.time()}"
             )
 
+    def check_requests(self) -> None:
+        """Periodic: cancel requests past their deadline, fail unserved ones."""
+        self.expire_deadlines()
+        self.fail_unserved()
+
+    def expire_deadlines(self) -> None:
+        """Cancel the chain of every pending request past its deadline: its
+        future raises ``FutureCancelledError`` (reason ``deadline-exceeded``), a
+        running denoising loop stops at its next step and intermediates are freed."""
+        assert self.scheduler is not None
+        now = time.time()
+        for record in self.in_flight():
+            if record.deadline is None or now < record.deadline:
+                continue
+            ts = self.scheduler.tasks.get(record.final_key)
+            if ts is None or not ts.who_wants:
+                continue
+            client = next(iter(ts.who_wants)).client_key
+            self.scheduler.stimulus_cancel(
+                [record.final_key],
+                client,
+                force=True,
+                reason="deadline-exceeded",
+                msg=f"request {record.request_id} of {record.model} missed its "
+                f"deadline of {record.deadline - record.submitted:g}s",
+            )
+
     def fail_unserved(self) -> None:
         """Fail requests whose pool has had no worker, ready or loading, for longer
         than ``dflow.scheduler.unserved-timeout``: they get a clear error instead
@@ -354,6 +514,24 @@ class DflowExtension(SchedulerPlugin):
             self.scheduler.transitions(
                 recommendations, stimulus_id=f"dflow-unserved-{now}"
             )
+
+
+def _mode(stages: dict[str, Any]) -> str:
+    if all(stage in stages for stage in STAGES):
+        return "disaggregated"
+    return "monolithic"
+
+
+def _serves(stages: dict[str, Any], mode: str | None) -> bool:
+    if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
+        return True
+    return mode in (None, "monolithic") and "all" in stages
+
+
+def _limit(limit: int | dict[str, int], model: str) -> int:
+    if isinstance(limit, dict):
+        return limit.get(model, limit.get("default", 2**62))
+    return int(limit)
 
 
 def _pool_of(ts: TaskState) -> tuple[str, str] | None:
