@@ -1,0 +1,670 @@
+"""The planner: how many workers serve each pool, and which workers move.
+
+A pool is a stage of a model (``("dit", "flux.1-dev")``): fleets serve several
+models. :func:`plan` is a pure function of the fleet, the demand on each pool
+and what each pool costs on each GPU type; the elastic plugin feeds it and
+applies its moves, the emulated benchmarks and the tests call it directly.
+
+The objective is the largest predicted utilization over the horizon::
+
+    utilization(pool) = (rate x horizon + backlog) / (horizon x sum of its workers' speeds)
+
+with demand in *reference seconds* (seconds of work on the reference GPU type)
+and speeds relative to that type, so a worker of speed 2 clears two reference
+seconds of work per second.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import dask.config
+from dask.utils import parse_timedelta
+
+import dflow.config  # noqa: F401
+
+#: (stage, model)
+Pool = tuple[str, str]
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PlannerWorker:
+    """What the planner knows of a worker.
+
+    Parameters
+    ----------
+    pool
+        The pool it serves now; ``None`` while it serves none (new, or between pools).
+    busy
+        Whether it is running a task: moves take idle workers first.
+    last_move
+        When it last changed pool (same clock as ``plan``'s ``now``); ``None``: never.
+    """
+
+    name: str
+    gpu_type: str
+    memory_bytes: int
+    pool: Pool | None = None
+    busy: bool = False
+    last_move: float | None = None
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Work on a pool, in reference seconds: ``rate`` arriving per second, and
+    ``backlog`` already owed by requests in flight (a request still encoding
+    owes its DiT and VAE work too)."""
+
+    rate: float = 0.0
+    backlog: float = 0.0
+
+
+@dataclass(frozen=True)
+class PoolCost:
+    """What hosting a pool takes.
+
+    Parameters
+    ----------
+    speeds
+        Speed of each GPU type on this pool relative to the reference type;
+        missing or 0: that type cannot run it.
+    memory_bytes
+        Device memory the pool needs (weights plus peak activations); a worker
+        with less cannot host it.
+    switch_seconds
+        Per GPU type, the time a worker needs to start serving this pool (model
+        load and warm-up), during which it serves nothing; missing: 0.
+    """
+
+    speeds: Mapping[str, float]
+    memory_bytes: int = 0
+    switch_seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Move:
+    """Move ``worker`` from pool ``source`` to pool ``target`` (either may be ``None``)."""
+
+    worker: str
+    source: Pool | None
+    target: Pool | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's decision.
+
+    Parameters
+    ----------
+    assignment
+        The pool of every worker once the moves are done.
+    moves
+        The moves, most urgent target first.
+    utilization
+        Predicted load over capacity of every pool over the horizon, after the
+        plan (movers count from the end of their switch); ``inf`` for a pool
+        with demand and no capacity.
+    bottleneck
+        The pool of largest utilization; ``None`` without demand.
+    feasible
+        False when a pool has demand but no worker can serve it; ``reason`` says
+        which and why.
+    """
+
+    assignment: dict[str, Pool | None]
+    moves: list[Move]
+    utilization: dict[Pool, float]
+    bottleneck: Pool | None
+    feasible: bool
+    reason: str
+
+
+def plan(
+    workers: Sequence[PlannerWorker],
+    demands: Mapping[Pool, Demand],
+    costs: Mapping[Pool, PoolCost],
+    *,
+    now: float,
+    horizon: str | float | None = None,
+    cooldown: str | float | None = None,
+    hysteresis: float | None = None,
+    min_per_pool: int | Mapping[Pool, int] | None = None,
+    max_per_pool: int | Mapping[Pool, int | None] | None = None,
+    prefer_idle: bool = True,
+) -> Plan:
+    """Decide which pool each worker serves.
+
+    Parameters
+    ----------
+    workers
+        The fleet.
+    demands
+        Work per pool; pools left out have none.
+    costs
+        Every pool the fleet serves; a worker's pool must be one of them.
+    now
+        The current time, on the clock of the workers' ``last_move``.
+    horizon
+        How far ahead demand and capacity are weighed (config
+        ``dflow.planner.horizon``).
+    cooldown
+        A worker that moved less than this long ago stays (config
+        ``dflow.planner.cooldown``).
+    hysteresis
+        Least relative improvement of the largest utilization worth any move
+        (config ``dflow.planner.hysteresis``).
+    min_per_pool, max_per_pool
+        Workers kept on each pool even without demand, and most workers per
+        pool: a number for all pools or a mapping per pool, pools left out
+        taking the config (``dflow.planner.min-per-pool``, ``max-per-pool``).
+    prefer_idle
+        Move idle workers before busy ones.
+
+    Notes
+    -----
+    The target is built in two passes. A greedy pass gives every pool with
+    demand one worker and every pool its minimum (the pool with the fewest
+    candidates first, so none takes the only worker another can use), then
+    the next worker always to the pool of worst utilization that it can serve
+    (memory fits, speed above 0). A pool takes the worker class of best
+    *comparative advantage*: its speed there over its demand-weighted speed
+    on all pools, so a fast type goes where it gains most over a slow one and
+    a type that cannot hold the DiT is spent on the encoder and VAE. A local
+    search then moves or swaps single workers into the bottleneck while that
+    lowers the largest utilization, which repairs the greedy order where GPU
+    types rank differently per pool.
+
+    A worker that would switch counts at its speed times
+    ``1 - switch_seconds / horizon``: it serves nothing while loading. Ties
+    keep workers where they are, then take them from the least loaded pool
+    (the unassigned first), then by name.
+
+    The target replaces the current assignment only when it starves fewer
+    pools with demand, fills more pool minimums, or lowers the largest
+    utilization by more than ``hysteresis`` *after* switch costs (so a move
+    whose switch eats its gain over the horizon is never made). Otherwise only
+    unassigned workers are placed. Workers in cooldown stay where they are in
+    either case.
+    """
+    if horizon is None:
+        horizon = dask.config.get("dflow.planner.horizon")
+    if cooldown is None:
+        cooldown = dask.config.get("dflow.planner.cooldown")
+    if hysteresis is None:
+        hysteresis = dask.config.get("dflow.planner.hysteresis")
+    problem = _Problem(
+        workers,
+        demands,
+        costs,
+        horizon=parse_timedelta(horizon),
+        mins=_per_pool(costs, min_per_pool, "min-per-pool"),
+        maxs=_per_pool(costs, max_per_pool, "max-per-pool"),
+    )
+    since = parse_timedelta(cooldown)
+    pinned: list[int] = []
+    free: list[int] = []
+    for i, w in enumerate(problem.workers):
+        cooling = w.last_move is not None and now - w.last_move < since
+        (pinned if cooling else free).append(i)
+    before = problem.current
+    target = problem.place(pinned, free, prefer_idle)
+    old, new = before.score(), target.score()
+    if new[:2] < old[:2] or (
+        new[:2] == old[:2] and new[2] < old[2] * (1 - float(hysteresis))
+    ):
+        return problem.decide(target, None, hysteresis)
+    # not worth moving anyone: only place the workers that serve no pool yet
+    unassigned = [i for i in free if problem.home[i] < 0]
+    if not unassigned:
+        return problem.decide(before, target, hysteresis)
+    assigned = [i for i in free if problem.home[i] >= 0]
+    after = problem.place([*pinned, *assigned], unassigned, prefer_idle)
+    return problem.decide(after, target, hysteresis)
+
+
+def _per_pool(
+    costs: Mapping[Pool, PoolCost],
+    value: int | Mapping[Pool, int | None] | None,
+    key: str,
+) -> dict[Pool, int | None]:
+    default = dask.config.get(f"dflow.planner.{key}")
+    if value is None or isinstance(value, Mapping):
+        given = value or {}
+        return {p: given.get(p, default) for p in costs}
+    return dict.fromkeys(costs, value)
+
+
+class _State:
+    """Workers (by index) placed on pools (by index; -1 for none), and the
+    capacity that gives each pool."""
+
+    def __init__(self, problem: _Problem):
+        self.problem = problem
+        self.assignment = [-1] * len(problem.workers)
+        self.capacity = [0.0] * len(problem.pools)
+        self.count = [0] * len(problem.pools)
+
+    def stay(self, worker: int) -> None:
+        home = self.assignment[worker] = self.problem.home[worker]
+        if home >= 0:
+            self.capacity[home] += self.problem.home_speed[worker]
+            self.count[home] += 1
+
+    def utilization(self, pool: int) -> float:
+        load = self.problem.loads[pool]
+        if load == 0:
+            return 0.0
+        if self.capacity[pool] == 0:
+            return math.inf
+        return load / (self.problem.horizon * self.capacity[pool])
+
+    def largest(self, pools: list[int]) -> float:
+        return max(map(self.utilization, pools), default=0.0)
+
+    def score(self) -> tuple[int, int, float]:
+        """Pools starved (demand, no capacity), workers missing from pool
+        minimums, largest utilization otherwise: lower is better, in order."""
+        problem = self.problem
+        utilization = [self.utilization(p) for p in range(len(problem.pools))]
+        starved = sum(u == math.inf for u in utilization)
+        short = sum(
+            max(0, problem.floor(p) - self.count[p]) for p in range(len(problem.pools))
+        )
+        worst = max((u for u in utilization if u < math.inf), default=0.0)
+        return starved, short, worst
+
+
+@dataclass
+class _Group:
+    """Free workers of one class serving the same pool now (``home``; -1: none),
+    and the speed one of them adds to each pool over the horizon, net of the
+    time it spends switching.
+
+    Workers leave from the left (idle first) and stay from the right (busy first).
+    """
+
+    kind: int
+    home: int
+    effective: list[float]
+    members: deque[int] = field(default_factory=deque)
+    #: workers not placed yet, and how many are placed on each pool
+    left: int = 0
+    placed: list[int] = field(default_factory=list)
+
+
+class _Problem:
+    """The fleet as classes of interchangeable workers (equal speed, switch time
+    and fit on every pool); workers and pools are indices into sorted lists."""
+
+    def __init__(
+        self,
+        workers: Sequence[PlannerWorker],
+        demands: Mapping[Pool, Demand],
+        costs: Mapping[Pool, PoolCost],
+        horizon: float,
+        mins: dict[Pool, int | None],
+        maxs: dict[Pool, int | None],
+    ):
+        self.costs = costs
+        self.horizon = horizon
+        self.pools = sorted(costs)
+        index = {p: i for i, p in enumerate(self.pools)}
+        self.workers = sorted(workers, key=lambda w: w.name)
+        none = Demand()
+        self.loads = [
+            demands.get(p, none).rate * horizon + demands.get(p, none).backlog
+            for p in self.pools
+        ]
+        self.uncosted = sorted(
+            p for p, d in demands.items() if p not in index and (d.rate or d.backlog)
+        )
+        self.mins: list[int] = [mins[p] or 0 for p in self.pools]
+        self.maxs: list[int] = [
+            len(workers) if (m := maxs[p]) is None else m for p in self.pools
+        ]
+        #: a pool with demand needs at least one worker
+        self.served = [
+            int(load > 0 and m > 0) for load, m in zip(self.loads, self.maxs)
+        ]
+        self.speed: list[tuple[float, ...]] = []
+        self.switch: list[tuple[float, ...]] = []
+        self.home: list[int] = []
+        self.kind: list[int] = []
+        self.home_speed: list[float] = []
+        kinds: dict[tuple, int] = {}
+        by_type: dict[tuple[str, int], int] = {}
+        for w in self.workers:
+            if w.pool is not None and w.pool not in index:
+                raise ValueError(
+                    f"worker {w.name!r} serves {_label(w.pool)}, which costs lacks"
+                )
+            key = (w.gpu_type, w.memory_bytes)
+            if key not in by_type:
+                speeds = tuple(
+                    costs[p].speeds.get(w.gpu_type, 0.0)
+                    if w.memory_bytes >= costs[p].memory_bytes
+                    else 0.0
+                    for p in self.pools
+                )
+                switches = tuple(
+                    costs[p].switch_seconds.get(w.gpu_type, 0.0) for p in self.pools
+                )
+                if (speeds, switches) not in kinds:
+                    kinds[speeds, switches] = len(self.speed)
+                    self.speed.append(speeds)
+                    self.switch.append(switches)
+                by_type[key] = kinds[speeds, switches]
+            kind = by_type[key]
+            home = -1 if w.pool is None else index[w.pool]
+            self.kind.append(kind)
+            self.home.append(home)
+            self.home_speed.append(self.speed[kind][home] if home >= 0 else 0.0)
+        total = sum(self.loads)
+        weights = [
+            load / total if total else 1 / len(self.pools) for load in self.loads
+        ]
+        # a class's speed over the whole demand: the yardstick of comparative advantage
+        self.value = [
+            sum(w * s for w, s in zip(weights, speeds)) for speeds in self.speed
+        ]
+        self.current = _State(self)
+        for i in range(len(self.workers)):
+            self.current.stay(i)
+
+    def floor(self, pool: int) -> int:
+        return min(self.mins[pool], self.maxs[pool])
+
+    def group(self, kind: int, home: int) -> _Group:
+        speed, switch = self.speed[kind], self.switch[kind]
+        effective = [
+            speed[p] if p == home else speed[p] * max(0.0, 1 - switch[p] / self.horizon)
+            for p in range(len(self.pools))
+        ]
+        return _Group(kind, home, effective, placed=[0] * len(self.pools))
+
+    def place(self, fixed: list[int], free: list[int], prefer_idle: bool) -> _State:
+        """``fixed`` workers where they are, ``free`` ones placed: greedily, then
+        improved one move or swap at a time."""
+        state = _State(self)
+        for i in fixed:
+            state.stay(i)
+        workers = self.workers
+        if prefer_idle:
+            free = sorted(free, key=lambda i: workers[i].busy)  # stable: then by name
+        by_key: dict[tuple[int, int], _Group] = {}
+        for i in free:
+            key = (self.kind[i], self.home[i])
+            if key not in by_key:
+                by_key[key] = self.group(*key)
+            by_key[key].members.append(i)
+        groups = list(by_key.values())
+        for group in groups:
+            group.left = len(group.members)
+        self.fill(state, groups)
+        self.improve(state, groups)
+        for group in groups:
+            members, home = group.members, group.home
+            for _ in range(group.placed[home] if home >= 0 else 0):
+                state.assignment[members.pop()] = home
+            for p, count in enumerate(group.placed):
+                if p != home:
+                    for _ in range(count):
+                        state.assignment[members.popleft()] = p
+        return state
+
+    def fill(self, state: _State, groups: list[_Group]) -> None:
+        """Greedy: a worker for every pool with demand and the minimums, then
+        the next worker always to the pool of worst utilization."""
+        current, loads, maxs = self.current, self.loads, self.maxs
+        choices = []
+        for p in range(len(self.pools)):
+            usable = [g for g in groups if g.effective[p] > 0]
+            usable.sort(
+                key=lambda g: (
+                    -g.effective[p] / self.value[g.kind]
+                    if self.value[g.kind]
+                    else -math.inf,
+                    g.home != p,
+                    current.utilization(g.home) if g.home >= 0 else -1.0,
+                    g.kind,
+                    g.home,
+                )
+            )
+            choices.append(deque(usable))
+
+        def take(p: int) -> bool:
+            """Give ``p`` the best free worker for it, if any is left."""
+            usable = choices[p]
+            while usable and not usable[0].left:
+                usable.popleft()
+            if not usable:
+                return False
+            group = usable[0]
+            group.left -= 1
+            group.placed[p] += 1
+            state.capacity[p] += group.effective[p]
+            state.count[p] += 1
+            return True
+
+        # the pool with the fewest candidates left goes first, so none takes
+        # the only worker another can use
+        for wanted in (self.served, [self.floor(p) for p in range(len(self.pools))]):
+            while True:
+                candidates = {
+                    p: sum(g.left for g in usable)
+                    for p, usable in enumerate(choices)
+                    if state.count[p] < wanted[p]
+                }
+                if not any(candidates.values()):
+                    break
+                take(min((n, p) for p, n in candidates.items() if n)[1])
+        # ties: the most loaded pool, then the first
+        heap = [
+            (-state.utilization(p), -loads[p], p)
+            for p in range(len(self.pools))
+            if loads[p] > 0 and state.count[p] < maxs[p]
+        ]
+        heapq.heapify(heap)
+        while heap:
+            p = heapq.heappop(heap)[2]
+            if take(p) and state.count[p] < maxs[p]:
+                utilization = loads[p] / (self.horizon * state.capacity[p])
+                heapq.heappush(heap, (-utilization, -loads[p], p))
+        # workers no pool with demand took stay where they are, within the maximum
+        for group in groups:
+            home = group.home
+            if home >= 0 and group.effective[home]:
+                stay = min(group.left, maxs[home] - state.count[home])
+                group.left -= stay
+                group.placed[home] += stay
+                state.capacity[home] += stay * group.effective[home]
+                state.count[home] += stay
+
+    def improve(self, state: _State, groups: list[_Group]) -> None:
+        """Move or swap workers into the bottleneck while that lowers the largest
+        utilization: the greedy's order can spend a class of workers on a pool
+        that needed it less than a pool served later (speeds that rank GPU types
+        differently per pool)."""
+        pools = range(len(self.pools))
+        loads, horizon, maxs = self.loads, self.horizon, self.maxs
+        capacity, count = state.capacity, state.count
+        # never below the minimum, never empty a pool with demand
+        least = [max(self.floor(p), self.served[p]) for p in pools]
+
+        def utilization(p: int, capacity: float) -> float:
+            if not loads[p]:
+                return 0.0
+            return loads[p] / (horizon * capacity) if capacity > 0 else math.inf
+
+        while True:
+            now = [utilization(p, capacity[p]) for p in pools]
+            # a starved pool has no candidate left: better the others
+            ranked = sorted(
+                (p for p in pools if now[p] < math.inf), key=lambda p: (-now[p], p)
+            )[:3]
+            if not ranked or now[ranked[0]] == 0:
+                return
+            b, peak = ranked[0], now[ranked[0]]
+            change: tuple[_Group, int, _Group | None] | None = None
+            best = peak
+            for g in groups:
+                into = g.effective[b]
+                for q in pools:
+                    if q == b or not g.placed[q]:
+                        continue
+                    rest = next((now[p] for p in ranked if p not in (b, q)), 0.0)
+                    # g's worker in q moves to b, or trades places with one of h's
+                    if into and count[q] > least[q] and count[b] < maxs[b]:
+                        new = max(
+                            utilization(b, capacity[b] + into),
+                            utilization(q, capacity[q] - g.effective[q]),
+                            rest,
+                        )
+                        if new < best:
+                            best, change = new, (g, q, None)
+                    for h in groups:
+                        if h is g or not h.placed[b] or not h.effective[q] or not into:
+                            continue
+                        new = max(
+                            utilization(b, capacity[b] - h.effective[b] + into),
+                            utilization(
+                                q, capacity[q] - g.effective[q] + h.effective[q]
+                            ),
+                            rest,
+                        )
+                        if new < best:
+                            best, change = new, (g, q, h)
+            # a relative margin, so rounding cannot trade places forever
+            if change is None or best > peak * (1 - 1e-9):
+                return
+            mover, source, partner = change
+            mover.placed[source] -= 1
+            mover.placed[b] += 1
+            capacity[source] -= mover.effective[source]
+            capacity[b] += mover.effective[b]
+            if partner is None:
+                count[source] -= 1
+                count[b] += 1
+            else:
+                partner.placed[b] -= 1
+                partner.placed[source] += 1
+                capacity[b] -= partner.effective[b]
+                capacity[source] += partner.effective[source]
+
+    def decide(self, after: _State, rejected: _State | None, hysteresis: float) -> Plan:
+        """The plan of moving from the current assignment to ``after``;
+        ``rejected`` is the better-looking target that did not clear the bar."""
+        pools, before = self.pools, self.current
+        # index -1 (no pool) reads None
+        pool_of: list[Pool | None] = [*pools, None]
+        urgency = [-before.utilization(i) for i in range(len(pools))] + [0.0]
+        why: dict[tuple[int, int], str] = {}
+        moves = []
+        for i, w in enumerate(self.workers):
+            source, target = self.home[i], after.assignment[i]
+            if source != target:
+                if (source, target) not in why:
+                    why[source, target] = self.why_move(after, source, target)
+                move = Move(
+                    w.name, pool_of[source], pool_of[target], why[source, target]
+                )
+                moves.append((urgency[target], move))
+        # the most urgent target first (the sort is stable: then by name)
+        moves.sort(key=lambda m: m[0])
+        utilization = {p: after.utilization(i) for i, p in enumerate(pools)}
+        utilization.update(dict.fromkeys(self.uncosted, math.inf))
+        loaded = [p for i, p in enumerate(pools) if self.loads[i]] + self.uncosted
+        bottleneck = min(loaded, key=lambda p: (-utilization[p], p), default=None)
+        starved = sorted(p for p in loaded if utilization[p] == math.inf)
+        reasons = [
+            f"{_label(p)} cannot be served: {self.why_starved(p)}" for p in starved
+        ]
+        # over the pools that can be served, so an unservable one does not hide the rest
+        served = [i for i, p in enumerate(pools) if p not in starved]
+        old = before.largest(served)
+        if moves:
+            reasons.append(
+                f"{len(moves)} move{'s' if len(moves) > 1 else ''}; largest "
+                f"utilization {old:.2f} -> {after.largest(served):.2f}"
+            )
+        elif rejected is not None and rejected.largest(served) < old * (1 - 1e-9):
+            reasons.append(
+                f"no move: the best plan found takes the largest utilization "
+                f"{old:.2f} -> {rejected.largest(served):.2f} after switch costs, "
+                f"not better by more than the hysteresis of {hysteresis:g}"
+            )
+        elif bottleneck is None:
+            reasons.append("no move: no demand")
+        else:
+            reasons.append("no move: the current assignment is the best plan found")
+        return Plan(
+            assignment={
+                w.name: pool_of[after.assignment[i]] for i, w in enumerate(self.workers)
+            },
+            moves=[move for _, move in moves],
+            utilization=utilization,
+            bottleneck=bottleneck,
+            feasible=not starved,
+            reason="; ".join(reasons),
+        )
+
+    def why_move(self, after: _State, source: int, target: int) -> str:
+        before = self.current
+        if target < 0:
+            return (
+                f"no pool with demand can use it and {_label(self.pools[source])} "
+                "is at its maximum"
+            )
+        if self.loads[target]:
+            reason = (
+                f"{_label(self.pools[target])} utilization "
+                f"{before.utilization(target):.2f} -> {after.utilization(target):.2f}"
+            )
+        else:
+            reason = (
+                f"keeps {_label(self.pools[target])} at its minimum of "
+                f"{self.floor(target)}"
+            )
+        if source >= 0 and self.loads[source]:
+            reason += (
+                f"; {_label(self.pools[source])} "
+                f"{before.utilization(source):.2f} -> {after.utilization(source):.2f}"
+            )
+        return reason
+
+    def why_starved(self, pool: Pool) -> str:
+        cost = self.costs.get(pool)
+        if cost is None:
+            return "no cost is known for it"
+        if self.maxs[self.pools.index(pool)] == 0:
+            return "its max-per-pool is 0"
+        if not self.workers:
+            return "there are no workers"
+        fit = [w for w in self.workers if w.memory_bytes >= cost.memory_bytes]
+        if not fit:
+            largest = max(w.memory_bytes for w in self.workers)
+            return (
+                f"it needs {cost.memory_bytes / GIB:.1f} GiB and the largest worker "
+                f"has {largest / GIB:.1f} GiB"
+            )
+        if not any(cost.speeds.get(w.gpu_type, 0) > 0 for w in fit):
+            types = ", ".join(sorted({w.gpu_type for w in fit}))
+            return (
+                f"no speed is known for the GPU types with the memory for it ({types})"
+            )
+        return (
+            "its capable workers are in cooldown, cannot switch within the "
+            "horizon, or are needed where they are"
+        )
+
+
+def _label(pool: Pool) -> str:
+    stage, model = pool
+    return f"{stage} of {model}"

@@ -1,0 +1,522 @@
+"""Stage cost on request features: fitted from profiles, corrected online.
+
+A profile row is one timed stage call::
+
+    {"model": "flux.1-dev", "stage": "dit", "gpu_type": "h200", "batch": 1,
+     "height": 1024, "width": 1024, "frames": 1, "steps": 28, "cfg": false,
+     "seconds": 4.82, "peak_bytes": 24330000000, "weight_bytes": 23802816640}
+
+``dflow profile`` writes them (:mod:`dflow.profile`); :func:`anchor_rows` turns the
+shipped H200 measurements into the same form. A :class:`Predictor` fits, per
+model, stage and GPU type, seconds and peak bytes as a non-negative combination
+of a few cost terms of the request's features (see :func:`time_terms`), then
+tracks how live stage times drift from the fit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+import dask.config
+
+import dflow.config  # noqa: F401
+from dflow.request import Request
+from dflow.spec import resolve
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+#: (model, stage, gpu_type)
+Key = tuple[str, str, str]
+Terms = tuple[float, ...]
+
+GIB = 2**30
+
+
+def _passes(features: Mapping[str, Any], batch: int) -> float:
+    """DiT forward passes of one call: CFG runs the model on the prompt and the
+    negative prompt at each step."""
+    return features["steps"] * batch * (2 if features["cfg"] else 1)
+
+
+def _prompts(features: Mapping[str, Any], batch: int) -> float:
+    return batch * (2 if features["cfg"] else 1)
+
+
+def _pixels(features: Mapping[str, Any], batch: int) -> float:
+    return batch * features["height"] * features["width"] * features["frames"]
+
+
+def _encoder_time(features: Mapping[str, Any], batch: int) -> Terms:
+    return (_prompts(features, batch), 1.0)
+
+
+def _dit_time(features: Mapping[str, Any], batch: int) -> Terms:
+    passes = _passes(features, batch)
+    tokens = features["dit_tokens"]
+    return (passes * tokens, passes * tokens * tokens, passes, 1.0)
+
+
+def _vae_time(features: Mapping[str, Any], batch: int) -> Terms:
+    return (_pixels(features, batch), 1.0)
+
+
+def _encoder_memory(features: Mapping[str, Any], batch: int) -> Terms:
+    return (1.0, _prompts(features, batch))
+
+
+def _dit_memory(features: Mapping[str, Any], batch: int) -> Terms:
+    tokens = batch * (2 if features["cfg"] else 1) * features["dit_tokens"]
+    return (1.0, tokens, tokens * features["dit_tokens"])
+
+
+def _vae_memory(features: Mapping[str, Any], batch: int) -> Terms:
+    frame = batch * features["height"] * features["width"]
+    return (1.0, _pixels(features, batch), frame)
+
+
+_TIME: dict[str, Callable[[Mapping[str, Any], int], Terms]] = {
+    "encoder": _encoder_time,
+    "dit": _dit_time,
+    "vae": _vae_time,
+}
+_MEMORY: dict[str, Callable[[Mapping[str, Any], int], Terms]] = {
+    "encoder": _encoder_memory,
+    "dit": _dit_memory,
+    "vae": _vae_memory,
+}
+
+
+def time_terms(stage: str, features: Mapping[str, Any], batch: int = 1) -> Terms:
+    """The cost terms whose non-negative combination prices a stage call.
+
+    - encoder: prompts encoded (the batch, doubled by CFG's negative prompt) and
+      a per-call constant. Prompts are padded to the encoder's fixed sequence
+      length, so tokens are prompts times a per-model constant; as fits are per
+      model, a separate token term could not be told apart from the prompt term.
+    - dit: with passes = steps x batch (x 2 under CFG) and tokens the DiT's
+      sequence length: passes x tokens (linear layers), passes x tokens^2
+      (attention), passes (fixed cost of a step: scheduler, launches) and a
+      per-call constant (latent set-up). Cost per step and pass, so other step
+      counts and CFG follow from the same coefficients.
+    - vae: pixels decoded (batch x height x width x frames) and a per-call
+      constant.
+
+    Terms come in order of preference: when a profile cannot tell two terms
+    apart, the earlier one is kept. One size pins a line in tokens (linear
+    extrapolation); two sizes pin a curve, which the attention term bends the
+    way H200 profiles do (Wan at 81 frames: 4% off from 17 and 33 frames,
+    where a fixed per-step cost instead is 34% off).
+    """
+    return _TIME[stage](features, batch)
+
+
+def memory_terms(stage: str, features: Mapping[str, Any], batch: int = 1) -> Terms:
+    """The terms of a stage call's peak device bytes: a constant (weights,
+    workspace) plus the activations: prompts for the encoder, tokens and
+    tokens^2 (attention scores where not fused) for the DiT, pixels and pixels
+    of one frame (video VAEs decode a frame chunk at a time) for the VAE."""
+    return _MEMORY[stage](features, batch)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted cost of one stage call: seconds, and peak device bytes (``None``
+    when the profile recorded none, as on CPU)."""
+
+    seconds: float
+    peak_bytes: int | None
+
+
+@dataclass(frozen=True)
+class StageFit:
+    """Coefficients over :func:`time_terms` and :func:`memory_terms` of one
+    model, stage and GPU type; zero for terms the data could not tell apart."""
+
+    seconds: Terms
+    peak_bytes: Terms | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class _Sample:
+    time: Terms
+    memory: Terms
+    seconds: float
+    peak_bytes: float | None
+
+
+class Predictor:
+    """Seconds and peak memory of a stage call, per model, stage and GPU type.
+
+    Parameters
+    ----------
+    rows
+        Profile rows (:func:`load_profile`, :func:`anchor_rows`); fitted at once.
+    speeds
+        Speed of GPU types relative to a reference, to price a type that has no
+        profile from the profiled type of closest speed. A profiled type missing
+        from the mapping counts as the reference (1.0), so ``{"l4": 0.2}`` reads
+        "an L4 runs at a fifth of the profiled type's speed".
+    ewma_alpha
+        Weight of each observation in the online correction (config
+        ``dflow.predictor.ewma-alpha``).
+    max_samples
+        Observations kept per model, stage and GPU type for :meth:`refit`
+        (config ``dflow.predictor.max-samples``).
+
+    Notes
+    -----
+    :meth:`predict` returns the fit times a correction factor, an exponentially
+    weighted moving average of observed/fitted seconds that :meth:`observe`
+    updates: live stage times (other clocks, contention, real prompts) steer
+    predictions at once, while :meth:`refit` folds the observations into the
+    fit itself. Coefficients are plain tuples, so a prediction costs a few
+    microseconds.
+
+    Examples
+    --------
+    >>> predictor = Predictor(anchor_rows())  # doctest: +SKIP
+    >>> request = Request(model="flux.1-dev", prompt="a fox")  # doctest: +SKIP
+    >>> predictor.predict("flux.1-dev", "dit", "h200", request).seconds  # doctest: +SKIP
+    4.82
+    """
+
+    def __init__(
+        self,
+        rows: Iterable[Row] = (),
+        *,
+        speeds: Mapping[str, float] | None = None,
+        ewma_alpha: float | None = None,
+        max_samples: int | None = None,
+    ):
+        if ewma_alpha is None:
+            ewma_alpha = dask.config.get("dflow.predictor.ewma-alpha")
+        if max_samples is None:
+            max_samples = dask.config.get("dflow.predictor.max-samples")
+        self.speeds = dict(speeds or {})
+        self.ewma_alpha = float(ewma_alpha)
+        self.max_samples = int(max_samples)
+        self.fits: dict[Key, StageFit] = {}
+        self._rows: dict[Key, list[_Sample]] = {}
+        self._observed: dict[Key, deque[_Sample]] = {}
+        self._corrections: dict[Key, float] = {}
+        self._scaled: dict[Key, tuple[StageFit, float]] = {}
+        for row in rows:
+            key = (row["model"], row["stage"], row["gpu_type"])
+            features = row_features(row)
+            self._rows.setdefault(key, []).append(
+                _Sample(
+                    time_terms(row["stage"], features, row["batch"]),
+                    memory_terms(row["stage"], features, row["batch"]),
+                    float(row["seconds"]),
+                    row.get("peak_bytes"),
+                )
+            )
+        self.refit()
+
+    def predict(
+        self,
+        model: str,
+        stage: str,
+        gpu_type: str,
+        features: Mapping[str, Any] | Request,
+        batch: int = 1,
+        *,
+        corrected: bool = True,
+    ) -> Prediction:
+        """Cost of one call of ``stage`` on ``batch`` requests shaped like ``features``.
+
+        Parameters
+        ----------
+        model
+            The model's canonical name (``Request.model``).
+        features
+            A request or its :attr:`~dflow.request.Request.features`.
+        corrected
+            Apply the online correction from :meth:`observe` (the default); False
+            gives the fit alone.
+
+        Raises
+        ------
+        LookupError
+            No profile covers the model and stage, on this GPU type or on a type
+            it can be scaled from.
+        """
+        if isinstance(features, Request):
+            features = features.features
+        key = (model, stage, gpu_type)
+        fit, scale = self._fit(key)
+        x = _TIME[stage](features, batch)
+        seconds = scale * sum(c * v for c, v in zip(fit.seconds, x))
+        if corrected:
+            seconds *= self._corrections.get(key, 1.0)
+        if fit.peak_bytes is None:
+            return Prediction(seconds, None)
+        m = _MEMORY[stage](features, batch)
+        return Prediction(seconds, round(sum(c * v for c, v in zip(fit.peak_bytes, m))))
+
+    def observe(
+        self,
+        model: str,
+        stage: str,
+        gpu_type: str,
+        features: Mapping[str, Any] | Request,
+        seconds: float,
+        batch: int = 1,
+        *,
+        peak_bytes: int | None = None,
+    ) -> None:
+        """Record a measured stage call: update the correction and keep the
+        sample for :meth:`refit`. Raises ``LookupError`` as :meth:`predict` does."""
+        if isinstance(features, Request):
+            features = features.features
+        key = (model, stage, gpu_type)
+        fitted = self.predict(model, stage, gpu_type, features, batch, corrected=False)
+        if fitted.seconds > 0:
+            self._correct(key, seconds / fitted.seconds)
+        samples = self._observed.setdefault(key, deque(maxlen=self.max_samples))
+        samples.append(
+            _Sample(
+                _TIME[stage](features, batch),
+                _MEMORY[stage](features, batch),
+                float(seconds),
+                peak_bytes,
+            )
+        )
+
+    def correction(self, model: str, stage: str, gpu_type: str) -> float:
+        """The factor :meth:`predict` applies to the fit: observed over fitted
+        seconds, averaged over recent observations (1.0 before any)."""
+        return self._corrections.get((model, stage, gpu_type), 1.0)
+
+    def refit(self) -> None:
+        """Fit every profiled model, stage and GPU type on its profile rows plus
+        the observations kept since, then restart the corrections from those
+        observations against the new fits.
+
+        Observations of a GPU type without profile rows correct its scaled
+        prediction but are not fitted on their own: a profile covers shapes
+        that live traffic may not.
+        """
+        fits = {}
+        for key, rows in self._rows.items():
+            fit = _fit([*rows, *self._observed.get(key, ())])
+            if fit is not None:
+                fits[key] = fit
+        self.fits = fits
+        self._scaled = {}
+        self._corrections = {}
+        for key, samples in self._observed.items():
+            fit, scale = self._fit(key)
+            for sample in samples:
+                fitted = scale * sum(c * v for c, v in zip(fit.seconds, sample.time))
+                if fitted > 0:
+                    self._correct(key, sample.seconds / fitted)
+
+    def mape(self, rows: Iterable[Row], *, corrected: bool = False) -> float:
+        """Mean absolute percentage error of the predictions of ``rows``' seconds,
+        as a fraction (0.05 is 5%)."""
+        errors = []
+        for row in rows:
+            predicted = self.predict(
+                row["model"],
+                row["stage"],
+                row["gpu_type"],
+                row_features(row),
+                row["batch"],
+                corrected=corrected,
+            ).seconds
+            errors.append(abs(predicted - row["seconds"]) / row["seconds"])
+        if not errors:
+            raise ValueError("mape needs at least one row")
+        return float(np.mean(errors))
+
+    def _correct(self, key: Key, ratio: float) -> None:
+        previous = self._corrections.get(key, 1.0)
+        self._corrections[key] = previous + self.ewma_alpha * (ratio - previous)
+
+    def _fit(self, key: Key) -> tuple[StageFit, float]:
+        """The fit that prices ``key`` and the factor its seconds scale by."""
+        fit = self.fits.get(key)
+        if fit is not None:
+            return fit, 1.0
+        scaled = self._scaled.get(key)
+        if scaled is None:
+            scaled = self._scaled[key] = self._scale(key)
+        return scaled
+
+    def _scale(self, key: Key) -> tuple[StageFit, float]:
+        model, stage, gpu_type = key
+        profiled = sorted(g for m, s, g in self.fits if (m, s) == (model, stage))
+        if not profiled:
+            known = ", ".join(sorted({f"{m} {s}" for m, s, _ in self.fits})) or "none"
+            raise LookupError(
+                f"no profile for stage {stage!r} of model {model!r}; profiled: {known}"
+            )
+        if gpu_type not in self.speeds:
+            raise LookupError(
+                f"no profile for {model} {stage} on GPU type {gpu_type!r} and no "
+                f"speed to scale one from: profiled on {', '.join(profiled)}, "
+                f"speeds known for {', '.join(sorted(self.speeds)) or 'none'}"
+            )
+        speed = self.speeds[gpu_type]
+        if speed <= 0:
+            raise LookupError(f"GPU type {gpu_type!r} has speed {speed}: it cannot run")
+
+        def distance(g: str) -> float:
+            return abs(math.log(self.speeds.get(g, 1.0) / speed))
+
+        source = min(profiled, key=lambda g: (distance(g), g))
+        return self.fits[(model, stage, source)], self.speeds.get(source, 1.0) / speed
+
+
+def _fit(samples: list[_Sample]) -> StageFit | None:
+    seconds = _nnls(
+        np.array([s.time for s in samples]), np.array([s.seconds for s in samples])
+    )
+    if seconds is None:
+        return None
+    measured = [s for s in samples if s.peak_bytes is not None]
+    peak = None
+    if measured:
+        peak = _nnls(
+            np.array([s.memory for s in measured]),
+            np.array([s.peak_bytes for s in measured], dtype=float),
+        )
+    return StageFit(seconds, peak, len(samples))
+
+
+def _nnls(terms: np.ndarray, target: np.ndarray) -> Terms | None:
+    """Non-negative coefficients minimizing the squared *relative* error (the
+    error that matters when shapes span orders of magnitude), over the terms the
+    data can tell apart from earlier ones."""
+    valid = target > 0
+    if not valid.any():
+        return None
+    weighted = terms[valid] / target[valid, None]
+    scale = np.abs(weighted).max(axis=0)
+    scale[scale == 0] = 1.0
+    weighted = weighted / scale
+    kept: list[int] = []
+    for column in range(weighted.shape[1]):
+        trial = [*kept, column]
+        if np.linalg.matrix_rank(weighted[:, trial], rtol=1e-9) == len(trial):
+            kept = trial
+    solution, _ = nnls(weighted[:, kept], np.ones(len(weighted)))
+    coefficients = np.zeros(weighted.shape[1])
+    coefficients[kept] = solution / scale[kept]
+    return tuple(float(c) for c in coefficients)
+
+
+def row_features(row: Row) -> dict[str, Any]:
+    """The :attr:`Request.features <dflow.request.Request.features>` of a
+    profile row's shape. Raises ``ValueError`` for shapes the model rejects."""
+    return _features(
+        row["model"],
+        row["height"],
+        row["width"],
+        row.get("frames", 1),
+        row["steps"],
+        bool(row.get("cfg", False)),
+    )
+
+
+@cache
+def _features(
+    model: str, height: int, width: int, frames: int, steps: int, cfg: bool
+) -> dict[str, Any]:
+    spec = resolve(model)
+    guidance = spec.defaults["guidance_scale"]
+    if spec.negative_prompts and not cfg:
+        guidance = 1.0  # guidance 1 turns CFG off
+    request = Request(
+        model=model,
+        prompt="x",
+        height=height,
+        width=width,
+        num_frames=frames if spec.video else None,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=0,
+    )
+    if request.features["cfg"] != cfg:
+        raise ValueError(f"cfg: {model} does not run classifier-free guidance")
+    return request.features
+
+
+def load_profile(path: str | Path) -> list[Row]:
+    """The rows of a profile file written by ``dflow profile``; each row carries
+    the file's ``gpu_type`` unless it names its own."""
+    profile = json.loads(Path(path).read_text())
+    if "rows" not in profile:
+        raise ValueError(f"{path} is not a dflow profile: it has no 'rows'")
+    return [{"gpu_type": profile.get("gpu_type"), **row} for row in profile["rows"]]
+
+
+#: Models of the shipped anchors by the preset names dflow knows them by
+_ANCHOR_MODELS = {"pixart-sigma": "pixart-sigma-1024"}
+#: Anchor stages: (dflow stage, CFG)
+_ANCHOR_STAGES = {
+    "encoder": ("encoder", False),
+    "dit_step": ("dit", False),
+    "dit_step_cfg": ("dit", True),
+    "vae_decode": ("vae", False),
+}
+
+
+def anchor_rows(steps: int | None = None) -> list[Row]:
+    """The shipped H200 measurements (``profiles/h200-stages.json``) as profile rows.
+
+    The anchors time one DiT *step* at each batch; a row here prices the whole
+    denoising call of ``steps`` steps (default: each model's own default). Each
+    anchor was measured at its preset's default shape (1024px images; 81 frames
+    of 480x832 for Wan), which the rows record. Flux's encoder was timed as T5
+    and CLIP apart (``flux.1-dev:t5``, ``flux.1-dev:clip``); its stage runs
+    both, so they add up. Encoder anchors time one text-encoder pass per prompt,
+    hence ``cfg`` False there.
+    """
+    text = files("dflow.configs").joinpath("profiles/h200-stages.json").read_text()
+    merged: dict[tuple[str, str, bool, int], Row] = {}
+    for anchor in json.loads(text)["rows"]:
+        name = anchor["model"].split(":")[0]
+        model = _ANCHOR_MODELS.get(name, name)
+        stage, cfg = _ANCHOR_STAGES[anchor["stage"]]
+        spec = resolve(model)
+        count = steps or spec.defaults["steps"]
+        seconds = anchor["ms"] / 1000 * (count if stage == "dit" else 1)
+        key = (model, stage, cfg, anchor["batch"])
+        row = merged.setdefault(
+            key,
+            {
+                "model": model,
+                "stage": stage,
+                "gpu_type": "h200",
+                "batch": anchor["batch"],
+                "height": spec.defaults["height"],
+                "width": spec.defaults["width"],
+                "frames": spec.defaults.get("num_frames", 1),
+                "steps": count,
+                "cfg": cfg,
+                "seconds": 0.0,
+                "peak_bytes": 0,
+                "weight_bytes": 0,
+            },
+        )
+        row["seconds"] += seconds
+        # both of Flux's encoders stay resident on its encoder worker
+        row["peak_bytes"] += round(anchor["peak_gib"] * GIB)
+        row["weight_bytes"] += round(anchor["weights_gib"] * GIB)
+    return list(merged.values())
