@@ -80,7 +80,9 @@ class Output:
             frames = []
             for index in range(gif.n_frames):
                 gif.seek(index)
-                frames.append(np.asarray(gif.convert("RGB")))
+                # the GIF writer merges repeated frames into one that lasts longer
+                repeat = round(gif.info.get("duration", GIF_FRAME_MS) / GIF_FRAME_MS)
+                frames += [np.asarray(gif.convert("RGB"))] * max(repeat, 1)
             return np.stack(frames)
         return self.array
 

@@ -69,7 +69,11 @@ class Request:
     output_format: str | None = None
 
     def __post_init__(self) -> None:
-        spec = specs.resolve(self.model)
+        try:
+            spec = specs.resolve(self.model)
+        except ValueError as error:
+            # resolve() only says "model: ..."; callers also read the field by name
+            raise InvalidRequest("model", str(error).removeprefix("model: ")) from error
         set_ = object.__setattr__
         set_(self, "model", spec.name)
         for name in ("height", "width", "steps", "guidance_scale"):
@@ -132,7 +136,8 @@ class Request:
 
     def _validate_frames(self, spec: ModelSpec) -> None:
         if not spec.video:
-            if self.num_frames not in (None, 1):
+            frames = self.num_frames
+            if frames is not None and _integer("num_frames", frames) != 1:
                 raise InvalidRequest(
                     "num_frames", f"{spec.name} makes images; leave num_frames unset"
                 )

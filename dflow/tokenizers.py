@@ -9,13 +9,14 @@ wheel).
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib
 import json
-import warnings
 from collections.abc import Iterator
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 
 from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -58,19 +59,23 @@ CORPUS_MODULES = (
 
 
 def _corpus() -> Iterator[str]:
-    """Docstrings of standard-library modules and their public members."""
+    """Docstrings of standard-library modules and their public classes and functions.
+
+    Read from the source files, not the live objects: what a process imported or
+    patched before (torch replaces ``inspect.getfile``) must not change the
+    vocabulary.
+    """
     for name in CORPUS_MODULES:
-        module = importlib.import_module(name)
-        if module.__doc__:
-            yield module.__doc__
-        for attr in sorted(vars(module)):
-            with warnings.catch_warnings():
-                # typing.io and typing.re warn when touched; under -W error (pytest's
-                # filterwarnings) that would abort the build instead of reading them
-                warnings.simplefilter("ignore", DeprecationWarning)
-                doc = getattr(getattr(module, attr), "__doc__", None)
-            if not attr.startswith("_") and isinstance(doc, str):
-                yield doc
+        source = importlib.import_module(name).__file__ or ""
+        tree = ast.parse(Path(source).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module) or (
+                isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and not node.name.startswith("_")
+            ):
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield doc
 
 
 @cache
@@ -87,8 +92,16 @@ def _unigram_vocab(vocab_size: int) -> tuple[tuple[str, float], ...]:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer)
-    model = json.loads(tokenizer.to_str())["model"]
-    return tuple((piece, float(score)) for piece, score in model["vocab"])
+    vocab = json.loads(tokenizer.to_str())["model"]["vocab"]
+    specials, pieces = vocab[:3], vocab[3:]
+    # The trainer differs from run to run: its scores in their last bits, and the
+    # characters it adds unlearned get the lowest score plus 1e-4 each, in hash-set
+    # order. Rounded, with that bottom band tied and ties sorted by piece, every
+    # process (each worker builds its own tokenizer) gets the same ids.
+    floor = round(min(score for _, score in pieces), 6) + 0.01
+    scored = [(piece, max(round(score, 6), floor)) for piece, score in pieces]
+    scored.sort(key=lambda item: (-item[1], item[0]))
+    return tuple((piece, float(score)) for piece, score in (*specials, *scored))
 
 
 def t5_tokenizer(vocab_size: int = 1000, model_max_length: int = 512) -> T5Tokenizer:

@@ -1,0 +1,291 @@
+"""Request: every bad field is rejected by name; defaults, names and features."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dflow.request import MAX_SEED, InvalidRequest, Request
+
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20
+
+# (id, model, changes, the field that must be named). The tiny presets allow sizes
+# that are multiples of 16 up to 512 (Wan: 256), 1 to 200 steps, guidance 0 to 30,
+# 4k + 1 frames up to 33 (Wan), and 32 tokens of prompt.
+INVALID = [
+    ("model-unknown", "no-such-model", {}, "model"),
+    ("model-empty", "", {}, "model"),
+    ("model-not-str", 3, {}, "model"),
+    ("model-missing-folder", "/no/such/folder", {}, "model"),
+    ("model-uncached-hub-id", "dflow-tests/no-such-model", {}, "model"),
+    ("prompt-empty", "tiny-flux", {"prompt": ""}, "prompt"),
+    ("prompt-whitespace", "tiny-flux", {"prompt": " \t\n"}, "prompt"),
+    ("prompt-not-str", "tiny-flux", {"prompt": 42}, "prompt"),
+    ("prompt-none", "tiny-pixart", {"prompt": None}, "prompt"),
+    ("prompt-bytes", "tiny-wan", {"prompt": b"a cat"}, "prompt"),
+    ("prompt-too-long-flux", "tiny-flux", {"prompt": LONG_PROMPT}, "prompt"),
+    ("prompt-too-long-pixart", "tiny-pixart", {"prompt": LONG_PROMPT}, "prompt"),
+    ("prompt-too-long-wan", "tiny-wan", {"prompt": LONG_PROMPT}, "prompt"),
+    ("negative-not-str", "tiny-pixart", {"negative_prompt": 1}, "negative_prompt"),
+    ("negative-none", "tiny-wan", {"negative_prompt": None}, "negative_prompt"),
+    ("negative-on-flux", "tiny-flux", {"negative_prompt": "blur"}, "negative_prompt"),
+    (
+        "negative-too-long",
+        "tiny-pixart",
+        {"negative_prompt": LONG_PROMPT},
+        "negative_prompt",
+    ),
+    ("height-not-multiple", "tiny-flux", {"height": 72}, "height"),
+    ("height-zero", "tiny-flux", {"height": 0}, "height"),
+    ("height-negative", "tiny-pixart", {"height": -64}, "height"),
+    ("height-too-small", "tiny-flux", {"height": 8}, "height"),
+    ("height-too-large", "tiny-flux", {"height": 528}, "height"),
+    ("height-too-large-wan", "tiny-wan", {"height": 272}, "height"),
+    ("height-float", "tiny-flux", {"height": 64.0}, "height"),
+    ("height-str", "tiny-flux", {"height": "64"}, "height"),
+    ("height-bool", "tiny-flux", {"height": True}, "height"),
+    ("width-not-multiple", "tiny-pixart", {"width": 100}, "width"),
+    ("width-too-small", "tiny-wan", {"width": 8}, "width"),
+    ("width-too-large", "tiny-pixart", {"width": 1024}, "width"),
+    ("width-float", "tiny-wan", {"width": 32.5}, "width"),
+    ("width-bool", "tiny-pixart", {"width": False}, "width"),
+    ("frames-on-image-model", "tiny-flux", {"num_frames": 5}, "num_frames"),
+    ("frames-bool-on-image-model", "tiny-pixart", {"num_frames": True}, "num_frames"),
+    ("frames-not-4k+1", "tiny-wan", {"num_frames": 8}, "num_frames"),
+    ("frames-zero", "tiny-wan", {"num_frames": 0}, "num_frames"),
+    ("frames-too-many", "tiny-wan", {"num_frames": 37}, "num_frames"),
+    ("frames-float", "tiny-wan", {"num_frames": 9.0}, "num_frames"),
+    ("frames-bool", "tiny-wan", {"num_frames": True}, "num_frames"),
+    ("steps-zero", "tiny-flux", {"steps": 0}, "steps"),
+    ("steps-negative", "tiny-wan", {"steps": -1}, "steps"),
+    ("steps-too-many", "tiny-pixart", {"steps": 201}, "steps"),
+    ("steps-float", "tiny-flux", {"steps": 4.0}, "steps"),
+    ("steps-bool", "tiny-flux", {"steps": True}, "steps"),
+    ("guidance-nan", "tiny-flux", {"guidance_scale": math.nan}, "guidance_scale"),
+    ("guidance-inf", "tiny-pixart", {"guidance_scale": math.inf}, "guidance_scale"),
+    ("guidance-negative", "tiny-wan", {"guidance_scale": -0.5}, "guidance_scale"),
+    ("guidance-too-large", "tiny-flux", {"guidance_scale": 30.5}, "guidance_scale"),
+    ("guidance-str", "tiny-pixart", {"guidance_scale": "4.5"}, "guidance_scale"),
+    ("guidance-bool", "tiny-wan", {"guidance_scale": True}, "guidance_scale"),
+    ("seed-negative", "tiny-flux", {"seed": -1}, "seed"),
+    ("seed-too-big", "tiny-flux", {"seed": MAX_SEED + 1}, "seed"),
+    ("seed-float", "tiny-pixart", {"seed": 1.0}, "seed"),
+    ("seed-bool", "tiny-wan", {"seed": False}, "seed"),
+    ("seed-str", "tiny-flux", {"seed": "7"}, "seed"),
+    ("format-unknown", "tiny-flux", {"output_format": "jpeg"}, "output_format"),
+    ("format-video-on-image", "tiny-pixart", {"output_format": "gif"}, "output_format"),
+    ("format-image-on-video", "tiny-wan", {"output_format": "png"}, "output_format"),
+    ("format-not-str", "tiny-wan", {"output_format": 1}, "output_format"),
+]
+
+
+@pytest.mark.parametrize(
+    "model, changes, field",
+    [pytest.param(*case[1:], id=case[0]) for case in INVALID],
+)
+def test_invalid_field_is_named(model, changes, field):
+    fields = {"model": model, "prompt": "a cat on a mat", "seed": 0, **changes}
+    with pytest.raises(ValueError) as excinfo:
+        Request(**fields)
+    assert isinstance(excinfo.value, InvalidRequest)
+    assert excinfo.value.field == field
+    assert str(excinfo.value).startswith(f"{field}: ")
+
+
+def test_invalid_model_folder(tmp_path):
+    """A folder whose pipeline dflow does not serve is a bad ``model`` too."""
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}'
+    )
+    with pytest.raises(InvalidRequest, match="StableDiffusionPipeline") as excinfo:
+        Request(model=str(tmp_path), prompt="a cat")
+    assert excinfo.value.field == "model"
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        pytest.param(
+            "tiny-flux",
+            {"height": 64, "width": 64, "num_frames": None, "steps": 4},
+            id="tiny-flux",
+        ),
+        pytest.param(
+            "tiny-pixart",
+            {"height": 64, "width": 64, "num_frames": None, "steps": 4},
+            id="tiny-pixart",
+        ),
+        pytest.param(
+            "tiny-wan",
+            {"height": 32, "width": 32, "num_frames": 9, "steps": 4},
+            id="tiny-wan",
+        ),
+    ],
+)
+def test_defaults_come_from_the_model(model, expected):
+    request = Request(model=model, prompt="a cat")
+    spec = request.spec
+    assert {name: getattr(request, name) for name in expected} == expected
+    assert request.guidance_scale == spec.defaults["guidance_scale"]
+    assert request.negative_prompt == ""
+    assert request.output_format == ("np" if spec.video else "pil")
+    assert isinstance(request.seed, int)
+    assert 0 <= request.seed <= MAX_SEED
+    assert request.model == model
+
+
+def test_unset_seeds_differ():
+    seeds = {Request(model="tiny-flux", prompt="a cat").seed for _ in range(8)}
+    assert len(seeds) == 8
+
+
+def test_values_are_normalized():
+    """Integer and real types beyond Python's own are accepted and stored as such."""
+    request = Request(
+        model="tiny-wan",
+        prompt="a cat",
+        height=np.int64(48),
+        width=np.int32(64),
+        num_frames=np.int16(5),
+        steps=np.uint8(2),
+        guidance_scale=np.float32(2.5),
+        seed=np.uint64(MAX_SEED),
+    )
+    assert (request.height, request.width, request.num_frames) == (48, 64, 5)
+    assert request.steps == 2
+    assert request.guidance_scale == 2.5
+    assert request.seed == MAX_SEED
+    for name in ("height", "width", "num_frames", "steps", "seed"):
+        assert type(getattr(request, name)) is int
+    assert type(request.guidance_scale) is float
+
+
+def test_boundary_values_are_accepted():
+    low = Request(
+        model="tiny-wan",
+        prompt="a",
+        height=16,
+        width=16,
+        num_frames=1,
+        steps=1,
+        guidance_scale=0,
+        seed=0,
+    )
+    assert (low.height, low.num_frames, low.guidance_scale) == (16, 1, 0.0)
+    high = Request(
+        model="tiny-wan",
+        prompt="a",
+        height=256,
+        width=256,
+        num_frames=33,
+        steps=200,
+        guidance_scale=30,
+        seed=MAX_SEED,
+    )
+    assert (high.height, high.num_frames, high.steps) == (256, 33, 200)
+    # num_frames=1 is the one frame count an image model takes
+    assert Request(model="tiny-flux", prompt="a", num_frames=1).num_frames == 1
+
+
+def test_folder_model_is_named_by_its_absolute_path(tiny_folders, monkeypatch):
+    folder = Path(tiny_folders["tiny-pixart"])
+    monkeypatch.chdir(folder.parent)
+    for given in (folder.name, f"./{folder.name}/", str(folder)):
+        request = Request(model=given, prompt="a cat")
+        assert request.model == str(folder.resolve())
+        assert os.path.isabs(request.model)
+        assert request.spec.source == str(folder.resolve())
+        assert request.spec.family == "pixart"
+
+
+def test_features_of_flux_1024():
+    request = Request(model="flux.1-dev", prompt="a cat", seed=0)
+    assert request.features == {
+        "family": "flux",
+        "height": 1024,
+        "width": 1024,
+        "frames": 1,
+        "steps": 28,
+        "cfg": False,  # guidance is embedded
+        "latent_shape": [16, 128, 128],  # 1024 / 8
+        "dit_tokens": 4096,  # (128 / 2) ** 2
+        # bf16 T5 states (512 x 4096) plus the pooled CLIP vector (768)
+        "embedding_bytes": (512 * 4096 + 768) * 2,
+        "latent_bytes": 16 * 128 * 128 * 2,
+        "output_bytes": 1024 * 1024 * 3,
+    }
+
+
+def test_features_of_wan_480p():
+    request = Request(model="wan2.1-t2v-1.3b", prompt="a cat", seed=0)
+    assert (request.height, request.width, request.num_frames) == (480, 832, 81)
+    assert request.features == {
+        "family": "wan",
+        "height": 480,
+        "width": 832,
+        "frames": 81,
+        "steps": 50,
+        "cfg": True,
+        "latent_shape": [16, 21, 60, 104],  # (81 - 1) / 4 + 1, 480 / 8, 832 / 8
+        "dit_tokens": 32760,  # 21 x 30 x 52
+        # bf16 UMT5 states (512 x 4096), prompt and negative prompt
+        "embedding_bytes": 512 * 4096 * 2 * 2,
+        # Wan keeps its latents in float32
+        "latent_bytes": 16 * 21 * 60 * 104 * 4,
+        "output_bytes": 480 * 832 * 3 * 81,
+    }
+
+
+@pytest.mark.parametrize(
+    "guidance, cfg",
+    [pytest.param(4.5, True, id="cfg"), pytest.param(1.0, False, id="no-cfg")],
+)
+def test_features_of_pixart(guidance, cfg):
+    request = Request(
+        model="pixart-sigma-1024",
+        prompt="a cat",
+        height=768,
+        width=1280,
+        guidance_scale=guidance,
+    )
+    features = request.features
+    assert features["latent_shape"] == [4, 96, 160]
+    assert features["dit_tokens"] == 48 * 80
+    assert features["cfg"] is cfg
+    assert features["embedding_bytes"] == 300 * 4096 * 2 * (2 if cfg else 1)
+    assert features["latent_bytes"] == 4 * 96 * 160 * 2
+    assert features["output_bytes"] == 768 * 1280 * 3
+
+
+def test_replace_validates_again():
+    request = Request(model="tiny-wan", prompt="a cat", seed=1, num_frames=5)
+    changed = request.replace(seed=2, prompt="a dog")
+    assert (changed.seed, changed.prompt) == (2, "a dog")
+    assert (changed.num_frames, changed.height, changed.model) == (5, 32, "tiny-wan")
+    assert (request.seed, request.prompt) == (1, "a cat")
+    assert request.replace() == request
+    with pytest.raises(InvalidRequest) as excinfo:
+        request.replace(num_frames=6)
+    assert excinfo.value.field == "num_frames"
+
+
+def test_requests_are_frozen():
+    request = Request(model="tiny-flux", prompt="a cat")
+    with pytest.raises(AttributeError):
+        request.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-wan", "wan2.1-t2v-14b"])
+def test_pickle_roundtrip(model):
+    request = Request(model=model, prompt="a cat", seed=5)
+    features = request.features
+    copy = pickle.loads(pickle.dumps(request))
+    assert copy == request
+    assert hash(copy) == hash(request)
+    assert copy.features == features
+    assert copy.spec == request.spec
