@@ -51,7 +51,7 @@ def costs() -> dict[tuple[str, str], PoolCost]:
 
 
 def demands(workers: int, flux_share: float, rng: random.Random, jitter: float):
-    """Reference seconds of work per second: DiT ~95% of it, the fleet ~70% busy."""
+    """Reference seconds of work per second, 95% of it on the DiTs."""
     total = 0.7 * workers * 0.6
     shares = {"encoder": 0.02, "dit": 0.95, "vae": 0.03}
     return {

@@ -258,12 +258,7 @@ class _State:
             self.count[home] += 1
 
     def utilization(self, pool: int) -> float:
-        load = self.problem.loads[pool]
-        if load == 0:
-            return 0.0
-        if self.capacity[pool] == 0:
-            return math.inf
-        return load / (self.problem.horizon * self.capacity[pool])
+        return self.problem.utilization(pool, self.capacity[pool])
 
     def largest(self, pools: list[int]) -> float:
         return max(map(self.utilization, pools), default=0.0)
@@ -381,6 +376,16 @@ class _Problem:
     def floor(self, pool: int) -> int:
         return min(self.mins[pool], self.maxs[pool])
 
+    def utilization(self, pool: int, capacity: float) -> float:
+        """Load over capacity across the horizon: 0 without load, inf without
+        capacity."""
+        load = self.loads[pool]
+        if load == 0:
+            return 0.0
+        if capacity <= 0:  # rounding can leave an emptied pool a hair below 0
+            return math.inf
+        return load / (self.horizon * capacity)
+
     def group(self, kind: int, home: int) -> _Group:
         speed, switch = self.speed[kind], self.switch[kind]
         effective = [
@@ -475,8 +480,7 @@ class _Problem:
         while heap:
             p = heapq.heappop(heap)[2]
             if take(p) and state.count[p] < maxs[p]:
-                utilization = loads[p] / (self.horizon * state.capacity[p])
-                heapq.heappush(heap, (-utilization, -loads[p], p))
+                heapq.heappush(heap, (-state.utilization(p), -loads[p], p))
         # workers no pool with demand took stay where they are, within the maximum
         for group in groups:
             home = group.home
@@ -493,16 +497,10 @@ class _Problem:
         that needed it less than a pool served later (speeds that rank GPU types
         differently per pool)."""
         pools = range(len(self.pools))
-        loads, horizon, maxs = self.loads, self.horizon, self.maxs
+        utilization, maxs = self.utilization, self.maxs
         capacity, count = state.capacity, state.count
         # never below the minimum, never empty a pool with demand
         least = [max(self.floor(p), self.served[p]) for p in pools]
-
-        def utilization(p: int, capacity: float) -> float:
-            if not loads[p]:
-                return 0.0
-            return loads[p] / (horizon * capacity) if capacity > 0 else math.inf
-
         while True:
             now = [utilization(p, capacity[p]) for p in pools]
             # a starved pool has no candidate left: better the others

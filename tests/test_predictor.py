@@ -5,6 +5,7 @@ import math
 import random
 import re
 import time
+from importlib.resources import files
 
 import pytest
 import torch
@@ -112,15 +113,9 @@ def test_dit_fit_recovers_the_cost_terms():
 
 
 def anchor_ms(model: str, stage: str) -> list[dict]:
-    text = (
-        __import__("importlib.resources").resources.files("dflow.configs")
-        / "profiles/h200-stages.json"
-    ).read_text()
-    return [
-        r
-        for r in json.loads(text)["rows"]
-        if (r["model"], r["stage"]) == (model, stage)
-    ]
+    text = files("dflow.configs").joinpath("profiles/h200-stages.json").read_text()
+    rows = json.loads(text)["rows"]
+    return [r for r in rows if (r["model"], r["stage"]) == (model, stage)]
 
 
 @pytest.fixture(scope="module")
