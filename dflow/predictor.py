@@ -520,3 +520,28 @@ def anchor_rows(steps: int | None = None) -> list[Row]:
         row["peak_bytes"] += round(anchor["peak_gib"] * GIB)
         row["weight_bytes"] += round(anchor["weights_gib"] * GIB)
     return list(merged.values())
+
+
+#: dflow's own stage profiles shipped with the package (``dflow profile`` runs)
+SHIPPED_PROFILES = ("profiles/h200-dflow.json",)
+
+
+def shipped_rows() -> list[Row]:
+    """Every shipped measurement: dflow's own profiles, and the anchors for each
+    model, stage and GPU type those do not cover.
+
+    The profiles time dflow's stage calls as they run (tokenization, host copies
+    and all), the anchors the bare model passes; where both exist the profiles
+    are what a stage costs, so they replace the anchors rather than blend in.
+    """
+    rows: list[Row] = []
+    for name in SHIPPED_PROFILES:
+        profile = json.loads(files("dflow.configs").joinpath(name).read_text())
+        rows += [{"gpu_type": profile["gpu_type"], **row} for row in profile["rows"]]
+    measured = {(r["model"], r["stage"], r["gpu_type"]) for r in rows}
+    rows += [
+        r
+        for r in anchor_rows()
+        if (r["model"], r["stage"], r["gpu_type"]) not in measured
+    ]
+    return rows

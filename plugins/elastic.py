@@ -36,7 +36,7 @@ from distributed.scheduler import Scheduler
 
 from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
 from dflow.plugins.extension import DflowExtension, _periodic, _pool_of
-from dflow.predictor import Predictor, anchor_rows, load_profile
+from dflow.predictor import Predictor, load_profile, shipped_rows
 
 logger = logging.getLogger(__name__)
 
@@ -374,9 +374,9 @@ class ElasticController(SchedulerPlugin):
 
 
 def default_predictor() -> Predictor:
-    """A predictor seeded with the shipped H200 anchors and the profiles named in
-    ``dflow.elastic.profiles``."""
-    rows = anchor_rows()
+    """A predictor seeded with the shipped H200 measurements and the profiles
+    named in ``dflow.elastic.profiles``."""
+    rows = shipped_rows()
     for path in dask.config.get("dflow.elastic.profiles"):
         rows += load_profile(path)
     return Predictor(rows)
