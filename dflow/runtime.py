@@ -13,6 +13,7 @@ takes every queued call that can share it. No call waits for a batch to fill.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -26,7 +27,7 @@ import torch
 import dask.config
 
 import dflow.config  # noqa: F401
-from dflow.adapters import adapter_for
+from dflow.adapters import Adapter, adapter_for
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
 from dflow.request import Request
@@ -117,6 +118,17 @@ class Batcher:
             c.result = result
 
 
+def _adapter_class(spec: ModelSpec, gpu_type: str | None) -> Callable[..., Adapter]:
+    """The model family's adapter, or with ``dflow.runtime.backend: emulated`` the
+    emulated one, its cost model built here so that ``load_seconds`` times the
+    emulated load alone."""
+    if dask.config.get("dflow.runtime.backend") == "emulated":
+        from dflow.emulation import EmulatedAdapter, cost_model
+
+        return functools.partial(EmulatedAdapter, gpu_type=gpu_type, cost=cost_model())
+    return adapter_for(spec.pipeline)
+
+
 class StageRuntime:
     """The resident model of one stage of one model, on one device.
 
@@ -132,6 +144,9 @@ class StageRuntime:
     max_batch
         Most requests one encode or decode call batches (config
         ``dflow.runtime.max-batch``).
+    gpu_type
+        The GPU type an emulated runtime (config ``dflow.runtime.backend:
+        emulated``) costs its calls on; default ``dflow.runtime.gpu-type``.
     """
 
     def __init__(
@@ -141,6 +156,7 @@ class StageRuntime:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         max_batch: int | None = None,
+        gpu_type: str | None = None,
     ):
         if stage not in RUNTIME_STAGES:
             raise ValueError(
@@ -151,11 +167,10 @@ class StageRuntime:
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.spec, self.device)
         max_batch = max_batch or dask.config.get("dflow.runtime.max-batch", 8)
-        start = time.perf_counter()
         stages = STAGES if stage == "all" else (stage,)
-        self.adapter = adapter_for(self.spec.pipeline)(
-            self.spec, stages, self.device, self.dtype
-        )
+        adapter = _adapter_class(self.spec, gpu_type)
+        start = time.perf_counter()
+        self.adapter = adapter(self.spec, stages, self.device, self.dtype)
         self.load_seconds = time.perf_counter() - start
         self.peak_memory: int | None = None
         self._lock = threading.Lock()

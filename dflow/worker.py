@@ -24,6 +24,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 import dflow.config  # noqa: F401
 from dflow import runtime as runtimes
+from dflow.emulation import worker_gpu
 from dflow.spec import STAGES
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ class StagePlugin(WorkerPlugin):
         Model name or path, as :class:`~dflow.request.Request` takes it.
     gpu_type
         ``"auto"`` reads it from the device; any other value is published as given
-        (heterogeneous fleets name their GPU types).
+        (heterogeneous fleets name their GPU types). Emulated workers
+        (``dflow.runtime.backend: emulated``) emulate this type of
+        ``configs/gpus.yaml`` (``"auto"``: ``dflow.runtime.gpu-type``) and publish
+        its memory.
     """
 
     name = "dflow-stage"
@@ -162,7 +166,12 @@ class StagePlugin(WorkerPlugin):
             await asyncio.sleep(0.05)
         await self._report("loading", stage=stage, model=model)
         try:
-            runtime = await asyncio.to_thread(runtimes.StageRuntime, model, stage)
+            runtime = await asyncio.to_thread(
+                runtimes.StageRuntime,
+                model,
+                stage,
+                gpu_type=None if self.gpu_type == "auto" else self.gpu_type,
+            )
             warmup = await asyncio.to_thread(runtime.warmup)
         except Exception as error:
             logger.exception("Could not load %s stage %s", model, stage)
@@ -198,14 +207,19 @@ class StagePlugin(WorkerPlugin):
             if self.runtime is not None
             else runtimes.default_device()
         )
-        gpu_type = self.gpu_type if self.gpu_type != "auto" else gpu_type_of(device)
+        emulated = worker_gpu(self.gpu_type)
+        if emulated is not None:
+            gpu_type, memory = emulated
+        else:
+            gpu_type = self.gpu_type if self.gpu_type != "auto" else gpu_type_of(device)
+            memory = device_memory(device)
         try:
             await self.worker.scheduler.dflow_worker_state(
                 worker=self.worker.address,
                 state=state,
                 gpu_type=gpu_type,
                 device=device,
-                memory=device_memory(device),
+                memory=memory,
                 host=socket.gethostname(),
                 **info,
             )
