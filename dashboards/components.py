@@ -51,6 +51,8 @@ STAGE_COLORS = dict(zip(DISPLAY_STAGES, Category10_10, strict=False))
 #: Seconds of history the time series show
 WINDOW = 600.0
 TOOLS = "pan,wheel_zoom,box_zoom,reset"
+#: Milliseconds a time axis spans when its data is a single moment
+SPAN = 60_000
 NAN = float("nan")
 
 
@@ -85,7 +87,9 @@ def pool_label(pool: Iterable[str] | None) -> str:
 
 def stage_order(pool: tuple[str, str]) -> tuple[int, str]:
     stage, model = pool
-    rank = DISPLAY_STAGES.index(stage) if stage in DISPLAY_STAGES else len(STAGES) + 1
+    rank = (
+        DISPLAY_STAGES.index(stage) if stage in DISPLAY_STAGES else len(DISPLAY_STAGES)
+    )
     return rank, model
 
 
@@ -109,7 +113,9 @@ def _timeseries_figure(title: str, name: str, **kwargs: Any) -> figure:
         title=title,
         name=name,
         x_axis_type="datetime",
-        x_range=DataRange1d(follow="end", follow_interval=WINDOW * 1000),
+        x_range=DataRange1d(
+            follow="end", follow_interval=WINDOW * 1000, default_span=SPAN
+        ),
         y_range=DataRange1d(start=0),
         tools=TOOLS,
         toolbar_location="above",
@@ -393,16 +399,17 @@ class RebalancingTimeline(DashboardComponent):
             {**{c: [] for c in self.COLUMNS}, "color": []},
             name="dflow-rebalancing-data",
         )
-        height = kwargs.pop("height", None)
+        height = kwargs.pop("height", 220)
         self.pools = FactorRange(factors=[])
         self.figure = figure(
             title="Rebalancing decisions",
             name="dflow-rebalancing",
             x_axis_type="datetime",
+            x_range=DataRange1d(default_span=SPAN),
             y_range=self.pools,
             tools=TOOLS,
             toolbar_location="above",
-            height=height or 220,
+            height=height,
             **kwargs,
         )
         self.figure.segment(

@@ -19,6 +19,7 @@ so it misses entries only if more than that many arrive between two scrapes.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -34,6 +35,8 @@ from prometheus_client.core import (
 
 from distributed.http.prometheus import PrometheusCollector
 from distributed.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
 
 #: Upper bounds (seconds) of the latency histogram's buckets: from tiny models
 #: on CPU (tens of milliseconds) to long videos (minutes)
@@ -157,9 +160,17 @@ class DflowMetricCollector(PrometheusCollector):
         if extension is None:
             return
         totals = self._totals.setdefault(extension, _Totals())
-        yield from self._requests(extension, totals)
-        yield from self._pools(extension)
-        yield from self._decisions(extension, totals)
+        try:
+            families = [
+                *self._requests(extension, totals),
+                *self._pools(extension),
+                *self._decisions(extension, totals),
+            ]
+        except Exception:
+            # a failing collector fails the whole page: keep distributed's metrics
+            logger.exception("dflow's metrics failed")
+            return
+        yield from families
 
     def _requests(self, extension: Any, totals: _Totals) -> Iterator[Metric]:
         models = sorted({model for model, _ in extension.counts})
@@ -238,7 +249,7 @@ class DflowMetricCollector(PrometheusCollector):
         elastic = extension.elastic
         if elastic is not None:
             log = [_decision_entry(d) for d in elastic.decisions()]
-            for _, source, target in totals.decision_cursor.read(log):
+            for _, source, target, *_ in totals.decision_cursor.read(log):
                 totals.decisions[source, target] += 1
         family = CounterMetricFamily(
             self.build_name("rebalancing_decisions"),

@@ -35,13 +35,13 @@ from dflow.dashboards.components import (
 )
 
 #: Milliseconds between refreshes: telemetry samples the fleet once a second;
-#: the predictor's estimates are costlier and change slowly.
+#: service times change slowly, and estimating them scans telemetry's records.
 INTERVALS = {
     StageWorkers: 1000,
     StageQueues: 1000,
     Throughput: 1000,
     Latency: 1000,
-    ServiceTimes: 2000,
+    ServiceTimes: 5000,
     RebalancingTimeline: 1000,
     StageWorkerTable: 1000,
 }
