@@ -20,6 +20,7 @@ from distributed.compatibility import asyncio_run
 from distributed.config import get_loop_factory
 from distributed.utils import import_term
 
+from dflow.bench.cli import bench
 from dflow.demo import demo
 from dflow.profile import profile
 from dflow.worker import WORKER_STAGES, nanny_specs, run_nannies
@@ -164,3 +165,4 @@ def dflow():
 dflow.add_command(worker)
 dflow.add_command(demo)
 dflow.add_command(profile)
+dflow.add_command(bench)

@@ -13,10 +13,11 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from dask.utils import parse_timedelta
-from distributed import Nanny, Scheduler, SpecCluster
+from distributed import Nanny, Scheduler, SpecCluster, Worker
 from distributed.deploy.spec import NoOpAwaitable
 
 from dflow.spec import canonical_name
@@ -37,6 +38,15 @@ class StageCluster(SpecCluster):
         ``{"all": 2}`` for monolithic replicas.
     gpu_type
         GPU type the workers publish (``"auto"``: read from the device).
+    fleet
+        Workers as ``(stage, model, gpu_type)`` triples, instead of ``layout``:
+        fleets of several models and GPU types (``gpu_type`` ``None``: the
+        cluster's).
+    processes
+        One worker process per worker, each under a :class:`~distributed.Nanny`
+        (the default); False runs the workers in this process, on the
+        scheduler's event loop, as the emulated benchmarks do to fit dozens of
+        emulated GPUs on a few cores.
     worker_options
         Extra keyword arguments of each worker's :class:`~distributed.Nanny`
         (e.g. ``{"config": {...}}`` for per-worker dask config).
@@ -55,6 +65,8 @@ class StageCluster(SpecCluster):
         layout: dict[str, int] | None = None,
         *,
         gpu_type: str = "auto",
+        fleet: Sequence[tuple[str, str, str | None]] | None = None,
+        processes: bool = True,
         host: str = "127.0.0.1",
         dashboard_address: str = ":0",
         protocol: str | None = None,
@@ -66,17 +78,23 @@ class StageCluster(SpecCluster):
     ):
         self.model = canonical_name(model)
         self.gpu_type = gpu_type
+        self.processes = processes
         self.host = host
         self._worker_options = {"host": host, **(worker_options or {})}
         if protocol:
             self._worker_options["protocol"] = protocol
         self._names = itertools.count()
-        layout = layout or {"encoder": 1, "dit": 1, "vae": 1}
+        if fleet is None:
+            layout = layout or {"encoder": 1, "dit": 1, "vae": 1}
+            fleet = [(s, self.model, None) for s, n in layout.items() for _ in range(n)]
+        elif layout is not None:
+            raise ValueError("pass layout or fleet, not both")
         workers = {}
-        for stage, count in layout.items():
-            for _ in range(count):
-                name, spec = self._stage_spec(stage, self.model)
-                workers[name] = spec
+        for stage, worker_model, worker_gpu in fleet:
+            name, spec = self._stage_spec(
+                stage, canonical_name(worker_model), worker_gpu
+            )
+            workers[name] = spec
         scheduler = {
             "cls": Scheduler,
             "options": {
@@ -96,17 +114,27 @@ class StageCluster(SpecCluster):
             **kwargs,
         )
 
-    def _stage_spec(self, stage: str, model: str) -> tuple[str, dict[str, Any]]:
+    def _stage_spec(
+        self, stage: str, model: str, gpu_type: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
         if stage not in WORKER_STAGES:
             raise ValueError(f"stage must be one of {', '.join(WORKER_STAGES)}")
         name = f"{stage}-{next(self._names)}"
+        gpu_type = gpu_type or self.gpu_type
+        plugin = StagePlugin(stage, model, gpu_type)
         options = {
             "nthreads": stage_slots(stage),
             "name": name,
-            "plugins": {StagePlugin(stage, model, self.gpu_type)},
+            "plugins": {plugin},
             **self._worker_options,
         }
-        return name, {"cls": Nanny, "options": options, "stage": stage, "model": model}
+        return name, {
+            "cls": Nanny if self.processes else Worker,
+            "options": options,
+            "stage": stage,
+            "model": model,
+            "gpu_type": gpu_type,
+        }
 
     def stage_workers(self, stage: str, model: str | None = None) -> list[str]:
         """Names of the workers specified for ``stage`` (of ``model``)."""
@@ -117,8 +145,18 @@ class StageCluster(SpecCluster):
             if spec.get("stage") == stage and spec.get("model") == model
         ]
 
-    def scale(self, n: int = 0, memory=None, cores=None, *, stage=None, model=None):
-        """Set the number of workers of one stage pool to ``n``.
+    def scale(
+        self,
+        n: int = 0,
+        memory=None,
+        cores=None,
+        *,
+        stage=None,
+        model=None,
+        gpu_type=None,
+    ):
+        """Set the number of workers of one stage pool to ``n`` (new ones of
+        ``gpu_type``, default the cluster's).
 
         Workers leave through ``retire_workers``, so the intermediates they hold
         move to other workers first. Without ``stage`` the call is ambiguous for a
@@ -133,12 +171,20 @@ class StageCluster(SpecCluster):
         for name in current[n:]:
             del self.worker_spec[name]
         for _ in range(n - len(current)):
-            name, spec = self._stage_spec(stage, model)
+            name, spec = self._stage_spec(stage, model, gpu_type)
             self.worker_spec[name] = spec
-        self.loop.add_callback(self._correct_state)
+        self.loop.add_callback(self._retire_then_correct, current[n:])
         if self.asynchronous:
             return NoOpAwaitable()
         return None
+
+    async def _retire_then_correct(self, names: list[str]) -> None:
+        # SpecCluster retires leaving workers by passing their names where the
+        # scheduler expects addresses, so it would close them with their data:
+        # retire them by name first.
+        if names and self.scheduler_comm is not None:
+            await self.scheduler_comm.retire_workers(names=names)
+        await self._correct_state()
 
     def adapt(  # type: ignore[override]
         self,

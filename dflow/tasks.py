@@ -1,9 +1,10 @@
 """The functions stage tasks run on workers.
 
-Each looks up its process's resident runtime by model and stage. A task that
-lands on a worker which no longer serves its stage (it was switched to another
-stage after the task was placed) raises :class:`distributed.Reschedule`, so the
-scheduler places it again instead of failing the request.
+Each finds the resident runtime of its worker (its stage plugin's; else the
+process's, by model and stage). A task that lands on a worker which no longer
+serves its stage (it was switched to another stage after the task was placed)
+raises :class:`distributed.Reschedule`, so the scheduler places it again instead
+of failing the request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from dflow.request import Request
 
 
 def _runtime(request: Request, stage: str) -> runtimes.StageRuntime:
+    """The runtime of the worker running this task: its stage plugin's, so that
+    several workers in one process (in-process emulated fleets) each run their
+    own; the process's registry for workers without one."""
+    plugin = get_worker().plugins.get("dflow-stage")
+    if plugin is not None:
+        runtime = plugin.runtime
+        if (
+            runtime is None
+            or runtime.model != request.model
+            or not runtime.serves(stage)
+        ):
+            raise Reschedule()
+        return runtime
     try:
         return runtimes.lookup(request.model, stage)
     except LookupError:

@@ -1,0 +1,80 @@
+"""``dflow bench``: run a benchmark scenario against the four serving modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from dflow.bench.harness import LABEL, MODES
+
+
+@click.command()
+@click.option(
+    "--scenario",
+    "name",
+    required=True,
+    help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift), "
+    "S3 (heterogeneous fleet) or S4 (1,000 workers).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for results.json and the plots.",
+)
+@click.option("--quick", is_flag=True, help="A shorter run (a few minutes).")
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(MODES),
+    help="Run only these modes (repeatable; default all four).",
+)
+def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
+    """Run one workload on one emulated fleet, served four ways: monolithic
+    replicas partitioned per model, the same autoscaled per model, stage pools
+    at a static ratio, and dflow's elastic pools. Writes OUT/results.json and
+    PNG plots. Figures are emulated (cost model: H200 profile scaled by GPU
+    type)."""
+    from dflow.bench import harness
+
+    if name.upper() == "S4":
+        from dflow.bench.scale import run_scale
+
+        results = run_scale(out, quick=quick, echo=click.echo)
+        click.echo(json.dumps(results["summary"], indent=2))
+        return
+    from dflow.bench.scenarios import get
+
+    try:
+        scenario = get(name)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--scenario") from None
+    click.echo(f"{scenario.name}: {scenario.title} [{LABEL}]")
+    bars: dict[str, object] = {}
+
+    def progress(mode: str, elapsed: float, total: float) -> None:
+        bar = bars.get(mode)
+        if bar is None:
+            for other in bars.values():
+                other.__exit__(None, None, None)  # type: ignore[attr-defined]
+            bar = click.progressbar(
+                length=int(total), label=f"{mode:<22}", show_pos=True
+            )
+            bar.__enter__()
+            bars.clear()
+            bars[mode] = bar
+        step = min(int(elapsed), int(total)) - bar.pos  # type: ignore[attr-defined]
+        if step > 0:
+            bar.update(step)  # type: ignore[attr-defined]
+
+    with harness.quiet():
+        results = harness.run_scenario(
+            scenario, out, quick=quick, modes=modes or MODES, progress=progress
+        )
+    for bar in bars.values():
+        bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    click.echo(harness.table(results))
+    click.echo(f"results: {out / 'results.json'}")

@@ -1,0 +1,942 @@
+"""The benchmark harness: one workload, one fleet, four ways of serving it.
+
+``run_scenario`` replays a scenario's trace (:mod:`dflow.bench.workload`) against
+the same emulated fleet (:mod:`dflow.emulation`) served four ways:
+
+``monolithic``
+    Monolithic replicas (``--stage all``), statically partitioned per model in
+    proportion to the expected mix: the allocation of replicas that sustains
+    the highest rate of the run's average mix (:func:`~dflow.bench.bounds.best_allocation`).
+``monolithic_autoscaled``
+    The same replicas moving between models on load, as a Ray Serve deployment
+    with per-model autoscaling would (:class:`~dflow.bench.baselines.ReplicaAutoscaler`),
+    each move paying the drain and the whole pipeline's load.
+``static``
+    Stage pools at the best static ratio for the average mix.
+``elastic``
+    The same pools, rebalanced by dflow's elastic controller.
+
+Fleets run in this process: a scheduler and one in-process Dask worker per
+emulated GPU on one event loop (``StageCluster(processes=False)``, ``inproc://``
+comms), so dozens of emulated GPUs fit two cores. Every stage call sleeps its
+emulated cost times ``dflow.emulation.time-scale``.
+
+Time
+    All figures are in *emulated* seconds: wall seconds divided by the time
+    scale. Arrivals are paced at ``t x scale`` wall seconds after the start;
+    a request's latency is its completion's wall time (on the scheduler, when
+    its last task finishes) less its paced arrival, divided by the scale. The
+    controllers' periods, horizons, cooldowns and delays are set in emulated
+    seconds and scaled the same way. What the scale cannot shrink is the CPU
+    time of Dask and dflow themselves (a few milliseconds per task on a busy
+    machine): it reads as that time divided by the scale, which is why the
+    stage calls priced in fractions of a second (encoder, VAE) look slower
+    than their profile, and why full runs use a larger scale than ``--quick``.
+
+Metrics (per mode, :func:`metrics`)
+    Over the measurement window ``[warmup, duration)`` of the arrivals:
+    throughput (requests completed in the window per second), goodput (requests
+    that arrived in the window and finished within their model's SLO, per
+    second), latency percentiles of the requests that arrived in the window
+    (a request still unfinished when the run stops counts at its age then, a
+    lower bound), SLO attainment, per-stage utilization (busy time of the stage's
+    workers over their time on the stage) and ``bound_ratio``: throughput over
+    the physical bound of the mode's fleet (:func:`bound`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import dask.config
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import dflow.client
+from dflow.bench.bounds import (
+    Allocation,
+    best_allocation,
+    capacity,
+    fluid_departures,
+    pool_work,
+)
+from dflow.bench.workload import TraceEntry, generate
+
+if TYPE_CHECKING:
+    from dflow.bench.scenarios import Scenario
+
+logger = logging.getLogger(__name__)
+
+LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
+MODES = ("monolithic", "monolithic_autoscaled", "static", "elastic")
+#: Modes served by monolithic replicas
+MONOLITHIC = ("monolithic", "monolithic_autoscaled")
+
+
+# -- the physics of a scenario (pure) ------------------------------------------------
+
+
+@dataclass
+class Physics:
+    """What the profile says a scenario's fleet can do.
+
+    ``work[kind]`` prices each pool per request of a mix (``kind``
+    ``"monolithic"`` or ``"disaggregated"``), per phase and for the run's average
+    mix; ``capacity[kind]`` is the best allocation's rate per phase;
+    ``allocation[kind]`` the best static allocation for the average mix.
+    """
+
+    fleet: dict[str, int]
+    phases: list[tuple[float, float]]  # (start, end)
+    mixes: list[list[tuple[Any, float]]]
+    average: list[tuple[Any, float]]
+    capacity: dict[str, list[float]] = field(default_factory=dict)
+    allocation: dict[str, Allocation] = field(default_factory=dict)
+    average_capacity: dict[str, float] = field(default_factory=dict)
+    reference_latency: dict[str, float] = field(default_factory=dict)
+
+
+def mix_of(
+    templates: Sequence[Any], weights: Sequence[float]
+) -> list[tuple[Any, float]]:
+    """``(request, weight)`` pairs of a phase's templates (model defaults filled)."""
+    from dflow.request import Request
+
+    pairs = []
+    total = sum(weights)
+    for template, weight in zip(templates, weights):
+        fields = {
+            k: getattr(template, k)
+            for k in ("height", "width", "num_frames", "steps", "guidance_scale")
+            if getattr(template, k) is not None
+        }
+        request = Request(model=template.model, prompt="x", seed=0, **fields)
+        pairs.append((request, weight / total))
+    return pairs
+
+
+def physics(scenario: Scenario, cost: Any) -> Physics:
+    """Bounds and best static allocations of ``scenario``'s fleet (emulated costs)."""
+    workload = scenario.workload
+    phases = workload.phases
+    duration = scenario.duration
+    spans, mixes = [], []
+    expected: dict[int, float] = defaultdict(float)
+    requests: dict[int, Any] = {}
+    for index, phase in enumerate(phases):
+        end = phases[index + 1].start if index + 1 < len(phases) else duration
+        end = min(end, duration)
+        if end <= phase.start:
+            continue
+        spans.append((phase.start, end))
+        mix = mix_of(phase.mix, [t.weight for t in phase.mix])
+        mixes.append(mix)
+        for (request, weight), template in zip(mix, phase.mix):
+            key = hash((template.model, template.num_frames, template.height))
+            requests[key] = request
+            expected[key] += phase.arrivals.rate * (end - phase.start) * weight
+    total = sum(expected.values()) or 1.0
+    average = [(requests[k], v / total) for k, v in expected.items() if v > 0]
+    result = Physics(dict(scenario.fleet), spans, mixes, average)
+    for kind in ("monolithic", "disaggregated"):
+        mono = kind == "monolithic"
+        work = pool_work(cost, average, scenario.fleet, mono)
+        rate, allocation = best_allocation(scenario.fleet, work)
+        result.allocation[kind] = allocation
+        result.average_capacity[kind] = rate
+        result.capacity[kind] = [
+            best_allocation(scenario.fleet, pool_work(cost, mix, scenario.fleet, mono))[
+                0
+            ]
+            for mix in mixes
+        ]
+    result.reference_latency = reference_latency(cost, average, scenario.fleet)
+    return result
+
+
+def reference_latency(
+    cost: Any, mix: Sequence[tuple[Any, float]], fleet: Mapping[str, int]
+) -> dict[str, float]:
+    """Per model, the latency of one request alone on the fleet's best deployment:
+    the lesser of a monolithic replica and a stage per GPU, on the fastest type
+    that holds it (the SLOs are multiples of it)."""
+    from dflow.bench.bounds import request_seconds
+    from dflow.spec import STAGES
+
+    latency: dict[str, float] = {}
+    for request, _ in mix:
+        mono = min(
+            request_seconds(cost, request, ("all", request.model), g, 1) for g in fleet
+        )
+        split = sum(
+            min(request_seconds(cost, request, (s, request.model), g, 1) for g in fleet)
+            for s in STAGES
+        )
+        best = min(mono, split)
+        latency[request.model] = max(latency.get(request.model, 0.0), best)
+    return latency
+
+
+def bound(
+    arrivals: Sequence[float],
+    phases: Sequence[tuple[float, float]],
+    capacities: Sequence[float],
+    window: tuple[float, float],
+) -> float:
+    """Most requests per second any allocation could complete in ``window``: a
+    fluid queue fed by the trace's ``arrivals`` and drained at each phase's
+    best-allocation rate (:func:`~dflow.bench.bounds.fluid_departures`)."""
+    start, end = window
+    pieces = [(s, c) for (s, _), c in zip(phases, capacities)]
+    departures = fluid_departures(arrivals, pieces, end, step=0.5)
+    grid = np.arange(0.0, end + 0.5, 0.5)
+    done = np.interp([start, end], grid, departures)
+    return float(done[1] - done[0]) / (end - start)
+
+
+# -- metrics (pure) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request of a run, in emulated seconds: arrival, completion (``None``:
+    not completed) and whether it failed."""
+
+    arrival: float
+    model: str
+    done: float | None
+    failed: bool = False
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list:
+    """Percentiles (linear interpolation, numpy's default); ``None`` without values."""
+    if not len(values):
+        return [None for _ in qs]
+    return [float(v) for v in np.percentile(np.asarray(values, float), qs)]
+
+
+def metrics(
+    outcomes: Sequence[Outcome],
+    *,
+    window: tuple[float, float],
+    stop: float,
+    slo: Mapping[str, float],
+    bound_rps: float,
+) -> dict[str, Any]:
+    """Throughput, goodput, latency percentiles, SLO attainment and bound ratio
+    of one mode's run (see the module docstring); ``stop`` is when the run
+    stopped waiting (unfinished requests count at their age then)."""
+    start, end = window
+    span = end - start
+    arrived = [o for o in outcomes if start <= o.arrival < end]
+    completed = [o for o in outcomes if o.done is not None and start <= o.done < end]
+    latencies, good = [], 0
+    for o in arrived:
+        if o.done is not None and not o.failed:
+            latency = o.done - o.arrival
+            good += latency <= slo[o.model]
+        else:
+            latency = stop - o.arrival
+        latencies.append(latency)
+    p50, p95, p99 = percentiles(latencies)
+    throughput = len(completed) / span
+    return {
+        "throughput_rps": throughput,
+        "goodput_rps": good / span,
+        "p50_s": p50,
+        "p95_s": p95,
+        "p99_s": p99,
+        "slo_attainment": good / len(arrived) if arrived else None,
+        "bound_rps": bound_rps,
+        "bound_ratio": throughput / bound_rps if bound_rps > 0 else None,
+        "arrived": len(arrived),
+        "completed": len(completed),
+        "unfinished": sum(1 for o in arrived if o.done is None or o.failed),
+    }
+
+
+def per_model(
+    outcomes: Sequence[Outcome], *, window: tuple[float, float], stop: float, slo
+) -> dict[str, dict[str, Any]]:
+    """:func:`metrics` of each model's requests (bound left out)."""
+    models = sorted({o.model for o in outcomes})
+    result = {}
+    for model in models:
+        mine = [o for o in outcomes if o.model == model]
+        m = metrics(mine, window=window, stop=stop, slo=slo, bound_rps=0.0)
+        result[model] = {
+            k: m[k]
+            for k in (
+                "throughput_rps",
+                "goodput_rps",
+                "p50_s",
+                "p95_s",
+                "slo_attainment",
+            )
+        }
+    return result
+
+
+def busy_fraction(
+    intervals: Mapping[str, Sequence[tuple[float, float]]],
+    presence: Mapping[str, float],
+    window: tuple[float, float],
+) -> float | None:
+    """Busy time of workers (their task intervals merged, clipped to ``window``)
+    over ``presence``, the seconds each spent on the stage in the window."""
+    total = sum(presence.values())
+    if total <= 0:
+        return None
+    start, end = window
+    busy = 0.0
+    for spans in intervals.values():
+        clipped = sorted(
+            (max(a, start), min(b, end)) for a, b in spans if b > start and a < end
+        )
+        current_start = current_end = None
+        for a, b in clipped:
+            if current_end is None or a > current_end:
+                if current_end is not None:
+                    busy += current_end - current_start
+                current_start, current_end = a, b
+            else:
+                current_end = max(current_end, b)
+        if current_end is not None:
+            busy += current_end - current_start
+    return min(1.0, busy / total)
+
+
+# -- on the scheduler -----------------------------------------------------------------
+
+
+class Recorder(SchedulerPlugin):
+    """Records what the metrics need, cheaply: each stage task's compute span
+    and worker, each request's completion, and pool sizes every ``interval``."""
+
+    name = "dflow-bench-recorder"
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.scheduler: Any = None
+        #: (stage, model, worker, start, stop) of finished stage tasks
+        self.tasks: list[tuple[str, str, str, float, float]] = []
+        #: final key -> (time, "memory" | "erred")
+        self.finals: dict[str, tuple[float, str]] = {}
+        #: (time, {pool label: workers ready or loading}, {stage: queued tasks})
+        self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
+        #: pools that have finished a task
+        self.served: set[tuple[str, str]] = set()
+        self._pc: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        self.scheduler = scheduler
+        self._pc = PeriodicCallback(self.sample, self.interval * 1000)
+        self._pc.start()
+
+    async def close(self) -> None:
+        if self._pc is not None:
+            self._pc.stop()
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if start != "processing" or finish not in ("memory", "erred"):
+            return
+        ts = self.scheduler.tasks.get(key)
+        info = (ts.annotations or {}).get("dflow") if ts is not None else None
+        if not info:
+            return
+        now = time.time()
+        if finish == "memory":
+            self.served.add((info["stage"], info["model"]))
+            for startstop in kwargs.get("startstops", ()):
+                if startstop["action"] == "compute":
+                    self.tasks.append(
+                        (
+                            info["stage"],
+                            info["model"],
+                            kwargs.get("worker", ""),
+                            startstop["start"],
+                            startstop["stop"],
+                        )
+                    )
+        if str(key).startswith(("decode-", "generate-")):
+            self.finals[str(key)] = (now, finish)
+
+    def sample(self) -> None:
+        extension = self.scheduler.extensions.get("dflow")
+        if extension is None:
+            return
+        pools: dict[str, int] = defaultdict(int)
+        for record in extension.workers.values():
+            if record.state in ("ready", "loading", "draining") and record.pool:
+                pools["/".join(record.pool)] += 1
+        queue: dict[str, int] = defaultdict(int)
+        for ts in self.scheduler.unrunnable:
+            info = (ts.annotations or {}).get("dflow")
+            if info:
+                queue[info["stage"]] += 1
+        for ws in self.scheduler.workers.values():
+            for ts in ws.processing:
+                info = (ts.annotations or {}).get("dflow")
+                if info:
+                    queue[info["stage"]] += 1
+        self.samples.append((time.time(), dict(pools), dict(queue)))
+
+
+async def _install(
+    scheduler: Any,
+    predictor: Any,
+    recorder: Recorder,
+    autoscaler: Any,
+) -> None:
+    """dflow's scheduler plugins (as ``dflow.preload`` installs them, with the
+    fleet's predictor), the recorder, and the replica autoscaler if any."""
+    from dflow.plugins.elastic import ElasticController
+    from dflow.plugins.extension import DflowExtension
+    from dflow.plugins.telemetry import Telemetry
+
+    extension = DflowExtension()
+    plugins = [
+        extension,
+        Telemetry(extension),
+        ElasticController(extension, predictor=predictor),
+        recorder,
+    ]
+    if autoscaler is not None:
+        plugins.append(autoscaler)
+    for plugin in plugins:
+        scheduler.add_plugin(plugin)
+        await plugin.start(scheduler)
+    extension.telemetry.predictor = predictor
+
+
+# -- one mode -----------------------------------------------------------------------
+
+
+def fleet_workers(
+    allocation: Allocation, monolithic: bool
+) -> list[tuple[str, str, str]]:
+    """``(stage, model, gpu_type)`` of each worker of an allocation."""
+    workers = []
+    for (stage, model), per_type in sorted(allocation.items()):
+        for gpu, count in sorted(per_type.items()):
+            workers += [(stage, model, gpu)] * count
+    return workers
+
+
+def fleet_predictor(cost: Any, gpu_types: Sequence[str], scale: float) -> Any:
+    """A predictor that prices every pool on every GPU type of the fleet as the
+    emulation charges it, in wall seconds at ``scale`` (as the controller
+    observes them): what a deployment profiled on its own GPU types knows."""
+    from dflow.predictor import Predictor
+
+    rows = []
+    for gpu in sorted(set(gpu_types)):
+        for row in cost.rows_for(gpu):
+            rows.append({**row, "seconds": row["seconds"] * scale})
+    return Predictor(rows)
+
+
+def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
+    """Dask config of one mode's run: the emulated backend and every controller
+    period in emulated seconds times the scale."""
+    s = scenario.controller
+    return {
+        "dflow.runtime.backend": "emulated",
+        "dflow.emulation.time-scale": scale,
+        # the elastic controller starts once its pools have served (run_mode)
+        "dflow.elastic.enabled": False,
+        "dflow.elastic.interval": s["interval"] * scale,
+        "dflow.elastic.default-switch": s["default-switch"] * scale,
+        "dflow.planner.horizon": s["horizon"] * scale,
+        "dflow.planner.cooldown": s["cooldown"] * scale,
+        "dflow.planner.hysteresis": s["hysteresis"],
+        "dflow.telemetry.window": s["window"] * scale,
+        "dflow.telemetry.max-records": 2000,
+        "dflow.predictor.refit-interval": 3600,
+        "dflow.client.model-timeout": "120s",
+        "dflow.scheduler.unserved-timeout": "3600s",
+    }
+
+
+@dataclass
+class ModeRun:
+    """What one mode's run recorded, in wall time (converted by :func:`summarize`)."""
+
+    mode: str
+    start: float
+    scale: float
+    stop: float
+    entries: list[TraceEntry]
+    finals: dict[int, tuple[float, str] | None]
+    tasks: list[tuple[str, str, str, float, float]]
+    samples: list[tuple[float, dict[str, int], dict[str, int]]]
+    decisions: list[dict[str, Any]]
+    workers: dict[str, tuple[str, str | None]]
+    #: emulated second the elastic controller started at (None: never)
+    controller_start: float | None = None
+
+
+def _wait_ready(cluster: Any, count: int, timeout: float) -> None:
+    extension = cluster.scheduler.extensions["dflow"]
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [r.state for r in list(extension.workers.values())]
+        if states.count("ready") >= count:
+            return
+        failed = [r for r in list(extension.workers.values()) if r.state == "failed"]
+        if failed:
+            raise RuntimeError(f"worker failed to load: {failed[0].error}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{states.count('ready')} of {count} workers ready")
+        time.sleep(0.05)
+
+
+def run_mode(
+    scenario: Scenario,
+    mode: str,
+    entries: Sequence[TraceEntry],
+    allocation: Allocation,
+    cost: Any,
+    *,
+    scale: float,
+    duration: float,
+    drain: float,
+    progress: Callable[[float], None] | None = None,
+) -> ModeRun:
+    """Serve ``entries`` on a fresh in-process fleet laid out as ``allocation``.
+
+    Arrivals are paced over ``duration`` emulated seconds; the run then waits up
+    to ``drain`` emulated seconds for requests in flight and cancels the rest.
+    ``progress`` hears the emulated seconds elapsed.
+    """
+    from dflow.bench.baselines import ReplicaAutoscaler
+    from dflow.cluster import StageCluster
+
+    monolithic = mode in MONOLITHIC
+    workers = fleet_workers(allocation, monolithic)
+    predictor = fleet_predictor(cost, list(scenario.fleet), scale)
+    recorder = Recorder(interval=max(0.05, scenario.sample_every * scale))
+    autoscaler = (
+        ReplicaAutoscaler(scale=scale, **scenario.autoscaler)
+        if mode == "monolithic_autoscaled"
+        else None
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(run_config(scenario, mode, scale)))
+        cluster = stack.enter_context(
+            StageCluster(
+                workers[0][1],
+                fleet=workers,
+                processes=False,
+                protocol="inproc",
+                host=None,
+                dashboard_address=None,
+                worker_options={"memory_limit": 0},
+                scheduler_options={"preload": [], "dashboard": False},
+            )
+        )
+        cluster.sync(_install, cluster.scheduler, predictor, recorder, autoscaler)
+        _wait_ready(cluster, len(workers), timeout=300)
+        client = stack.enter_context(Client(cluster))
+        mode_name = "monolithic" if monolithic else "disaggregated"
+        futures: dict[int, Any] = {}
+        keys: dict[str, int] = {}
+        enabled: float | None = None
+        lock = threading.Lock()
+        ordered = sorted(range(len(entries)), key=lambda i: entries[i].t)
+        controller = cluster.scheduler.plugins["dflow-elastic"]
+        pools = set(allocation)
+        start = time.time()
+        position = 0
+        while position < len(ordered):
+            now = time.time()
+            if (
+                mode == "elastic"
+                and not controller.enabled
+                and (
+                    pools <= recorder.served
+                    or now - start > scenario.warmup / 2 * scale
+                )
+            ):
+                # dflow prices a pool from its finished tasks: before any, a
+                # pool looks idle and the controller would strip it
+                controller.enabled = True
+                enabled = (now - start) / scale
+            due = []
+            while position < len(ordered) and (
+                start + entries[ordered[position]].t * scale <= now
+            ):
+                due.append(ordered[position])
+                position += 1
+            if due:
+                submitted = dflow.client.map(
+                    client, [entries[i].request() for i in due], mode=mode_name
+                )
+                with lock:
+                    for i, future in zip(due, submitted):
+                        futures[i] = future
+                        keys[future.key] = i
+            if progress is not None:
+                progress((time.time() - start) / scale)
+            if position < len(ordered):
+                wait = start + entries[ordered[position]].t * scale - time.time()
+                time.sleep(min(max(wait, 0.0), 0.05))
+        # the arrivals are over: wait for what is in flight, up to the drain
+        end = start + duration * scale
+        while time.time() < end:
+            time.sleep(0.05)
+            if progress is not None:
+                progress((time.time() - start) / scale)
+        deadline = end + drain * scale
+        while time.time() < deadline:
+            if all(f.done() for f in futures.values()):
+                break
+            time.sleep(0.05)
+        stop = time.time()
+        client.cancel([f for f in futures.values() if not f.done()], force=True)
+        finals: dict[int, tuple[float, str] | None] = dict.fromkeys(range(len(entries)))
+        for key, value in list(recorder.finals.items()):
+            if key in keys:
+                finals[keys[key]] = value
+        extension = cluster.scheduler.extensions["dflow"]
+        decisions = [
+            {**d, "time": (d["time"] - start) / scale} for d in controller.decisions()
+        ]
+        if autoscaler is not None:
+            decisions += [
+                {**asdict(d), "time": (d.time - start) / scale}
+                for d in autoscaler.decisions
+            ]
+        roles = {
+            r.name: (r.gpu_type, "/".join(r.pool) if r.pool else None)
+            for r in extension.workers.values()
+        }
+        names = {r.address: r.name for r in extension.workers.values()}
+        tasks = [(s, m, names.get(w, w), a, b) for s, m, w, a, b in recorder.tasks]
+        futures.clear()
+    return ModeRun(
+        mode=mode,
+        start=start,
+        scale=scale,
+        stop=stop,
+        entries=list(entries),
+        finals=finals,
+        tasks=tasks,
+        samples=list(recorder.samples),
+        decisions=decisions,
+        workers=roles,
+        controller_start=enabled,
+    )
+
+
+def outcomes(run: ModeRun) -> list[Outcome]:
+    """The run's requests in emulated seconds."""
+    result = []
+    for i, entry in enumerate(run.entries):
+        final = run.finals.get(i)
+        done = None if final is None else (final[0] - run.start) / run.scale
+        failed = final is not None and final[1] != "memory"
+        result.append(Outcome(entry.t, entry.model, done, failed))
+    return result
+
+
+def utilization(run: ModeRun, window: tuple[float, float]) -> dict[str, float | None]:
+    """Per stage: busy time of its workers over their time on it, in the window."""
+    scale, start = run.scale, run.start
+    intervals: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for stage, _, worker, a, b in run.tasks:
+        intervals[stage][worker].append(((a - start) / scale, (b - start) / scale))
+    presence: dict[str, float] = defaultdict(float)
+    times = [(t - start) / scale for t, _, _ in run.samples]
+    lo, hi = window
+    for (t, pools, _), following in zip(run.samples, [*times[1:], None]):
+        t = (t - start) / scale
+        if following is None or following <= lo or t >= hi:
+            continue
+        span = min(following, hi) - max(t, lo)
+        for label, count in pools.items():
+            presence[label.split("/")[0]] += count * span
+    stages = sorted(set(intervals) | set(presence))
+    return {
+        s: busy_fraction(intervals.get(s, {}), {s: presence.get(s, 0.0)}, window)
+        for s in stages
+    }
+
+
+def summarize(
+    run: ModeRun, physics_: Physics, scenario: Scenario, window: tuple[float, float]
+) -> dict[str, Any]:
+    """The mode's entry of ``results.json``."""
+    kind = "monolithic" if run.mode in MONOLITHIC else "disaggregated"
+    arrivals = [e.t for e in run.entries]
+    bound_rps = bound(arrivals, physics_.phases, physics_.capacity[kind], window)
+    slo = {m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()}
+    result = metrics(
+        outcomes(run),
+        window=window,
+        stop=(run.stop - run.start) / run.scale,
+        slo=slo,
+        bound_rps=bound_rps,
+    )
+    result["utilization"] = utilization(run, window)
+    result["models"] = per_model(
+        outcomes(run), window=window, stop=(run.stop - run.start) / run.scale, slo=slo
+    )
+    result["decisions"] = len(run.decisions)
+    result["decision_log"] = run.decisions[:100]
+    if run.mode == "elastic":
+        result["controller_start_s"] = run.controller_start
+    result["physics"] = kind
+    result["gpu_use"] = gpu_use(run, window)
+    return result
+
+
+def gpu_use(run: ModeRun, window: tuple[float, float]) -> dict[str, dict[str, float]]:
+    """Emulated busy seconds per GPU type and stage in the window: where each
+    type's time went."""
+    types = {name: gpu for name, (gpu, _) in run.workers.items()}
+    use: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    lo, hi = window
+    for stage, _, worker, a, b in run.tasks:
+        a, b = (a - run.start) / run.scale, (b - run.start) / run.scale
+        span = min(b, hi) - max(a, lo)
+        if span > 0:
+            use[types.get(worker, "?")][stage] += span
+    return {g: dict(v) for g, v in use.items()}
+
+
+# -- a scenario -----------------------------------------------------------------------
+
+
+def run_scenario(
+    scenario: Scenario,
+    out: Path,
+    *,
+    quick: bool = False,
+    modes: Sequence[str] = MODES,
+    progress: Callable[[str, float, float], Any] | None = None,
+) -> dict[str, Any]:
+    """Run every mode of ``scenario`` on the same trace; write ``out/results.json``
+    and the plots; return the results."""
+    from dflow.emulation import cost_model
+
+    if quick:
+        scenario = scenario.quick_variant()
+    out.mkdir(parents=True, exist_ok=True)
+    scale = scenario.time_scale
+    with dask.config.set({"dflow.runtime.backend": "emulated"}):
+        cost = cost_model()
+    physics_ = physics(scenario, cost)
+    entries = generate(scenario.workload, scenario.duration)
+    window = (scenario.warmup, scenario.duration)
+    results: dict[str, Any] = {
+        "scenario": scenario.name,
+        "title": scenario.title,
+        "label": LABEL,
+        "quick": quick,
+        "time_scale": scale,
+        "duration_s": scenario.duration,
+        "window_s": list(window),
+        "requests": len(entries),
+        "fleet": scenario.fleet,
+        "slo_s": {
+            m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()
+        },
+        "physics": physics_summary(physics_, entries, window),
+        "modes": {},
+    }
+    runs = {}
+    for mode in modes:
+        kind = "monolithic" if mode in MONOLITHIC else "disaggregated"
+        allocation = physics_.allocation[kind]
+
+        def report(elapsed: float, mode: str = mode) -> None:
+            if progress is not None:
+                progress(mode, elapsed, scenario.duration)
+
+        started = time.monotonic()
+        run = run_mode(
+            scenario,
+            mode,
+            entries,
+            allocation,
+            cost,
+            scale=scale,
+            duration=scenario.duration,
+            drain=scenario.drain,
+            progress=report,
+        )
+        runs[mode] = run
+        summary = summarize(run, physics_, scenario, window)
+        summary["wall_s"] = time.monotonic() - started
+        summary["allocation"] = {"/".join(p): v for p, v in sorted(allocation.items())}
+        results["modes"][mode] = summary
+        write_results(out / "results.json", results)
+    results["ratios"] = ratios(results)
+    write_results(out / "results.json", results)
+    from dflow.bench.plots import plot_load, plot_pools
+
+    plot_load(runs, out / "load.png", title=f"{scenario.name}: {scenario.title}")
+    plot_pools(runs, out / "pools.png", title=f"{scenario.name}: {scenario.title}")
+    return results
+
+
+def physics_summary(
+    p: Physics, entries: Sequence[TraceEntry], window: tuple[float, float]
+) -> dict[str, Any]:
+    arrivals = [e.t for e in entries]
+    summary: dict[str, Any] = {"phases": []}
+    for (start, end), mix, mono, dis in zip(
+        p.phases, p.mixes, p.capacity["monolithic"], p.capacity["disaggregated"]
+    ):
+        offered = sum(1 for t in arrivals if start <= t < end) / (end - start)
+        summary["phases"].append(
+            {
+                "start_s": start,
+                "end_s": end,
+                "mix": {r.model: round(w, 4) for r, w in mix},
+                "offered_rps": offered,
+                "bound_monolithic_rps": mono,
+                "bound_disaggregated_rps": dis,
+            }
+        )
+    for kind in ("monolithic", "disaggregated"):
+        summary[f"bound_{kind}_rps"] = bound(
+            arrivals, p.phases, p.capacity[kind], window
+        )
+        summary[f"best_static_{kind}"] = {
+            "/".join(k): v for k, v in sorted(p.allocation[kind].items())
+        }
+        summary[f"best_static_{kind}_rps"] = p.average_capacity[kind]
+    summary["reference_latency_s"] = p.reference_latency
+    mono, dis = (summary[f"bound_{k}_rps"] for k in ("monolithic", "disaggregated"))
+    summary["physics_ratio"] = dis / mono if mono else None
+    return summary
+
+
+def ratios(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparisons the scenarios' goals are stated in."""
+    modes = results["modes"]
+
+    def ratio(a: str, b: str, key: str, invert: bool = False) -> float | None:
+        if a not in modes or b not in modes:
+            return None
+        x, y = modes[a].get(key), modes[b].get(key)
+        if not x or not y:
+            return None
+        return y / x if invert else x / y
+
+    best = None
+    if "monolithic_autoscaled" in modes and "static" in modes:
+        best = max(
+            ("monolithic_autoscaled", "static"), key=lambda m: modes[m]["goodput_rps"]
+        )
+    return {
+        "elastic_over_monolithic_throughput": ratio(
+            "elastic", "monolithic", "throughput_rps"
+        ),
+        "monolithic_over_elastic_p95": ratio(
+            "elastic", "monolithic", "p95_s", invert=True
+        ),
+        "elastic_over_best_b_c_goodput": ratio("elastic", best, "goodput_rps")
+        if best
+        else None,
+        "best_of_b_c": best,
+        "physics_ratio": results["physics"]["physics_ratio"],
+    }
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def finite(value: Any) -> Any:
+    """``value`` with infinities and NaNs as ``None`` (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_results(path: Path, results: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(finite(dict(results)), indent=2, default=_json))
+
+
+def table(results: Mapping[str, Any]) -> str:
+    """The modes of ``results`` as a markdown table."""
+
+    def f(value: Any, digits: int = 3) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    lines = [
+        "| mode | throughput rps | goodput rps | p50 s | p95 s | p99 s | SLO att. "
+        "| bound rps | bound ratio | utilization | decisions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in results["modes"].items():
+        use = ", ".join(
+            f"{s} {u:.2f}" for s, u in m["utilization"].items() if u is not None
+        )
+        lines.append(
+            f"| {mode} | {f(m['throughput_rps'])} | {f(m['goodput_rps'])} | "
+            f"{f(m['p50_s'])} | {f(m['p95_s'])} | {f(m['p99_s'])} | "
+            f"{f(m['slo_attainment'])} | {f(m['bound_rps'])} | "
+            f"{f(m['bound_ratio'])} | {use} | {m['decisions']} |"
+        )
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep distributed's and dflow's INFO logs (a line per switch) out of a run."""
+    loggers = [logging.getLogger(n) for n in ("distributed", "dflow")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        # a run cancels the requests left at its end: workers warn about each
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+__all__ = [
+    "LABEL",
+    "MODES",
+    "Outcome",
+    "Physics",
+    "bound",
+    "capacity",
+    "metrics",
+    "percentiles",
+    "physics",
+    "run_scenario",
+]

@@ -1,0 +1,202 @@
+"""The benchmark scenarios: S1-S3 (four serving modes on one fleet) and S4 (scale).
+
+Each scenario fixes a fleet of emulated GPU types, a workload, how long it runs
+and how much it compresses time; ``--quick`` shortens it (fewer emulated
+seconds, more compression) so that it runs in a few minutes on two cores.
+Rates are chosen from the physical bounds the profile gives the fleet
+(:mod:`dflow.bench.bounds`), quoted next to each scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dflow.bench.workload import Arrivals, Phase, Template, Workload
+
+FLUX = "flux.1-dev"
+PIXART = "pixart-sigma-1024"
+WAN = "wan2.1-t2v-1.3b"
+
+#: dflow's controller settings, in emulated seconds: its defaults but for the
+#: interval (5 s rather than 2 s: each plan walks the scheduler's tasks, and at
+#: a time scale of 0.05 a 2 s interval would plan 10 times a wall second on two
+#: cores) and the horizon (120 s rather than 30 s: a Flux request takes 25 s on
+#: a 4090 and a DiT load 17 s, so over 30 s a move could never pay)
+CONTROLLER = {
+    "interval": 5.0,
+    "horizon": 120.0,
+    "cooldown": 60.0,
+    "hysteresis": 0.1,
+    "window": 30.0,
+    "default-switch": 10.0,
+}
+
+#: Ray Serve's request-based policy; downscale after 60 s (Ray's default is
+#: 600 s), which favours the baseline on a shifting mix
+AUTOSCALER = {
+    "target_ongoing": 2.0,
+    "upscale_delay": 30.0,
+    "downscale_delay": 60.0,
+    "interval": 10.0,
+    "look_back": 30.0,
+    "min_replicas": 1,
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark scenario.
+
+    Parameters
+    ----------
+    fleet
+        Emulated GPUs per type (``configs/gpus.yaml``).
+    duration, warmup, drain
+        Emulated seconds of arrivals; the first ``warmup`` seconds are left out
+        of the metrics; after the arrivals the run waits up to ``drain`` seconds
+        for requests in flight.
+    time_scale
+        ``dflow.emulation.time-scale`` of the run.
+    slo_factor
+        A model's SLO is this times its latency alone on the fleet's best
+        deployment.
+    quick
+        Overrides for ``--quick``.
+    """
+
+    name: str
+    title: str
+    fleet: dict[str, int]
+    workload: Workload
+    duration: float
+    warmup: float
+    drain: float
+    time_scale: float
+    goals: str
+    slo_factor: float = 5.0
+    sample_every: float = 5.0
+    controller: dict[str, Any] = field(default_factory=lambda: dict(CONTROLLER))
+    autoscaler: dict[str, Any] = field(default_factory=lambda: dict(AUTOSCALER))
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def quick_variant(self) -> Scenario:
+        """The scenario as ``--quick`` runs it."""
+        return replace(self, quick={}, **self.quick)
+
+
+def s1() -> Scenario:
+    """Steady Flux 1024px on eight emulated RTX 4090s (24 GiB).
+
+    The whole Flux pipeline (33.9 GiB resident) does not fit a 24 GiB card, so
+    a monolithic replica offloads (model offload, 48.6 s a request on a 4090);
+    a DiT-only worker (22.7 GiB peak) holds its stage resident (25.3 s). The
+    best disaggregated allocation is 1 encoder / 6 DiT / 1 VAE: 6 / 25.31 =
+    0.237 requests/s; eight offloading replicas make 8 / 48.59 = 0.165. The
+    arrivals (0.26/s, 1.1x the disaggregated bound) saturate every mode.
+    """
+    workload = Workload(
+        [Phase(0, Arrivals("poisson", rate=0.26), [Template(FLUX)], name="flux")],
+        seed=1,
+    )
+    return Scenario(
+        name="S1",
+        title="steady Flux 1024px, 8 x RTX 4090 (24 GiB)",
+        fleet={"rtx4090": 8},
+        workload=workload,
+        duration=1800,
+        warmup=300,
+        drain=300,
+        time_scale=0.05,
+        goals="elastic bound_ratio >= 0.97",
+        quick={"duration": 900, "warmup": 200, "drain": 150, "time_scale": 0.02},
+    )
+
+
+def s2_workload(cycles: int, phase: float) -> Workload:
+    """The mix moves between Flux images, PixArt images and Wan 1.3B video
+    (17 frames) every ``phase`` seconds: 80% of the requests for one model,
+    10% for each other. Each phase's rate is 0.85x the disaggregated bound of
+    a 24-card fleet at its mix (0.66, 2.37 and 0.36 requests/s)."""
+    mixes = {
+        "flux": ((FLUX, 0.8), (PIXART, 0.1), (WAN, 0.1)),
+        "pixart": ((FLUX, 0.1), (PIXART, 0.8), (WAN, 0.1)),
+        "wan": ((FLUX, 0.1), (PIXART, 0.1), (WAN, 0.8)),
+    }
+    rates = {"flux": 0.56, "pixart": 2.0, "wan": 0.30}
+    phases = []
+    for cycle in range(cycles):
+        for index, (name, mix) in enumerate(mixes.items()):
+            templates = [
+                Template(m, weight=w, num_frames=17 if m == WAN else None)
+                for m, w in mix
+            ]
+            start = (cycle * len(mixes) + index) * phase
+            phases.append(
+                Phase(start, Arrivals("poisson", rate=rates[name]), templates, name)
+            )
+    return Workload(phases, seed=2)
+
+
+def s2() -> Scenario:
+    """A multi-model shift on 24 emulated RTX 4090s (see :func:`s2_workload`)."""
+    return Scenario(
+        name="S2",
+        title="Flux / PixArt / Wan 1.3B mix shifting every 4 min, 24 x RTX 4090",
+        fleet={"rtx4090": 24},
+        workload=s2_workload(cycles=2, phase=240),
+        duration=1440,
+        warmup=60,
+        drain=300,
+        time_scale=0.05,
+        goals=(
+            "elastic >= 3.4x monolithic throughput and >= 18.5x lower p95; "
+            "elastic >= 1.3x goodput of the best of monolithic_autoscaled and static"
+        ),
+        quick={
+            "workload": s2_workload(cycles=1, phase=200),
+            "duration": 600,
+            "warmup": 30,
+            "drain": 150,
+            "time_scale": 0.04,
+        },
+    )
+
+
+def s3() -> Scenario:
+    """Steady Flux on a heterogeneous fleet: 4 H100 SXM and 8 RTX 4090.
+
+    The H100 runs the Flux DiT 4.5x faster than a 4090 (5.65 s against
+    25.3 s) but the encoder only 1.5x faster, so the best allocation puts the
+    H100s on the DiT and the encoder and VAE on 4090s: 4 / 5.65 + 6 / 25.31
+    = 0.945 requests/s. Monolithic replicas: the H100s hold Flux whole (5.8 s),
+    the 4090s offload (48.6 s): 0.853/s. Arrivals at 1.04/s (1.1x) saturate.
+    """
+    workload = Workload(
+        [Phase(0, Arrivals("poisson", rate=1.04), [Template(FLUX)], name="flux")],
+        seed=3,
+    )
+    return Scenario(
+        name="S3",
+        title="steady Flux 1024px, 4 x H100 SXM + 8 x RTX 4090",
+        fleet={"h100-sxm": 4, "rtx4090": 8},
+        workload=workload,
+        duration=1200,
+        warmup=200,
+        drain=150,
+        time_scale=0.08,
+        goals="elastic bound_ratio >= 0.95; H100s on the DiT",
+        quick={"duration": 600, "warmup": 120, "drain": 100, "time_scale": 0.04},
+    )
+
+
+SCENARIOS = {"S1": s1, "S2": s2, "S3": s3}
+
+
+def get(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name.upper()]()
+    except KeyError:
+        raise ValueError(
+            f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}, S4"
+        ) from None
