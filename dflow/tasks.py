@@ -25,7 +25,7 @@ def _runtime(request: Request, stage: str) -> runtimes.StageRuntime:
     own; the process's registry for workers without one."""
     plugin = get_worker().plugins.get("dflow-stage")
     if plugin is not None:
-        runtime = plugin.runtime
+        runtime: runtimes.StageRuntime | None = getattr(plugin, "runtime", None)
         if (
             runtime is None
             or runtime.model != request.model

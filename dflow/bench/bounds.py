@@ -246,11 +246,12 @@ def fluid_departures(
 
     ``arrivals`` are arrival times; ``capacities`` ``(start, rate)`` pieces of the
     rate the fleet can serve from ``start`` on. Departures by ``t`` are at most
-    ``min over s <= t of A(s) + C(t) - C(s)``: what arrived by ``s`` plus all the
+    ``min over s <= t of A(s-) + C(t) - C(s)``: what arrived before ``s`` plus all the
     capacity since (the queue starts empty; service takes no time).
     """
     grid = np.arange(0.0, horizon + step, step)
-    counts = np.searchsorted(np.sort(np.asarray(arrivals)), grid, side="right")
+    # A(s-): what arrived before s, so nothing is done before capacity exists
+    counts = np.searchsorted(np.sort(np.asarray(arrivals)), grid, side="left")
     starts = [s for s, _ in capacities]
     rates = np.array([r for _, r in capacities])
     index = np.searchsorted(starts, grid[:-1], side="right") - 1

@@ -305,16 +305,13 @@ def busy_fraction(
         clipped = sorted(
             (max(a, start), min(b, end)) for a, b in spans if b > start and a < end
         )
-        current_start = current_end = None
+        merged: list[list[float]] = []
         for a, b in clipped:
-            if current_end is None or a > current_end:
-                if current_end is not None:
-                    busy += current_end - current_start
-                current_start, current_end = a, b
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
             else:
-                current_end = max(current_end, b)
-        if current_end is not None:
-            busy += current_end - current_start
+                merged.append([a, b])
+        busy += sum(b - a for a, b in merged)
     return min(1.0, busy / total)
 
 
@@ -556,7 +553,7 @@ def run_mode(
         client = stack.enter_context(Client(cluster))
         mode_name = "monolithic" if monolithic else "disaggregated"
         futures: dict[int, Any] = {}
-        keys: dict[str, int] = {}
+        keys: dict[Any, int] = {}
         enabled: float | None = None
         lock = threading.Lock()
         ordered = sorted(range(len(entries)), key=lambda i: entries[i].t)
@@ -569,13 +566,11 @@ def run_mode(
             if (
                 mode == "elastic"
                 and not controller.enabled
-                and (
-                    pools <= recorder.served
-                    or now - start > scenario.warmup / 2 * scale
-                )
+                and (pools <= recorder.served or now - start > scenario.warmup * scale)
             ):
                 # dflow prices a pool from its finished tasks: before any, a
-                # pool looks idle and the controller would strip it
+                # pool looks idle and the controller would strip it (a cold
+                # start issue of ElasticController.price, not of the load)
                 controller.enabled = True
                 enabled = (now - start) / scale
             due = []
