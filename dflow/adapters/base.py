@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+import dask.config
+
 from dflow.presets import quiet_progress_bars
 from dflow.spec import ModelSpec, read_configs, stage_of_component
 
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Embeddings = dict[str, torch.Tensor]
+#: How a pipeline too large for its device runs (config ``dflow.runtime.offload``):
+#: resident, diffusers' model offload, or block-level group offload with streams
+OFFLOAD_MODES = ("none", "model", "group")
 StepCallback = Callable[[int], None]
 
 
@@ -87,6 +92,14 @@ class Adapter:
     def _load(self) -> Any:
         from dflow import presets
 
+        offload = dask.config.get("dflow.runtime.offload") or "none"
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(
+                f"dflow.runtime.offload must be one of {', '.join(OFFLOAD_MODES)}, "
+                f"got {offload!r}"
+            )
+        # offloaded weights live in host memory and visit the device per use
+        home = self.device if offload == "none" else torch.device("cpu")
         if self.spec.source is not None:
             skipped = {
                 name: None
@@ -97,10 +110,20 @@ class Adapter:
                 pipe = self.pipeline_class(self.spec.pipeline).from_pretrained(
                     self.spec.source, dtype=self.dtype, **skipped
                 )
-            pipe.to(self.device)
+            pipe.to(home)
         else:
             pipe = presets.build(
-                self.spec.preset or "", self.stages, str(self.device), self.dtype
+                self.spec.preset or "", self.stages, str(home), self.dtype
+            )
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif offload == "group":
+            pipe.enable_group_offload(
+                onload_device=self.device,
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                # overlap the next block's copy with compute where streams exist
+                use_stream=self.device.type == "cuda",
             )
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe)
