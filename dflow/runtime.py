@@ -18,6 +18,7 @@ import gc
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 import dask.config
+from dask.utils import parse_bytes
 
 import dflow.config  # noqa: F401
 from dflow.adapters import Adapter, adapter_for
@@ -34,6 +36,10 @@ from dflow.request import Request
 from dflow.spec import STAGES, ModelSpec, resolve
 
 logger = logging.getLogger(__name__)
+
+#: Building and loading models is not thread-safe (diffusers' lazy imports, models
+#: built on the meta device): the runtimes of one process load one at a time.
+_loading = threading.Lock()
 
 #: The stages a runtime can host: one of ``STAGES``, or ``"all"`` (monolithic).
 RUNTIME_STAGES = (*STAGES, "all")
@@ -162,16 +168,27 @@ class StageRuntime:
             raise ValueError(
                 f"stage must be one of {', '.join(RUNTIME_STAGES)}, got {stage!r}"
             )
-        self.spec = resolve(model)
         self.stage = stage
-        self.device = device or default_device()
-        self.dtype = dtype or default_dtype(self.spec, self.device)
         max_batch = max_batch or dask.config.get("dflow.runtime.max-batch", 8)
         stages = STAGES if stage == "all" else (stage,)
-        adapter = _adapter_class(self.spec, gpu_type)
-        start = time.perf_counter()
-        self.adapter = adapter(self.spec, stages, self.device, self.dtype)
-        self.load_seconds = time.perf_counter() - start
+        with _loading:
+            self.spec = resolve(model)
+            self.device = device or default_device()
+            self.dtype = dtype or default_dtype(self.spec, self.device)
+            adapter = _adapter_class(self.spec, gpu_type)
+            limit = dask.config.get("dflow.runtime.memory-limit")
+            if limit and torch.device(self.device).type == "cuda":
+                # as if the card had only this much memory (a smaller GPU type)
+                index = torch.device(self.device).index
+                if index is None:
+                    index = torch.cuda.current_device()
+                total = torch.cuda.get_device_properties(index).total_memory
+                torch.cuda.set_per_process_memory_fraction(
+                    min(1.0, parse_bytes(limit) / total), index
+                )
+            start = time.perf_counter()
+            self.adapter = adapter(self.spec, stages, self.device, self.dtype)
+            self.load_seconds = time.perf_counter() - start
         self.peak_memory: int | None = None
         self._lock = threading.Lock()
         self._encode = Batcher(self._encode_batch, max_batch)
@@ -313,8 +330,9 @@ class StageRuntime:
 
     @contextlib.contextmanager
     def _measure(self) -> Iterator[Callable[[], float]]:
-        """Time a device call (synchronized) and record its peak memory; turn a
-        device out-of-memory error into :class:`StageOutOfMemory` after freeing."""
+        """Time a device call (synchronized) and record its peak memory; turn an
+        out-of-memory error (CUDA's, or the CPU allocator's) into
+        :class:`StageOutOfMemory` after freeing what the call held."""
         cuda = torch.device(self.device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -330,7 +348,14 @@ class StageRuntime:
                 torch.cuda.synchronize(self.device)
                 self.peak_memory = torch.cuda.max_memory_allocated(self.device)
             stop = time.perf_counter()
-        except torch.OutOfMemoryError as error:
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and not _host_oom(error):
+                raise
+            # The failed call's frames hold its tensors until the error is gone,
+            # and the worker keeps the error: drop their locals so the memory
+            # comes back now, to the cache and then to the device.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
             raise StageOutOfMemory(
@@ -340,15 +365,18 @@ class StageRuntime:
     def _fake_embeddings(self, request: Request) -> dict[str, Any]:
         spec = self.spec
         shape = (1, spec.max_sequence_length, spec.text_dim)
-        embeddings = {"prompt_embeds": torch.zeros(shape)}
+        # the dtype an encoder in this precision would send
+        embeddings = {"prompt_embeds": torch.zeros(shape, dtype=self.dtype)}
         if spec.pooled_dim:
-            embeddings["pooled_prompt_embeds"] = torch.zeros(1, spec.pooled_dim)
+            embeddings["pooled_prompt_embeds"] = torch.zeros(
+                1, spec.pooled_dim, dtype=self.dtype
+            )
         if spec.family == "pixart":
             embeddings["prompt_attention_mask"] = torch.ones(
                 shape[:2], dtype=torch.long
             )
         if self.adapter.uses_negative(request):
-            embeddings["negative_prompt_embeds"] = torch.zeros(shape)
+            embeddings["negative_prompt_embeds"] = torch.zeros(shape, dtype=self.dtype)
             if spec.family == "pixart":
                 embeddings["negative_prompt_attention_mask"] = torch.ones(
                     shape[:2], dtype=torch.long
@@ -362,6 +390,15 @@ class StageRuntime:
             tokens = shape[1] * shape[2] // 4
             return torch.zeros(1, tokens, shape[0] * 4)
         return torch.zeros(1, *shape)
+
+
+def _host_oom(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch's CPU allocator failing (it raises a plain
+    RuntimeError, not ``torch.OutOfMemoryError``)."""
+    message = str(error)
+    return "DefaultCPUAllocator" in message and (
+        "can't allocate memory" in message or "not enough memory" in message
+    )
 
 
 _runtimes: dict[tuple[str, str], StageRuntime] = {}
