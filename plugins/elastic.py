@@ -22,8 +22,10 @@ data in a switch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -147,11 +149,14 @@ class ElasticController(SchedulerPlugin):
         self.extension.elastic = self
         scheduler.handlers["dflow_pool_targets"] = self.pool_targets
         if self.predictor is None:
-            # seeding imports torch and diffusers: off the event loop, and until it
-            # is done the controller prices pools by their observed service times
-            task = asyncio.ensure_future(asyncio.to_thread(default_predictor))
-            task.add_done_callback(self._predictor_ready)
-            self._tasks.add(task)
+            # Seeding imports torch and diffusers and resolves the real-size
+            # presets: seconds, so off the event loop; until it is done the
+            # controller prices pools by their observed service times. A daemon
+            # thread, so closing the scheduler does not wait for it.
+            loop = asyncio.get_running_loop()
+            threading.Thread(
+                target=self._seed_predictor, args=(loop,), daemon=True
+            ).start()
         interval = parse_timedelta(dask.config.get("dflow.elastic.interval"))
         scheduler.periodic_callbacks["dflow-elastic"] = pc = _periodic(
             self.step, interval
@@ -162,16 +167,19 @@ class ElasticController(SchedulerPlugin):
         for task in self._tasks:
             task.cancel()
 
-    def _predictor_ready(self, task: asyncio.Future) -> None:
-        self._tasks.discard(task)  # type: ignore[arg-type]
-        if task.cancelled():
+    def _seed_predictor(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            predictor = default_predictor()
+        except Exception:
+            logger.exception("No stage-cost predictor; pricing by observed times")
             return
-        if task.exception() is not None:
-            logger.error("No stage-cost predictor: %r", task.exception())
-            return
-        self.predictor = task.result()
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._use_predictor, predictor)
+
+    def _use_predictor(self, predictor: Predictor) -> None:
+        self.predictor = predictor
         if self.telemetry is not None:
-            self.telemetry.predictor = self.predictor
+            self.telemetry.predictor = predictor
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         if self.switcher is not None:
@@ -232,7 +240,13 @@ class ElasticController(SchedulerPlugin):
         if not workers:
             return None
         pools = {w.pool for w in workers if w.pool is not None}
-        pools |= {p for p in self.telemetry.pools() if p[0] != "all" or p in pools}
+        # pools nobody serves enter the plan only while they have work
+        pools |= {
+            p
+            for p in self.telemetry.pools()
+            if p[0] != "all"
+            and (self.telemetry.arrival_rate(p) or self.telemetry.queue(p))
+        }
         reference = Counter(w.gpu_type for w in workers).most_common(1)[0][0]
         gpu_types = {w.gpu_type for w in workers}
         prices = {pool: self.price(pool, reference, gpu_types) for pool in pools}
@@ -324,10 +338,8 @@ class ElasticController(SchedulerPlugin):
 
     def recent_features(self, pool: Pool) -> dict | None:
         """Features of the pool's most recent finished task."""
-        for record in reversed(self.telemetry.records):
-            if (record.stage, record.model) == pool:
-                return record.features
-        return None
+        recent = self.telemetry.recent.get(pool)
+        return recent[-1] if recent else None
 
     def demands(self, prices: dict[Pool, Price]) -> dict[Pool, Demand]:
         """Arrivals times service, plus the work owed by requests in flight."""

@@ -86,6 +86,10 @@ class Telemetry(SchedulerPlugin):
         )
         #: EWMA of observed compute seconds per pool
         self.service: dict[Pool, float] = {}
+        #: features of each pool's latest finished tasks, newest last
+        self.recent: defaultdict[Pool, deque[dict[str, Any]]] = defaultdict(
+            lambda: deque(maxlen=50)
+        )
         self.alpha = float(dask.config.get("dflow.telemetry.ewma-alpha"))
         self.predictor: Any = None
         self._last_sample_completed = 0
@@ -144,6 +148,7 @@ class Telemetry(SchedulerPlugin):
         )
         self.records.append(entry)
         pool = (entry.stage, entry.model)
+        self.recent[pool].append(entry.features)
         previous = self.service.get(pool)
         self.service[pool] = (
             compute
@@ -187,8 +192,13 @@ class Telemetry(SchedulerPlugin):
         return count
 
     def pools(self) -> set[Pool]:
-        """Pools that have workers or have seen requests."""
+        """Pools that have workers or saw requests within the window; pools
+        retired longer ago are forgotten."""
         known = {r.pool for r in self.extension.workers.values() if r.pool}
+        horizon = time.time() - 10 * self.window
+        for pool in [p for p, times in self.arrivals.items() if p not in known]:
+            if not self.arrivals[pool] or self.arrivals[pool][-1] < horizon:
+                del self.arrivals[pool]
         return known | set(self.arrivals)
 
     def annotate_status(self, stages: dict[str, dict[str, Any]]) -> None:
@@ -216,17 +226,25 @@ class Telemetry(SchedulerPlugin):
         if self.predictor is None:
             return None
         stage, model = pool
-        recent = [r for r in self.records if (r.stage, r.model) == pool][-50:]
-        if not recent:
+        gpu_types = self.gpu_types(pool)
+        recent = self.recent.get(pool)
+        if not recent or not gpu_types:
             return None
         try:
             values = [
-                self.predictor.predict(model, stage, r.gpu_type, r.features).seconds
-                for r in recent
+                self.predictor.predict(model, stage, gpu_type, features).seconds
+                for features in recent
+                for gpu_type in gpu_types
             ]
         except LookupError:
             return None
         return float(np.mean(values))
+
+    def gpu_types(self, pool: Pool) -> list[str]:
+        """GPU types of the workers serving ``pool`` now."""
+        return sorted(
+            {r.gpu_type for r in self.extension.workers.values() if r.pool == pool}
+        )
 
     # -- sampling --------------------------------------------------------------------
 
