@@ -465,6 +465,10 @@ def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
         "dflow.planner.hysteresis": s["hysteresis"],
         "dflow.telemetry.window": s["window"] * scale,
         "dflow.telemetry.max-records": 2000,
+        # the online correction would learn Dask's per-task CPU time divided by
+        # the time scale (25x at 0.04), inflating the sub-second encoder and
+        # VAE: the controller trusts the profile, which the emulation charges
+        "dflow.predictor.ewma-alpha": 0.0,
         "dflow.predictor.refit-interval": 3600,
         "dflow.client.model-timeout": "120s",
         "dflow.scheduler.unserved-timeout": "3600s",
