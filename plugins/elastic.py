@@ -233,13 +233,15 @@ class ElasticController(SchedulerPlugin):
         task.add_done_callback(self._tasks.discard)
 
     def plan(self) -> Plan | None:
-        """The planner's plan for the current fleet and demand (None: no fleet)."""
+        """The planner's plan for the current fleet and demand (None: no fleet, or
+        the demand of a pool cannot be priced yet)."""
         assert self.scheduler is not None and self.switcher is not None
         now = time.time()
         workers = self.planner_workers(now)
         if not workers:
             return None
-        pools = {w.pool for w in workers if w.pool is not None}
+        served = {w.pool for w in workers if w.pool is not None}
+        pools = set(served)
         # pools nobody serves enter the plan only while they have work
         pools |= {
             p
@@ -250,8 +252,23 @@ class ElasticController(SchedulerPlugin):
         reference = Counter(w.gpu_type for w in workers).most_common(1)[0][0]
         gpu_types = {w.gpu_type for w in workers}
         prices = {pool: self.price(pool, reference, gpu_types) for pool in pools}
+        owed = self.owed()
+        # A served pool that owes work it cannot price (no profile covers it and
+        # none of its tasks has finished) has unknown demand, not none: planning
+        # without it would give its workers to the pools that are priced.
+        unpriced = sorted(p for p in served if owed[p] and not prices[p].seconds)
+        if unpriced:
+            self.last_plan = {
+                "time": now,
+                "utilization": {},
+                "bottleneck": None,
+                "feasible": True,
+                "reason": "no move: waiting for a first service time of "
+                + ", ".join(f"{stage} of {model}" for stage, model in unpriced),
+            }
+            return None
         costs = {pool: price.cost for pool, price in prices.items()}
-        demands = self.demands(prices)
+        demands = self.demands(prices, owed)
         result = plan(workers, demands, costs, now=now)
         self.last_plan = {
             "time": now,
@@ -337,22 +354,36 @@ class ElasticController(SchedulerPlugin):
         )
 
     def recent_features(self, pool: Pool) -> dict | None:
-        """Features of the pool's most recent finished task."""
+        """Features of the pool's most recent finished task, else of a task it
+        still owes: a profile prices a burst before its first task finishes."""
         recent = self.telemetry.recent.get(pool)
-        return recent[-1] if recent else None
-
-    def demands(self, prices: dict[Pool, Price]) -> dict[Pool, Demand]:
-        """Arrivals times service, plus the work owed by requests in flight."""
+        if recent:
+            return recent[-1]
         assert self.scheduler is not None
-        backlog: Counter[Pool] = Counter()
         for ts in self.scheduler.tasks.values():
-            pool = _pool_of(ts)
-            if pool is not None and pool in prices and ts.state in OWED:
-                backlog[pool] += prices[pool].seconds
+            if ts.state in OWED and _pool_of(ts) == pool:
+                return (ts.annotations or {})["dflow"].get("features", {})
+        return None
+
+    def owed(self) -> Counter[Pool]:
+        """Tasks of each pool that requests in flight still owe."""
+        assert self.scheduler is not None
+        owed: Counter[Pool] = Counter()
+        for ts in self.scheduler.tasks.values():
+            if ts.state in OWED and (pool := _pool_of(ts)) is not None:
+                owed[pool] += 1
+        return owed
+
+    def demands(
+        self, prices: dict[Pool, Price], owed: Counter[Pool] | None = None
+    ) -> dict[Pool, Demand]:
+        """Arrivals times service, plus the work owed by requests in flight."""
+        if owed is None:
+            owed = self.owed()
         return {
             pool: Demand(
                 rate=self.telemetry.arrival_rate(pool) * price.seconds,
-                backlog=backlog[pool],
+                backlog=owed[pool] * price.seconds,
             )
             for pool, price in prices.items()
         }
