@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -269,6 +270,7 @@ class ElasticController(SchedulerPlugin):
             return None
         costs = {pool: price.cost for pool, price in prices.items()}
         demands = self.demands(prices, owed)
+        workers = [self.dwelling(w, prices) for w in workers]
         result = plan(workers, demands, costs, now=now)
         self.last_plan = {
             "time": now,
@@ -307,6 +309,26 @@ class ElasticController(SchedulerPlugin):
                 )
             )
         return workers
+
+    def dwelling(
+        self, worker: PlannerWorker, prices: dict[Pool, Price]
+    ) -> PlannerWorker:
+        """``worker`` with its cooldown stretched to ``dflow.elastic.dwell`` of its
+        pool's requests: a worker that moved serves its new pool at least that
+        many requests' time before it may move again, so pools of long requests
+        (a video on a slow card takes minutes) do not trade workers back and
+        forth faster than either can use them."""
+        if worker.last_move is None or worker.pool not in prices:
+            return worker
+        price = prices[worker.pool]
+        speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+        dwell = float(dask.config.get("dflow.elastic.dwell")) * price.seconds / speed
+        cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))
+        if dwell <= cooldown:
+            return worker
+        return dataclasses.replace(
+            worker, last_move=worker.last_move + dwell - cooldown
+        )
 
     @property
     def telemetry(self) -> Any:
@@ -380,9 +402,13 @@ class ElasticController(SchedulerPlugin):
         """Arrivals times service, plus the work owed by requests in flight."""
         if owed is None:
             owed = self.owed()
+        # rates over the planning horizon at least: a short window turns the
+        # randomness of arrivals into swings of demand, and moves
+        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
+        window = max(self.telemetry.window, horizon)
         return {
             pool: Demand(
-                rate=self.telemetry.arrival_rate(pool) * price.seconds,
+                rate=self.telemetry.arrival_rate(pool, window) * price.seconds,
                 backlog=owed[pool] * price.seconds,
             )
             for pool, price in prices.items()
