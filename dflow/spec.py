@@ -125,10 +125,10 @@ def canonical_name(model: str) -> str:
 def resolve(model: str) -> ModelSpec:
     """Find the spec of ``model``.
 
-    Looked up in order: specs registered in this process (for example fetched
-    from a cluster's scheduler), dflow presets, a local diffusers folder, a Hugging
-    Face id in the local cache (offline). Raises ``ValueError`` naming the field
-    ``model`` when none matches.
+    Looked up in order: specs registered in this process, dflow presets, a local
+    diffusers folder, a Hugging Face id in the local cache (offline), and last the
+    models the default Dask client's cluster serves (``dflow.models``). Raises
+    ``ValueError`` naming the field ``model`` when none matches.
     """
     from dflow import presets
 
@@ -145,6 +145,8 @@ def resolve(model: str) -> ModelSpec:
         spec = from_folder(name)
     else:
         folder = _hf_cache_folder(name)
+        if folder is None and _fetch_cluster_specs():
+            return resolve(model)
         if folder is None:
             raise ValueError(
                 f"model: unknown model {model!r}; expected a preset "
@@ -155,6 +157,25 @@ def resolve(model: str) -> ModelSpec:
         spec = from_folder(folder, name=name)
     register(spec)
     return spec
+
+
+def _fetch_cluster_specs() -> bool:
+    """Register the specs of the models the default client's cluster serves, so
+    a notebook can name a model whose folder only the workers have. Returns
+    whether it learned any model it did not know."""
+    try:
+        from distributed import default_client
+
+        from dflow.client import models
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return False
+    with _lock:
+        before = set(_registry)
+    models(client)
+    with _lock:
+        return bool(set(_registry) - before)
 
 
 def _hf_cache_folder(repo_id: str) -> str | None:
