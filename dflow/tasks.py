@@ -48,21 +48,50 @@ def _still_wanted() -> bool:
     return task is not None and task.state == "executing"
 
 
+def _validated(request: Request) -> Request:
+    """``request``, validated again where the model is: a client without the
+    model's folder cannot count the prompt's tokens, and one with stale specs
+    checks against old limits. Raises :class:`~dflow.errors.InvalidRequest`."""
+    request.replace()
+    return request
+
+
+def _report(timings: dict[str, float], call: str) -> None:
+    """Note on this task what its stage call cost, for the scheduler's
+    telemetry: the seconds of the call and how many requests shared it. The
+    task's own duration also counts the wait for a batch to run."""
+    key = getattr(thread_state, "key", None)
+    task = get_worker().state.tasks.get(key) if key is not None else None
+    if task is not None:
+        task.metadata["dflow"] = {
+            "seconds": timings[call],
+            "batch": int(timings.get(f"{call}_batch", 1)),
+        }
+
+
 def encode(request: Request) -> dict[str, Any]:
-    return _runtime(request, "encoder").encode(request)
+    embeddings = _runtime(request, "encoder").encode(_validated(request))
+    _report(embeddings["timings"], "encode")
+    return embeddings
 
 
 def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
-    return _runtime(request, "dit").denoise(
+    latents = _runtime(request, "dit").denoise(
         request, embeddings, should_stop=lambda: not _still_wanted()
     )
+    _report(latents["timings"], "denoise")
+    return latents
 
 
 def decode(request: Request, latents: dict[str, Any]) -> Output:
-    return _runtime(request, "vae").decode(request, latents)
+    output = _runtime(request, "vae").decode(request, latents)
+    _report(output.timings, "decode")
+    return output
 
 
 def generate(request: Request) -> Output:
-    return _runtime(request, "all").generate(
-        request, should_stop=lambda: not _still_wanted()
+    output = _runtime(request, "all").generate(
+        _validated(request), should_stop=lambda: not _still_wanted()
     )
+    _report(output.timings, "generate")
+    return output

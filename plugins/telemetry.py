@@ -46,6 +46,15 @@ class StageRecord:
     transfer_s: float
     nbytes: int
     features: dict[str, Any]
+    #: device seconds of the stage call, and how many requests shared it (the
+    #: task's compute time also counts its wait for the batch)
+    call_s: float = 0.0
+    batch: int = 1
+
+    @property
+    def service_s(self) -> float:
+        """This request's share of its stage call."""
+        return self.call_s / self.batch
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,8 @@ class Telemetry(SchedulerPlugin):
         self.arrivals: defaultdict[Pool, deque[float]] = defaultdict(
             lambda: deque(maxlen=10_000)
         )
-        #: EWMA of observed compute seconds per pool
+        #: EWMA of each pool's observed seconds per request (a batch's call
+        #: shared among its requests)
         self.service: dict[Pool, float] = {}
         #: features of each pool's latest finished tasks, newest last
         self.recent: defaultdict[Pool, deque[dict[str, Any]]] = defaultdict(
@@ -133,6 +143,7 @@ class Telemetry(SchedulerPlugin):
                 transfer += duration
         worker = kwargs.get("worker", "")
         record = self.extension.workers.get(worker)
+        call = (kwargs.get("metadata") or {}).get("dflow") or {}
         entry = StageRecord(
             finished=finished,
             key=str(key),
@@ -145,20 +156,28 @@ class Telemetry(SchedulerPlugin):
             transfer_s=transfer,
             nbytes=int(kwargs.get("nbytes") or 0),
             features=info.get("features", {}),
+            call_s=float(call.get("seconds", compute)),
+            batch=int(call.get("batch", 1)),
         )
         self.records.append(entry)
         pool = (entry.stage, entry.model)
         self.recent[pool].append(entry.features)
+        service = entry.service_s
         previous = self.service.get(pool)
         self.service[pool] = (
-            compute
+            service
             if previous is None
-            else previous + self.alpha * (compute - previous)
+            else previous + self.alpha * (service - previous)
         )
         if self.predictor is not None:
             try:
                 self.predictor.observe(
-                    entry.model, entry.stage, entry.gpu_type, entry.features, compute
+                    entry.model,
+                    entry.stage,
+                    entry.gpu_type,
+                    entry.features,
+                    entry.call_s,
+                    entry.batch,
                 )
             except LookupError:
                 pass  # no profile prices this pool; the EWMA above still does
