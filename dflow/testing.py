@@ -1,0 +1,414 @@
+"""Real dflow clusters in subprocesses, for tests (like ``distributed.utils_test``).
+
+Start a ``dask scheduler`` with dflow's preload and ``dflow-worker`` processes on
+127.0.0.1, wait until their pools are ready, and stop every process on exit::
+
+    from dflow.testing import scheduler_process, wait_for_pools, worker_processes
+
+    with scheduler_process() as address, worker_processes(
+        address, [("encoder", "tiny-flux"), ("dit", "tiny-flux"), ("vae", "tiny-flux")]
+    ) as workers, Client(address) as client:
+        wait_for_pools(client, {"tiny-flux": ["encoder", "dit", "vae"]}, processes=workers)
+        future = dflow.submit(client, dflow.Request(model="tiny-flux", prompt="a fox"))
+
+Each process logs to a file (``ServiceProcess.log``); a process that fails to
+start or a pool that does not become ready raises with the tail of every log.
+Processes get this process's environment plus ``DASK_DFLOW__CACHE_DIR`` (so the
+workers find the presets this process built) and dflow's log level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import dask.config
+from distributed import Client
+
+import dflow.config  # noqa: F401
+from dflow.spec import canonical_name
+
+__all__ = [
+    "SchedulerAddress",
+    "ServiceProcess",
+    "scheduler_process",
+    "stop",
+    "wait_for_pools",
+    "worker_processes",
+]
+
+HOST = "127.0.0.1"
+#: Seconds a process gets to exit after SIGTERM before it is killed. Closing
+#: takes well under a second; a worker process then spends seconds tearing down
+#: torch's modules, which no test needs to wait for.
+STOP_TIMEOUT = 5.0
+
+
+@dataclass
+class ServiceProcess:
+    """A scheduler or ``dflow-worker`` process started by this module.
+
+    Attributes
+    ----------
+    name
+        ``"scheduler"``, or ``"<stage> <model>"`` for a worker.
+    popen
+        The process. For a worker it is the ``dflow-worker`` command, which runs
+        the Nanny; the Dask worker is its child (see :meth:`worker_pids`).
+    log
+        The file its stdout and stderr go to.
+    """
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    stage: str | None = None
+    model: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the Dask worker processes this Nanny process runs."""
+        return [
+            child.pid
+            for child in self._children(recursive=False)
+            # multiprocessing's resource tracker is a child of the Nanny too
+            if not _is_resource_tracker(child)
+        ]
+
+    def addresses(self, client: Client) -> list[str]:
+        """Scheduler addresses of this process's Dask workers."""
+        pids = set(self.worker_pids())
+        return [a for a, pid in client.run(os.getpid).items() if pid in pids]
+
+    def kill(self) -> None:
+        """SIGKILL the process and its workers, as a machine crash would: the
+        Nanny goes first, so that nothing restarts the worker."""
+        children = self._children()
+        if self.alive():
+            self.popen.kill()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        self.popen.wait()
+        psutil.wait_procs(children, timeout=STOP_TIMEOUT)
+
+    def tail(self, lines: int = 30) -> str:
+        """The last lines of the process's log."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _children(self, recursive: bool = True) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=recursive)
+        except psutil.NoSuchProcess:
+            return []
+
+    def __str__(self) -> str:
+        state = "running" if self.alive() else f"exited {self.popen.returncode}"
+        return f"{self.name} (pid {self.pid}, {state}, log {self.log})"
+
+
+class SchedulerAddress(str):
+    """A scheduler's address (a plain ``str``) that also knows its process."""
+
+    process: ServiceProcess
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def describe(processes: Iterable[ServiceProcess], lines: int = 30) -> str:
+    """Each process's state and the tail of its log, for error messages."""
+    return "\n".join(
+        f"--- {process} ---\n{process.tail(lines)}" for process in processes
+    )
+
+
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, plus what dflow processes under test need."""
+    environment = dict(os.environ)
+    cache_dir = dask.config.get("dflow.cache-dir", None)
+    if cache_dir:
+        environment["DASK_DFLOW__CACHE_DIR"] = str(cache_dir)
+    # dflow's own log lines ("Serving ...", load errors) next to distributed's
+    environment.setdefault("DASK_DISTRIBUTED__LOGGING__DFLOW", "info")
+    environment.update(env or {})
+    return environment
+
+
+@contextlib.contextmanager
+def _log_folder(log_dir: str | os.PathLike | None) -> Iterator[Path]:
+    if log_dir is not None:
+        path = Path(log_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="dflow-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start(
+    name: str, command: list[str], log: Path, env: Mapping[str, str] | None, **info
+) -> ServiceProcess:
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_environment(env),
+        )
+    return ServiceProcess(name, popen, log, **info)
+
+
+def stop(processes: Sequence[ServiceProcess], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every process, wait up to ``timeout`` for all, then SIGKILL what is
+    left (with its children) and reap it."""
+    children = {p.pid: p._children() for p in processes}
+    for process in processes:
+        if process.alive():
+            process.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.alive():
+            process.popen.kill()
+            process.popen.wait()
+        leftovers = [c for c in children[process.pid] if c.is_running()]
+        for child in leftovers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(leftovers, timeout=timeout)
+
+
+@contextlib.contextmanager
+def scheduler_process(
+    *,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    scheduler_file: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+    timeout: float = 120.0,
+) -> Iterator[SchedulerAddress]:
+    """Run ``dask scheduler --preload dflow.preload`` on 127.0.0.1; yields its
+    address, whose ``process`` attribute is the scheduler's :class:`ServiceProcess`.
+
+    Parameters
+    ----------
+    env
+        Environment variables on top of this process's, e.g.
+        ``{"DASK_DFLOW__SCHEDULER__UNSERVED_TIMEOUT": "2s"}``.
+    args
+        More ``dask scheduler`` options.
+    scheduler_file
+        Where the scheduler writes its address (default: in ``log_dir``), for
+        workers started with ``--scheduler-file``.
+    log_dir
+        Folder of the log (default: a temporary folder removed on exit).
+    timeout
+        Seconds to wait for the scheduler to start.
+    """
+    with _log_folder(log_dir) as folder:
+        path = Path(scheduler_file or folder / "scheduler.json")
+        path.unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            # the HTTP server (health, metrics) runs even without the dashboard
+            "--no-dashboard",
+            "--dashboard-address",
+            f"{HOST}:0",
+            "--preload",
+            "dflow.preload",
+            "--scheduler-file",
+            str(path),
+            *args,
+        ]
+        process = _start("scheduler", command, folder / "scheduler.log", env)
+        try:
+            yield _scheduler_address(process, path, timeout)
+        finally:
+            stop([process])
+
+
+def _scheduler_address(
+    process: ServiceProcess, path: Path, timeout: float
+) -> SchedulerAddress:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            address = SchedulerAddress(json.loads(path.read_text())["address"])
+            address.process = process
+            return address
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass  # not written yet, or written halfway
+        if not process.alive() or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the scheduler did not start within {timeout:g}s\n"
+                + describe([process])
+            )
+        time.sleep(0.05)
+
+
+def worker_command() -> list[str]:
+    """The ``dflow-worker`` console script of this Python environment."""
+    script = Path(sys.executable).with_name("dflow-worker")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from dflow.cli import worker; worker()"]
+
+
+@contextlib.contextmanager
+def worker_processes(
+    address: str | None,
+    workers: Iterable[tuple[str, str]],
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> Iterator[list[ServiceProcess]]:
+    """Run one ``dflow-worker`` process per ``(stage, model)``, all at once.
+
+    They start in parallel (each takes seconds to import torch and load its
+    model); use :func:`wait_for_pools` to wait until they serve.
+
+    Parameters
+    ----------
+    address
+        The scheduler's address; ``None`` when ``args`` carry
+        ``--scheduler-file``.
+    workers
+        ``(stage, model)`` pairs, e.g. ``[("dit", "tiny-flux")]``.
+    args
+        More ``dflow-worker`` options, for every worker.
+    env
+        Environment variables on top of this process's.
+    log_dir
+        Folder of the logs (default: a temporary folder removed on exit).
+    """
+    with _log_folder(log_dir) as folder:
+        processes: list[ServiceProcess] = []
+        try:
+            for index, (stage, model) in enumerate(workers):
+                command = [
+                    *worker_command(),
+                    *([address] if address else []),
+                    "--stage",
+                    stage,
+                    "--model",
+                    model,
+                    "--host",
+                    HOST,
+                    "--no-dashboard",
+                    "--dashboard-address",
+                    f"{HOST}:0",
+                    "--local-directory",
+                    str(folder / f"worker-{index}"),
+                    *args,
+                ]
+                log = folder / f"worker-{index}-{stage}.log"
+                processes.append(
+                    _start(
+                        f"{stage} {model}", command, log, env, stage=stage, model=model
+                    )
+                )
+            yield processes
+        finally:
+            stop(processes)
+
+
+def wait_for_pools(
+    client: Client,
+    pools: Mapping[str, Iterable[str]],
+    timeout: float = 300.0,
+    processes: Iterable[ServiceProcess] = (),
+) -> dict[str, Any]:
+    """Wait until the scheduler's ``dflow_pools`` shows ``pools`` ready.
+
+    Parameters
+    ----------
+    pools
+        ``{model: stages}``; a stage listed twice needs two ready workers, e.g.
+        ``{"tiny-flux": ["encoder", "dit", "dit", "vae"]}``.
+    processes
+        The processes serving them: their logs go into the error if they do not
+        become ready, and one that exits ends the wait at once (as does a worker
+        that reports it could not load its model).
+
+    Returns the pools as the scheduler reports them. Raises ``TimeoutError``
+    after ``timeout`` seconds, ``RuntimeError`` at once if a process exits or a
+    worker could not load its model.
+    """
+    processes = list(processes)
+    wanted = {canonical_name(model): Counter(stages) for model, stages in pools.items()}
+    deadline = time.monotonic() + timeout
+    while True:
+        current = _ask(client, "dflow_pools")
+        if all(
+            current.get(model, {}).get(stage, {}).get("ready", 0) >= count
+            for model, stages in wanted.items()
+            for stage, count in stages.items()
+        ):
+            return current
+        exited = [p for p in processes if not p.alive()]
+        failed = [
+            f"{r['name']} could not load {r['stage']} of {r['model']}: {r['error']}"
+            for r in _ask(client, "dflow_workers")
+            if r["state"] == "failed" and canonical_name(str(r["model"])) in wanted
+        ]
+        if exited or failed or time.monotonic() > deadline:
+            error: type[Exception] = RuntimeError
+            if failed:
+                reason = "; ".join(failed)
+            elif exited:
+                reason = f"{len(exited)} process(es) exited"
+            else:
+                error, reason = TimeoutError, f"not ready within {timeout:g}s"
+            raise error(
+                f"dflow pools {json.dumps({m: dict(s) for m, s in wanted.items()})}: "
+                f"{reason}; the scheduler reports {json.dumps(current)}\n"
+                + describe(processes)
+            )
+        time.sleep(0.1)
+
+
+def _ask(client: Client, handler: str) -> Any:
+    """The answer of one of dflow's scheduler handlers."""
+    return client.sync(getattr(client.scheduler, handler))
