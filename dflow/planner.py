@@ -45,6 +45,19 @@ class PlannerWorker:
         Whether it is running a task: moves take idle workers first.
     last_move
         When it last changed pool (same clock as ``plan``'s ``now``); ``None``: never.
+    drain_seconds
+        Seconds its running task still needs (0 when idle). A worker that moves
+        finishes that task first (its queued ones go back to the pool), so the
+        target gains it only after the drain *and* the load.
+    ready_in
+        Seconds until it serves ``pool`` at all: a worker still draining for,
+        or loading, the pool it was just moved to. It counts there for the
+        part of the horizon left after that, and stays where it is.
+    barred
+        Pools it may not move to: pools that recently gave its pool a worker
+        (see :class:`~dflow.plugins.elastic.ElasticController`). Undoing a
+        move before it took effect pays two drains and loads for one swing
+        of demand.
     """
 
     name: str
@@ -53,6 +66,9 @@ class PlannerWorker:
     pool: Pool | None = None
     busy: bool = False
     last_move: float | None = None
+    drain_seconds: float = 0.0
+    ready_in: float = 0.0
+    barred: frozenset[Pool] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -182,16 +198,40 @@ def plan(
     types rank differently per pool.
 
     A worker that would switch counts at its speed times
-    ``1 - switch_seconds / horizon``: it serves nothing while loading. Ties
-    keep workers where they are, then take them from the least loaded pool
-    (the unassigned first), then by name.
+    ``1 - (drain_seconds + switch_seconds) / horizon``: a busy worker first
+    finishes its running task (a video on a slow card: minutes), then serves
+    nothing while it loads, so the target gains it only for what is left of
+    the horizon; its source loses it at once. (Drains are rounded up to a
+    sixteenth of the horizon, so that workers still form a few classes.) A
+    worker still settling into the pool it was moved to (``ready_in``) counts
+    there for the rest of the horizon, so the plan after a move sees what the
+    plan that made it predicted, and does not undo it because the mover is
+    not serving yet. Ties keep workers where they are, then take them from
+    the least loaded pool (the unassigned first), then by name. A worker
+    never moves to a pool it is ``barred`` from.
 
     The target replaces the current assignment only when it starves fewer
     pools with demand, fills more pool minimums, or lowers the largest
     utilization by more than ``hysteresis`` *after* switch costs (so a move
-    whose switch eats its gain over the horizon is never made). Otherwise only
-    unassigned workers are placed. Workers in cooldown stay where they are in
-    either case.
+    whose drain and switch eat its gain over the horizon is never made).
+    Otherwise only unassigned workers are placed. Workers in cooldown stay
+    where they are in either case.
+
+    A pool that needs a worker (it has demand, or a minimum) keeps one of its
+    own ready workers: the plan may add workers to it, or take all but one,
+    but never replaces the last one that serves it now by another that must
+    first drain and load. The utilization over the horizon would hardly see
+    that gap (a small pool's work fits in the rest of the horizon); its
+    requests would: they wait for the drain and the load. (This also keeps a
+    pool's only worker from being swapped for a better-suited GPU type.)
+
+    Every move must pay for itself: of the target's moves, each one whose
+    undoing leaves the plan's score (starved pools, missing minimums, largest
+    utilization) no worse is undone, least urgent first. A target built from
+    scratch can differ from the current assignment in places the bottleneck
+    does not care about (ties, reshuffles between pools with headroom); those
+    moves would cost drains and loads for nothing, and are what trades
+    workers back and forth between pools as demand wobbles.
     """
     if horizon is None:
         horizon = dask.config.get("dflow.planner.horizon")
@@ -212,13 +252,15 @@ def plan(
     free: list[int] = []
     for i, w in enumerate(problem.workers):
         cooling = w.last_move is not None and now - w.last_move < since
-        (pinned if cooling else free).append(i)
+        (pinned if cooling or w.ready_in > 0 else free).append(i)
+    problem.keep_one(pinned, free)
     before = problem.current
     target = problem.place(pinned, free, prefer_idle)
     old, new = before.score(), target.score()
     if new[:2] < old[:2] or (
         new[:2] == old[:2] and new[2] < old[2] * (1 - float(hysteresis))
     ):
+        problem.prune(target)
         return problem.decide(target, None, hysteresis)
     # not worth moving anyone: only place the workers that serve no pool yet
     unassigned = [i for i in free if problem.home[i] < 0]
@@ -288,6 +330,8 @@ class _Group:
     kind: int
     home: int
     effective: list[float]
+    #: seconds its members' running tasks still need (rounded up)
+    drain: float = 0.0
     members: deque[int] = field(default_factory=deque)
     #: workers not placed yet, and how many are placed on each pool
     left: int = 0
@@ -333,6 +377,10 @@ class _Problem:
         self.home: list[int] = []
         self.kind: list[int] = []
         self.home_speed: list[float] = []
+        #: seconds each worker's running task still needs, rounded up to a
+        #: sixteenth of the horizon (at most the horizon)
+        self.drain: list[float] = []
+        step = horizon / 16 if horizon > 0 else 0.0
         kinds: dict[tuple, int] = {}
         by_type: dict[tuple[str, int], int] = {}
         for w in self.workers:
@@ -360,7 +408,15 @@ class _Problem:
             home = -1 if w.pool is None else index[w.pool]
             self.kind.append(kind)
             self.home.append(home)
-            self.home_speed.append(self.speed[kind][home] if home >= 0 else 0.0)
+            # a worker settling into its pool serves it for the rest of the horizon
+            settled = max(0.0, 1 - w.ready_in / horizon) if w.ready_in > 0 else 1.0
+            self.home_speed.append(
+                self.speed[kind][home] * settled if home >= 0 else 0.0
+            )
+            drain = max(0.0, w.drain_seconds) if home >= 0 else 0.0
+            if drain and step:
+                drain = min(horizon, math.ceil(drain / step - 1e-9) * step)
+            self.drain.append(drain)
         total = sum(self.loads)
         weights = [
             load / total if total else 1 / len(self.pools) for load in self.loads
@@ -372,6 +428,32 @@ class _Problem:
         self.current = _State(self)
         for i in range(len(self.workers)):
             self.current.stay(i)
+
+    def keep_one(self, pinned: list[int], free: list[int]) -> None:
+        """Pin one ready worker of each pool that needs a worker and has no
+        ready worker pinned on it already: the worst mover (:meth:`stays`; see
+        :func:`plan`)."""
+        ready = {
+            self.home[i]
+            for i in pinned
+            if self.home[i] >= 0 and self.workers[i].ready_in <= 0
+        }
+        keep: dict[int, int] = {}
+        for i in free:
+            p = self.home[i]
+            if p < 0 or p in ready or not (self.loads[p] or self.floor(p)):
+                continue
+            if p not in keep or self.stays(i) >= self.stays(keep[p]):
+                keep[p] = i
+        for i in sorted(keep.values()):
+            free.remove(i)
+            pinned.append(i)
+
+    def stays(self, i: int) -> tuple[float, int, bool, int]:
+        """Order of workers of a pool by how badly they move (longest drain,
+        most pools barred, busy, last by name): the largest last."""
+        w = self.workers[i]
+        return self.drain[i], len(w.barred), w.busy, i
 
     def floor(self, pool: int) -> int:
         return min(self.mins[pool], self.maxs[pool])
@@ -386,13 +468,25 @@ class _Problem:
             return math.inf
         return load / (self.horizon * capacity)
 
-    def group(self, kind: int, home: int) -> _Group:
+    def group(
+        self, kind: int, home: int, drain: float = 0.0, barred: frozenset = frozenset()
+    ) -> _Group:
         speed, switch = self.speed[kind], self.switch[kind]
         effective = [
-            speed[p] if p == home else speed[p] * max(0.0, 1 - switch[p] / self.horizon)
+            speed[p]
+            if p == home
+            else 0.0
+            if self.pools[p] in barred
+            else speed[p] * self.after_switch(switch[p] + drain)
             for p in range(len(self.pools))
         ]
-        return _Group(kind, home, effective, placed=[0] * len(self.pools))
+        return _Group(kind, home, effective, drain, placed=[0] * len(self.pools))
+
+    def after_switch(self, seconds: float) -> float:
+        """Share of the horizon left to a worker that starts serving in ``seconds``."""
+        if self.horizon <= 0:
+            return 0.0 if seconds > 0 else 1.0
+        return max(0.0, 1 - seconds / self.horizon)
 
     def place(self, fixed: list[int], free: list[int], prefer_idle: bool) -> _State:
         """``fixed`` workers where they are, ``free`` ones placed: greedily, then
@@ -403,9 +497,9 @@ class _Problem:
         workers = self.workers
         if prefer_idle:
             free = sorted(free, key=lambda i: workers[i].busy)  # stable: then by name
-        by_key: dict[tuple[int, int], _Group] = {}
+        by_key: dict[tuple[int, int, float, frozenset], _Group] = {}
         for i in free:
-            key = (self.kind[i], self.home[i])
+            key = (self.kind[i], self.home[i], self.drain[i], workers[i].barred)
             if key not in by_key:
                 by_key[key] = self.group(*key)
             by_key[key].members.append(i)
@@ -438,6 +532,7 @@ class _Problem:
                     else -math.inf,
                     g.home != p,
                     current.utilization(g.home) if g.home >= 0 else -1.0,
+                    g.drain,
                     g.kind,
                     g.home,
                 )
@@ -555,6 +650,50 @@ class _Problem:
                 partner.placed[source] += 1
                 capacity[b] -= partner.effective[b]
                 capacity[source] += partner.effective[source]
+
+    def prune(self, state: _State) -> None:
+        """Undo each move of ``state`` whose undoing leaves its score no worse,
+        least urgent target first, until every move left is needed (see
+        :func:`plan`)."""
+        score = state.score()
+        moved = [
+            i
+            for i, (home, target) in enumerate(zip(self.home, state.assignment))
+            if home >= 0 and target >= 0 and target != home
+        ]
+        # the least urgent target first: the lowest utilization after the plan
+        moved.sort(key=lambda i: (state.utilization(state.assignment[i]), -i))
+        while moved:
+            kept = [i for i in moved if not self.undo(state, i, score)]
+            if len(kept) == len(moved):
+                return
+            moved = kept
+
+    def undo(self, state: _State, i: int, score: tuple[int, int, float]) -> bool:
+        """Send worker ``i`` of ``state`` back home if that leaves ``score`` no
+        worse; whether it did."""
+        home, target = self.home[i], state.assignment[i]
+        if state.count[home] >= self.maxs[home]:
+            return False
+        kind = self.kind[i]
+        into = self.speed[kind][target] * self.after_switch(
+            self.switch[kind][target] + self.drain[i]
+        )
+        state.capacity[target] -= into
+        state.capacity[home] += self.home_speed[i]
+        state.count[target] -= 1
+        state.count[home] += 1
+        new = state.score()
+        if new[:2] < score[:2] or (
+            new[:2] == score[:2] and new[2] <= score[2] * (1 + 1e-9)
+        ):
+            state.assignment[i] = home
+            return True
+        state.capacity[target] += into
+        state.capacity[home] -= self.home_speed[i]
+        state.count[target] += 1
+        state.count[home] -= 1
+        return False
 
     def decide(self, after: _State, rejected: _State | None, hysteresis: float) -> Plan:
         """The plan of moving from the current assignment to ``after``;

@@ -472,3 +472,157 @@ def test_a_thousand_workers_decide_fast():
         times.append(time.thread_time() - start)
     # about 3 ms of CPU; the bound leaves room for slow CI machines
     assert min(times) < 0.05
+
+
+def test_a_busy_workers_drain_counts_in_its_switch():
+    from dataclasses import replace
+
+    workers = placed({ENC: 2, DIT: 4, VAE: 2})
+    # the encoder and VAE workers each run a task 26.25 s from its end: over a
+    # 30 s horizon a mover would serve the DiT an eighth of it, 1.50 -> 1.41
+    # (drains are rounded up to sixteenths of the horizon)
+    busy = [
+        w if w.pool == DIT else replace(w, busy=True, drain_seconds=26.25)
+        for w in workers
+    ]
+    result = plan(busy, demand(1, 6, 1), costs(), now=0.0, horizon=30)
+    assert result.moves == []
+    assert "1.50 -> 1.41 after switch costs" in result.reason
+    # drain and load add up: with a 23 s load, idle workers are worth moving
+    # (1.50 -> 1.34), workers a second from the end of a task are not
+    assert plan(workers, demand(1, 6, 1), costs(switch=23), now=0.0, horizon=30).moves
+    almost = [
+        w if w.pool == DIT else replace(w, busy=True, drain_seconds=1.0)
+        for w in workers
+    ]
+    result = plan(almost, demand(1, 6, 1), costs(switch=23), now=0.0, horizon=30)
+    assert result.moves == []
+    # one idle encoder worker moves and counts whole; a busy VAE worker that
+    # follows counts an eighth: 6 / (4 + 1 + 1/8)
+    one = [replace(busy[0], busy=False, drain_seconds=0.0), *busy[1:]]
+    result = plan(one, demand(1, 6, 1), costs(), now=0.0, horizon=30)
+    assert {m.worker for m in result.moves} == {"w0", "w6"}
+    assert result.utilization[DIT] == pytest.approx(6 / 5.125)
+
+
+def test_a_worker_settling_into_its_pool_counts_for_the_rest_of_the_horizon():
+    from dataclasses import replace
+
+    # w4 and w5 were just moved to the DiT and load for another 15 s of a 30 s
+    # horizon: the DiT has 4 + 2 x 0.5 workers, utilization 6 / 5 = 1.2
+    workers = placed({ENC: 2, DIT: 4, VAE: 2})
+    workers = [
+        replace(w, pool=DIT, ready_in=15.0) if w.name in ("w0", "w6") else w
+        for w in workers
+    ]
+    result = plan(workers, demand(1, 6, 1), costs(), now=0.0, horizon=30)
+    # they stay put (no cooldown given: settling pins them) ...
+    assert all(m.worker not in ("w0", "w6") for m in result.moves)
+    # ... and the plan sees 1.2 at the DiT, not 1.0
+    assert result.utilization[DIT] == pytest.approx(1.2)
+
+
+def plan_score(assignment, workers, demands, speeds, switch, horizon):
+    """(pools starved, largest utilization) of an assignment, movers counted
+    for the horizon left after their switch."""
+    home = {w.name: w for w in workers}
+    capacity = Counter()
+    for name, pool in assignment.items():
+        if pool is None:
+            continue
+        gpu = home[name].gpu_type
+        share = 1.0
+        if pool != home[name].pool:
+            share = max(0.0, 1 - switch[pool][gpu] / horizon)
+        capacity[pool] += speeds[pool][gpu] * share
+    use = [
+        d.rate / capacity[p] if capacity[p] > 1e-12 else math.inf
+        for p, d in demands.items()
+        if d.rate
+    ]
+    finite = [u for u in use if u < math.inf]
+    return sum(u == math.inf for u in use), max(finite, default=0.0)
+
+
+def test_every_move_of_a_plan_is_needed():
+    """Undoing any one move makes the plan worse (more pools starved, or a
+    larger largest utilization after switch costs): a plan built from scratch
+    moves no worker its bottleneck does not need, such as reshuffles between
+    pools with headroom, which would cost drains and loads for nothing."""
+    rng = random.Random(3)
+    pools = [(s, m) for m in (FLUX, PIXART) for s in ("encoder", "dit", "vae")]
+    horizon = 30.0
+    checked = 0
+    for _ in range(400):
+        speeds = {p: {"fast": rng.choice([1.0, 2.0, 4.0]), "slow": 1.0} for p in pools}
+        switch = {
+            p: {t: rng.choice([0.0, 5.0, 10.0]) for t in ("fast", "slow")}
+            for p in pools
+        }
+        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in pools}
+        workers = [
+            PlannerWorker(f"w{i}", rng.choice(["fast", "slow"]), GIB, rng.choice(pools))
+            for i in range(rng.randint(4, 10))
+        ]
+        demands = {p: Demand(rng.choice([0.0, 0.5, 1.0, 2.0, 4.0])) for p in pools}
+        result = plan(
+            workers, demands, pool_costs, now=0.0, horizon=horizon, min_per_pool=0
+        )
+        context = (workers, demands, speeds, switch, horizon)
+        planned = plan_score(result.assignment, *context)
+        for move in result.moves:
+            if move.source is None or move.target is None:
+                continue
+            undone = plan_score(
+                {**result.assignment, move.worker: move.source}, *context
+            )
+            assert undone[0] > planned[0] or (
+                undone[0] == planned[0] and undone[1] > planned[1] * (1 + 1e-9)
+            ), (move, planned, undone)
+            checked += 1
+    assert checked > 100
+
+
+def test_a_pool_keeps_a_worker_that_serves_it_now():
+    from dataclasses import replace
+
+    # one idle encoder worker; the DiT pools' workers are 40 s from the end of
+    # their tasks. Sending the idle encoder worker to the Flux DiT and a PixArt
+    # worker to the encoder would lower the Flux DiT's utilization more, but
+    # leave the encoder without a worker for 50 s (drain and load): its
+    # requests would wait. The encoder keeps its worker; PixArt's go directly.
+    pixart = ("dit", PIXART)
+    workers = [
+        PlannerWorker("w0", "h200", GIB, ENC),
+        *(
+            PlannerWorker(f"w{i}", "h200", GIB, pool, busy=True, drain_seconds=40.0)
+            for i, pool in enumerate([DIT, DIT, pixart, pixart, pixart], start=1)
+        ),
+    ]
+    demands = {ENC: Demand(0.05), DIT: Demand(4), pixart: Demand(0.5)}
+    pool_costs = costs([ENC, DIT, pixart], switch=10)
+    result = plan(workers, demands, pool_costs, now=0.0, horizon=120)
+    assert result.assignment["w0"] == ENC
+    assert {(m.source, m.target) for m in result.moves} == {(pixart, DIT)}
+    # with a second encoder worker, one of the two may go
+    workers = [*workers, replace(workers[0], name="w9")]
+    result = plan(workers, demands, pool_costs, now=0.0, horizon=120)
+    assert counts(result)[ENC] == 1
+
+
+def test_barred_workers_do_not_undo_a_recent_move():
+    from dataclasses import replace
+
+    workers = placed({ENC: 1, DIT: 6, VAE: 1})
+    result = plan(workers, demand(3, 2, 3), costs(), now=0.0)
+    assert counts(result) == {ENC: 3, DIT: 2, VAE: 3}
+    # all DiT workers but w6 were just given by the encoder: only w6 may go back
+    barred = [
+        replace(w, barred=frozenset({ENC})) if w.pool == DIT and w.name != "w6" else w
+        for w in workers
+    ]
+    result = plan(barred, demand(3, 2, 3), costs(), now=0.0)
+    assert [m.worker for m in result.moves if m.target == ENC] == ["w6"]
+    # the encoder is the bottleneck at 1.5; a second VAE worker would not
+    # lower it, so it does not move (every move must pay)
+    assert counts(result) == {ENC: 2, DIT: 4, VAE: 2}
