@@ -9,6 +9,8 @@ the next stage has consumed them, and cancelling the output releases the chain.
 
 from __future__ import annotations
 
+import math
+import numbers
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -72,6 +74,11 @@ def submit(
         and none finishes within ``dflow.admission.timeout``.
     InvalidRequest
         If no worker of a stage has the memory the request needs.
+    ConnectionError
+        If the client lost its scheduler (its futures were cancelled with reason
+        ``scheduler-connection-lost``).
+    ValueError, TypeError
+        If ``mode`` or ``deadline`` is not one the docs above allow.
 
     Examples
     --------
@@ -105,9 +112,18 @@ def map(
             raise TypeError(
                 f"expected dflow.Request objects, got {type(request).__name__}"
             )
+    if client.status in ("connecting", "closing", "closed"):
+        # else the admission call retries the lost scheduler's address for
+        # distributed.comm.timeouts.connect (30 s) before failing
+        raise ConnectionError(
+            f"the client has no scheduler (status {client.status!r}; scheduler "
+            f"{getattr(client.scheduler, 'address', None)}): requests in flight were "
+            "cancelled; submit again once a scheduler serves at that address (the "
+            "client reconnects within its timeout) or with a new Client"
+        )
     if deadline is None:
         deadline = dask.config.get("dflow.client.deadline")
-    seconds = None if deadline is None else parse_timedelta(deadline)
+    seconds = _deadline_seconds(deadline)
     answer = client.sync(
         _scheduler_call,
         client,
@@ -186,6 +202,35 @@ def _refusal(answer: dict[str, Any]) -> Exception:
         answer["error"]
     ]
     return error(answer["message"])
+
+
+def _deadline_seconds(deadline: Any) -> float | None:
+    """A deadline in seconds; else a ValueError or TypeError naming it (dask's
+    ``parse_timedelta`` raises KeyError, AttributeError or OverflowError on some
+    input)."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, (numbers.Real, str)):
+        raise TypeError(
+            "deadline: expected seconds or a duration like '30s', "
+            f"got {type(deadline).__name__}"
+        )
+    if isinstance(deadline, numbers.Real):
+        try:
+            seconds = float(deadline)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        try:
+            seconds = parse_timedelta(deadline)
+        except (ValueError, KeyError, OverflowError):
+            raise ValueError(
+                f"deadline: {deadline!r:.40} is not a duration (use seconds or "
+                "e.g. '30s')"
+            ) from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"deadline: must be positive and finite, got {deadline!r:.40}")
+    return float(seconds)
 
 
 def _annotated_features(request: Request) -> dict[str, Any]:

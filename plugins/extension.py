@@ -324,9 +324,7 @@ class DflowExtension(SchedulerPlugin):
         capable, needs = [], []
         for record in members:
             try:
-                peak = predictor.predict(
-                    model, stage, record.gpu_type, features
-                ).peak_bytes
+                peak = _peak_bytes(predictor, model, stage, record.gpu_type, features)
             except LookupError:
                 return None
             if peak is None or peak <= record.memory:
@@ -526,6 +524,24 @@ def _serves(stages: dict[str, Any], mode: str | None) -> bool:
     if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
         return True
     return mode in (None, "monolithic") and "all" in stages
+
+
+def _peak_bytes(
+    predictor: Any, model: str, stage: str, gpu_type: str, features: dict[str, Any]
+) -> int | None:
+    """Predicted peak bytes of a stage call on ``gpu_type``. A type without a
+    profile of its own (nor a speed to scale one from) takes the largest peak of
+    the profiled types: peak memory follows the model and the request's shape,
+    not the GPU's speed. Raises ``LookupError`` when no type has a profile."""
+    try:
+        return predictor.predict(model, stage, gpu_type, features).peak_bytes
+    except LookupError:
+        profiled = sorted({g for m, s, g in predictor.fits if (m, s) == (model, stage)})
+        if not profiled:
+            raise
+    peaks = [predictor.predict(model, stage, g, features).peak_bytes for g in profiled]
+    known = [peak for peak in peaks if peak is not None]
+    return max(known) if known else None
 
 
 def _limit(limit: int | dict[str, int], model: str) -> int:

@@ -1,0 +1,584 @@
+"""Chaos run: every request completes exactly once, or fails with a clear error,
+while workers of every stage are SIGKILLed (and restarted by their Nanny), paused
+(SIGSTOP, then SIGCONT) and switched to other stages, all at the same time.
+
+One real ``dask scheduler`` (dflow's preload, the elastic controller off so that
+only this script moves workers) serves two models on 127.0.0.1:
+
+- tiny PixArt-Sigma on the real backend (CPU): encoder, 2 DiT, VAE workers;
+- PixArt-Sigma-1024 on the emulated backend (``dflow.runtime.backend:
+  emulated``: stage calls sleep the H200 profile's time, times
+  ``--time-scale``): encoder, 2 DiT, VAE workers.
+
+Requests arrive in batches over the run while a chaos thread, per round, kills
+the worker process of each stage of each model (its ``dflow-worker`` Nanny
+restarts it; the new process reloads its stage), pauses one worker of each
+model for ``--pause`` seconds, and switches a DiT worker of each model to another stage
+and back (``ElasticController.apply``: drain, requeue, reload).
+
+Accounting, per model:
+
+- *completed*: futures whose result is an ``Output`` of exactly the request
+  submitted (``Output.request``), each request id seen once;
+- *failed*: futures that raised a clear error: dflow's own (``ModelNotServed``,
+  ``InvalidRequest``, ``Overloaded``, ``StageOutOfMemory``), or distributed's
+  ``KilledWorker`` (the task's workers died ``allowed-failures`` times);
+- *lost*: submitted - completed - failed: futures not done by the end, or that
+  raised anything else;
+- *duplicated*: completions of a request's final task (``decode-``) beyond the
+  first that were not recomputations of an output lost with its worker. A
+  scheduler plugin records every stage-task completion and worker removal; a
+  final task completing again is legitimate only if the worker that held its
+  previous result had been removed first (Dask recomputes lost keys; that is
+  expected for intermediates and allowed for outputs). Also checked: the
+  client never saw two outputs for one request id, and the scheduler
+  extension's counts agree with the client's.
+
+``--pause`` below the scheduler's ``distributed.scheduler.worker-ttl`` (5 minutes
+by default) keeps the paused worker in the cluster (its tasks wait); with
+``--pause-past-ttl`` the TTL is set to ``--pause`` / 2, so the scheduler declares
+the paused worker dead and has its Nanny restart it.
+
+    python benchmarks/chaos.py --rounds 3 --emulated-requests 1000 --tiny-requests 90
+    python benchmarks/chaos.py --pause 20 --pause-past-ttl
+
+Prints the table and the chaos timeline and writes them as JSON under ``--out``;
+exits 1 if any request was lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+import dask
+import distributed
+from distributed import Client, KilledWorker, wait
+from distributed.client import FutureCancelledError
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+import dflow
+from dflow.errors import InvalidRequest, ModelNotServed, Overloaded, StageOutOfMemory
+from dflow.output import Output
+from dflow.request import Request
+from dflow.testing import (
+    ServiceProcess,
+    scheduler_process,
+    wait_for_pools,
+    worker_processes,
+)
+
+# the ledger and the scheduler-side functions below travel by value: the scheduler
+# process cannot import this script
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+logger = logging.getLogger("dflow.chaos")
+
+TINY = "tiny-pixart"
+EMULATED = "pixart-sigma-1024"
+LAYOUT = ("encoder", "dit", "dit", "vae")
+STAGE_PREFIXES = ("encode-", "denoise-", "decode-", "generate-")
+FINAL_PREFIXES = ("decode-", "generate-")
+CLEAR_ERRORS = (
+    InvalidRequest,
+    ModelNotServed,
+    Overloaded,
+    StageOutOfMemory,
+    KilledWorker,
+)
+
+
+@dataclass
+class Settings:
+    tiny_requests: int = 36
+    emulated_requests: int = 200
+    rounds: int = 1
+    #: seconds between request batches; a round of chaos takes about 25 s
+    interval: float = 2.0
+    pause: float = 3.0
+    pause_past_ttl: bool = False
+    time_scale: float = 1.0
+    #: seconds to wait for the last outcome once chaos is over
+    drain_timeout: float = 240.0
+
+
+# -- the scheduler's ledger ----------------------------------------------------------------
+
+
+class Ledger(SchedulerPlugin):
+    """Every stage-task completion (time, key, worker) and worker removal."""
+
+    name = "dflow-chaos-ledger"
+
+    def __init__(self) -> None:
+        self.completions: list[tuple[float, str, str]] = []
+        self.removed: dict[str, float] = {}
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        key = str(key)
+        if (
+            start == "processing"
+            and finish == "memory"
+            and key.startswith(STAGE_PREFIXES)
+        ):
+            self.completions.append((time.time(), key, kwargs.get("worker", "")))
+
+    def remove_worker(self, scheduler, worker, **kwargs) -> None:
+        self.removed[worker] = time.time()
+
+
+def ledger_of(dask_scheduler) -> dict[str, Any]:
+    ledger = dask_scheduler.plugins[Ledger.name]
+    return {"completions": list(ledger.completions), "removed": dict(ledger.removed)}
+
+
+def extension_counts(dask_scheduler) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for (model, status), n in dask_scheduler.extensions["dflow"].counts.items():
+        counts[model][status] = n
+    return dict(counts)
+
+
+def switch_worker(dask_scheduler, address: str, stage: str, model: str) -> str | None:
+    """Move a worker to ``stage`` of ``model`` as the elastic controller does;
+    returns the stage it left (None: it was not ready, nothing done)."""
+    record = dask_scheduler.extensions["dflow"].workers.get(address)
+    if record is None or record.state != "ready":
+        return None
+    controller = dask_scheduler.plugins["dflow-elastic"]
+    controller.apply(address, record.pool, (stage, model), "chaos")
+    return record.stage
+
+
+# -- chaos ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Action:
+    at: float
+    what: str
+    ok: bool = True
+
+
+@dataclass
+class Chaos:
+    """Kills, pauses and switches, one round after another, in a thread."""
+
+    client: Client
+    processes: dict[str, list[ServiceProcess]]
+    settings: Settings
+    actions: list[Action] = field(default_factory=list)
+    start: float = field(default_factory=time.monotonic)
+    _paused: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for _ in range(self.settings.rounds):
+                self.round()
+        except BaseException as error:  # reported by the caller
+            self.error = error
+        finally:
+            self.resume_all()
+
+    def round(self) -> None:
+        tiny, emulated = self.processes[TINY], self.processes[EMULATED]
+        steps: list[tuple[float, Callable[[], Any]]] = [
+            (1.0, lambda: self.kill(tiny, "encoder")),
+            (1.0, lambda: self.switch(tiny, "dit", 1, "vae", TINY)),
+            (1.0, lambda: self.pause(emulated, "vae")),
+            (1.0, lambda: self.kill(emulated, "dit")),
+            (2.0, lambda: self.kill(tiny, "vae")),
+            (1.0, lambda: self.switch(emulated, "dit", 1, "encoder", EMULATED)),
+            (2.0, lambda: self.kill(emulated, "encoder")),
+            (1.0, lambda: self.pause(tiny, "dit")),
+            (2.0, lambda: self.switch(tiny, "dit", 1, "dit", TINY)),
+            (2.0, lambda: self.kill(tiny, "dit")),
+            (2.0, lambda: self.kill(emulated, "vae")),
+            (2.0, lambda: self.switch(emulated, "dit", 1, "dit", EMULATED)),
+            # let the restarted workers come back, and the paused ones wake
+            (max(6.0, self.settings.pause), lambda: None),
+        ]
+        for delay, step in steps:
+            time.sleep(delay)
+            step()
+
+    def record(self, what: str, ok: bool = True) -> None:
+        self.actions.append(Action(round(time.monotonic() - self.start, 2), what, ok))
+        logger.info("chaos: %s%s", what, "" if ok else " (skipped)")
+
+    def process(
+        self, group: list[ServiceProcess], stage: str, index: int = 0
+    ) -> ServiceProcess:
+        return [p for p in group if p.stage == stage][index]
+
+    def kill(self, group: list[ServiceProcess], stage: str) -> None:
+        """SIGKILL the Dask worker process (the Nanny's child): the Nanny restarts it."""
+        process = self.process(group, stage)
+        pids = [pid for pid in process.worker_pids() if pid not in self._paused]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.record(
+            f"SIGKILL {stage} worker of {process.model} (pid {pids})", bool(pids)
+        )
+
+    def pause(self, group: list[ServiceProcess], stage: str) -> None:
+        """SIGSTOP a worker process for ``pause`` seconds (SIGCONT in a timer)."""
+        process = self.process(group, stage, index=-1)
+        pids = process.worker_pids()
+        with self._lock:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+                self._paused.add(pid)
+        self.record(
+            f"SIGSTOP {stage} worker of {process.model} for {self.settings.pause:g}s"
+        )
+        timer = threading.Timer(self.settings.pause, self.resume, args=(pids, process))
+        timer.daemon = True
+        timer.start()
+
+    def resume(self, pids: list[int], process: ServiceProcess) -> None:
+        with self._lock:
+            for pid in pids:
+                if pid in self._paused:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                    self._paused.discard(pid)
+        self.record(f"SIGCONT {process.stage} worker of {process.model}")
+
+    def resume_all(self) -> None:
+        with self._lock:
+            for pid in list(self._paused):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            self._paused.clear()
+
+    def switch(
+        self,
+        group: list[ServiceProcess],
+        stage: str,
+        index: int,
+        target: str,
+        model: str,
+    ) -> None:
+        """Switch the worker of ``group``'s ``index``-th ``stage`` process to
+        ``target`` (found by name: dflow-worker names CPU workers after the
+        Nanny's pid, and a paused worker must not be asked anything)."""
+        process = self.process(group, stage, index)
+        records = self.client.sync(self.client.scheduler.dflow_workers)
+        addresses = [
+            r["address"] for r in records if r["name"].endswith(f"-{process.pid}")
+        ]
+        source = addresses and self.client.run_on_scheduler(
+            switch_worker, address=addresses[0], stage=target, model=model
+        )
+        self.record(
+            f"switch a worker of {model} from {source} to {target}", bool(source)
+        )
+
+
+# -- a run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelReport:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    #: of the failed: refused at admission (never reached the scheduler's graph)
+    refused: int = 0
+    #: final tasks completed again after the worker holding the output died
+    final_recomputed: int = 0
+    #: encode/denoise tasks completed more than once (lost with their worker)
+    intermediate_recomputed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    extension: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    models: dict[str, ModelReport]
+    actions: list[dict[str, Any]]
+    wall_s: float
+    machine: dict[str, Any]
+
+    def table(self) -> str:
+        rows = [
+            "| model | submitted | completed | failed (clear error) | lost | duplicated "
+            "| outputs recomputed | intermediates recomputed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for model, r in self.models.items():
+            errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "-"
+            rows.append(
+                f"| {model} | {r.submitted} | {r.completed} | {r.failed} ({errors}) "
+                f"| {r.lost} | {r.duplicated} | {r.final_recomputed} "
+                f"| {r.intermediate_recomputed} |"
+            )
+        return "\n".join(rows)
+
+
+def requests_for(settings: Settings) -> list[Request]:
+    tiny = [
+        Request(
+            model=TINY, prompt=f"a fox, take {i}", height=64, width=64, steps=10, seed=i
+        )
+        for i in range(settings.tiny_requests)
+    ]
+    emulated = [
+        Request(
+            model=EMULATED,
+            prompt=f"a lighthouse {i}",
+            height=256,
+            width=256,
+            steps=20,
+            seed=i,
+        )
+        for i in range(settings.emulated_requests)
+    ]
+    # interleaved, so both models are in flight during every action
+    mixed: list[Request] = []
+    ratio = max(1, len(emulated) // max(1, len(tiny)))
+    while tiny or emulated:
+        mixed += emulated[:ratio] + tiny[:1]
+        del emulated[:ratio], tiny[:1]
+    return mixed
+
+
+@contextlib.contextmanager
+def cluster(settings: Settings, log_dir: Path | None) -> Iterator[tuple[Client, dict]]:
+    scheduler_env = {
+        "DASK_DFLOW__ELASTIC__ENABLED": "False",
+        "DASK_DFLOW__SCHEDULER__CHECK_INTERVAL": "200ms",
+        # a killed worker's pool is back once its Nanny restarted it; only a pool
+        # gone for this long fails its requests
+        "DASK_DFLOW__SCHEDULER__UNSERVED_TIMEOUT": "120s",
+    }
+    if settings.pause_past_ttl:
+        scheduler_env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"] = (
+            f"{settings.pause / 2}s"
+        )
+    emulated_env = {
+        "DASK_DFLOW__RUNTIME__BACKEND": "emulated",
+        "DASK_DFLOW__EMULATION__TIME_SCALE": str(settings.time_scale),
+        "DASK_DFLOW__EMULATION__LOAD_BANDWIDTH": "1000GiB",
+    }
+    logs = Path(log_dir) if log_dir else None
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(
+            scheduler_process(env=scheduler_env, log_dir=logs)
+        )
+        tiny = stack.enter_context(
+            worker_processes(
+                address, [(s, TINY) for s in LAYOUT], log_dir=logs and logs / "tiny"
+            )
+        )
+        emulated = stack.enter_context(
+            worker_processes(
+                address,
+                [(s, EMULATED) for s in LAYOUT],
+                env=emulated_env,
+                log_dir=logs and logs / "emulated",
+            )
+        )
+        client = stack.enter_context(Client(address))
+        processes = {TINY: tiny, EMULATED: emulated}
+        wait_for_pools(
+            client,
+            {TINY: LAYOUT, EMULATED: LAYOUT},
+            processes=tiny + emulated,
+            timeout=300,
+        )
+        yield client, processes
+
+
+def run(
+    settings: Settings, client: Client, processes: dict[str, list[ServiceProcess]]
+) -> Report:
+    """One chaos run on a cluster from :func:`cluster`."""
+    start = time.monotonic()
+    client.register_plugin(Ledger())
+    before = client.run_on_scheduler(extension_counts)
+    requests = requests_for(settings)
+    chaos = Chaos(client, processes, settings)
+    thread = threading.Thread(target=chaos.run, name="chaos", daemon=True)
+    thread.start()
+
+    # batches over the chaos rounds' span, so requests are in flight throughout
+    batches = max(1, round(25 * settings.rounds / settings.interval))
+    size = -(-len(requests) // batches)
+    futures: list[Any] = []
+    refused: list[tuple[Request, Exception]] = []
+    # a pool whose only worker is restarting has none for a few seconds: wait
+    # for it at admission rather than refuse the batch
+    with dask.config.set({"dflow.client.model-timeout": "120s"}):
+        for index in range(0, len(requests), size):
+            batch = requests[index : index + size]
+            try:
+                futures += dflow.map(client, batch)
+            except (ModelNotServed, Overloaded, InvalidRequest) as error:
+                refused += [(r, error) for r in batch]
+            time.sleep(settings.interval)
+    thread.join()
+    if chaos.error is not None:
+        raise RuntimeError("the chaos thread failed") from chaos.error
+    wait(futures, timeout=settings.drain_timeout)
+
+    models: dict[str, ModelReport] = {m: ModelReport() for m in (TINY, EMULATED)}
+    for request, error in refused:  # refused at admission: a clear error too
+        report = models[request.model]
+        report.submitted += 1
+        report.failed += 1
+        report.refused += 1
+        name = type(error).__name__
+        report.errors[name] = report.errors.get(name, 0) + 1
+    refused_ids = {id(r) for r, _ in refused}
+    requests = [r for r in requests if id(r) not in refused_ids]
+    seen: Counter[str] = Counter()
+    for request, future in zip(requests, futures, strict=True):
+        report = models[request.model]
+        report.submitted += 1
+        rid = str(future.key).partition("-")[2]
+        if future.status == "finished":
+            output = future.result()
+            assert isinstance(output, Output) and output.request == request, future.key
+            seen[rid] += 1
+            report.completed += 1
+            continue
+        error = None
+        if future.status in ("error", "cancelled"):
+            try:
+                future.result(timeout=0)
+            except Exception as raised:
+                error = raised
+        if isinstance(error, CLEAR_ERRORS) or (
+            isinstance(error, FutureCancelledError)
+            and error.reason == "deadline-exceeded"
+        ):
+            report.failed += 1
+            name = type(error).__name__
+            report.errors[name] = report.errors.get(name, 0) + 1
+        else:
+            report.lost += 1
+            logger.error("lost %s: %s %r", request.model, future.status, error)
+    assert all(n == 1 for n in seen.values())
+
+    ledger = client.run_on_scheduler(ledger_of)
+    model_of = {
+        str(f.key).partition("-")[2]: r.model for r, f in zip(requests, futures)
+    }
+    by_key: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for when, key, worker in ledger["completions"]:
+        if key.partition("-")[2] in model_of:
+            by_key[key].append((when, worker))
+    for key, runs in by_key.items():
+        report = models[model_of[key.partition("-")[2]]]
+        runs.sort()
+        for (_, holder), (when, _) in itertools.pairwise(runs):
+            if key.startswith(FINAL_PREFIXES):
+                removed = ledger["removed"].get(holder)
+                if removed is not None and removed <= when:
+                    report.final_recomputed += 1
+                else:
+                    report.duplicated += 1
+            else:
+                report.intermediate_recomputed += 1
+
+    after = client.run_on_scheduler(extension_counts)
+    for model, report in models.items():
+        report.extension = {
+            status: after.get(model, {}).get(status, 0)
+            - before.get(model, {}).get(status, 0)
+            for status in ("submitted", "completed", "failed", "cancelled")
+        }
+    return Report(
+        settings=asdict(settings),
+        models=models,
+        actions=[asdict(a) for a in chaos.actions],
+        wall_s=round(time.monotonic() - start, 1),
+        machine=machine(),
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "dflow": dflow.__version__ if hasattr(dflow, "__version__") else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny-requests", type=int, default=Settings.tiny_requests)
+    parser.add_argument(
+        "--emulated-requests", type=int, default=Settings.emulated_requests
+    )
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument("--interval", type=float, default=Settings.interval)
+    parser.add_argument("--pause", type=float, default=Settings.pause)
+    parser.add_argument("--pause-past-ttl", action="store_true")
+    parser.add_argument("--time-scale", type=float, default=Settings.time_scale)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 10 + 40 requests"
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="keep process logs here"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    settings = Settings(
+        tiny_requests=10 if args.quick else args.tiny_requests,
+        emulated_requests=40 if args.quick else args.emulated_requests,
+        rounds=args.rounds,
+        interval=args.interval,
+        pause=args.pause,
+        pause_past_ttl=args.pause_past_ttl,
+        time_scale=args.time_scale,
+        drain_timeout=240.0 * args.rounds,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with cluster(settings, args.logs) as (client, processes):
+        report = run(settings, client, processes)
+    print(report.table())
+    print()
+    for action in report.actions:
+        print(
+            f"- {action['at']:7.2f}s {action['what']}{'' if action['ok'] else ' (skipped)'}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"chaos-{'past-ttl-' if args.pause_past_ttl else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
+    data = asdict(report)
+    (args.out / name).write_text(json.dumps(data, indent=1))
+    print(f"\nwrote {args.out / name}")
+    bad = sum(r.lost + r.duplicated for r in report.models.values())
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

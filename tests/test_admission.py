@@ -1,0 +1,291 @@
+"""Admission control, deadlines and memory admission, on emulated stage workers.
+
+The workers run in-process (``gen_cluster``) on dflow's emulated backend
+(``dflow.runtime.backend: emulated``): stage calls of PixArt-Sigma-1024 sleep for
+the time the H200 profile predicts (``time-scale`` 1: a 2048x2048 request of 200
+steps denoises for about a minute, a 256x256 one-step request takes 0.1 s) and
+the workers publish the memory of the GPU type they emulate. The scheduler's
+elastic controller is off (workers keep their stages) but its predictor prices
+peak memory for admission.
+
+- ``dflow.admission.max-outstanding`` bounds the requests in flight per model:
+  past it ``submit`` raises :class:`~dflow.errors.Overloaded` at once, or waits up
+  to ``dflow.admission.timeout`` for room;
+- a request past its deadline is cancelled on the scheduler
+  (``FutureCancelledError``, reason ``deadline-exceeded``): its denoising loop
+  stops and its tasks are forgotten;
+- a request no worker of a stage has the memory for is refused at submit
+  (:class:`~dflow.errors.InvalidRequest` naming ``height``); in a fleet of mixed
+  GPU types its stage runs only on the workers that can hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any
+
+import pytest
+import yaml
+
+import dask.config
+from distributed import utils_test
+from distributed.client import FutureCancelledError
+from distributed.utils_test import gen_cluster
+
+import dflow
+from dflow.errors import InvalidRequest, Overloaded
+from dflow.request import Request
+from dflow.testing import wait_for_pools
+from dflow.worker import StagePlugin
+
+MODEL = "pixart-sigma-1024"
+STAGES = ("encoder", "dit", "vae")
+SCHEDULER = {"preload": ["dflow.preload"]}
+#: A GPU type added to the shipped catalog for these tests only (no such card):
+#: PixArt-Sigma's VAE fits it at the default 1024x1024 (2.3 GiB predicted) but
+#: not at 2048x2048 (8.3 GiB)
+SMALL_GPU = "test-6gb"
+CONFIG = {
+    "dflow.elastic.enabled": False,
+    "dflow.runtime.backend": "emulated",
+    "dflow.emulation.time-scale": 1.0,
+    # loads in a moment: these tests time requests, not loads
+    "dflow.emulation.load-bandwidth": "1000GiB",
+    "dflow.scheduler.check-interval": "100ms",
+}
+
+
+@pytest.fixture
+def session_config(monkeypatch, tmp_path):
+    """dflow's session config (defaults, the tests' cache dir) inside gen_cluster,
+    which resets dask config to a copy taken before dflow's were set; plus a GPU
+    catalog with :data:`SMALL_GPU`."""
+    catalog = yaml.safe_load(files("dflow.configs").joinpath("gpus.yaml").read_text())
+    catalog["gpus"][SMALL_GPU] = {
+        **catalog["gpus"]["l4"],
+        "label": "test-only GPU type: an L4 with 6 GiB",
+        "memory-mib": 6144,
+    }
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    config = copy.deepcopy(utils_test.original_config)
+    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
+    config["dflow"]["emulation"]["gpus"] = str(path)
+    monkeypatch.setattr(utils_test, "original_config", config)
+
+
+def stage_workers(*stages: str | tuple[str, str]) -> list[tuple[str, int, dict]]:
+    """gen_cluster workers, one per stage or ``(stage, gpu_type)``."""
+    workers = []
+    for entry in stages:
+        stage, gpu_type = (entry, "h200") if isinstance(entry, str) else entry
+        plugin = StagePlugin(stage, MODEL, gpu_type=gpu_type)
+        workers.append(("127.0.0.1", 1, {"plugins": {plugin}}))
+    return workers
+
+
+def request(size: int = 256, steps: int = 1, seed: int = 0) -> Request:
+    return Request(
+        model=MODEL,
+        prompt="a lighthouse",
+        height=size,
+        width=size,
+        steps=steps,
+        seed=seed,
+    )
+
+
+def long_request(seed: int = 0) -> Request:
+    """Denoises for about a minute: it is cancelled, never waited for."""
+    return request(2048, steps=200, seed=seed)
+
+
+def in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """A blocking dflow client call, off the event loop the cluster runs on."""
+    return asyncio.to_thread(function, *args, **kwargs)
+
+
+async def until(condition: Callable[[], Any], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def request_id(key: str) -> str:
+    return str(key).partition("-")[2]
+
+
+def executing(workers) -> set[str]:
+    return {str(ts.key) for w in workers for ts in w.state.executing}
+
+
+# -- requests in flight -----------------------------------------------------------------
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers(*STAGES),
+    scheduler_kwargs=SCHEDULER,
+    config={**CONFIG, "dflow.admission.max-outstanding": 2},
+    timeout=120,
+)
+async def test_overloaded_past_max_outstanding_or_waits_for_room(
+    c, s, *workers, session_config
+):
+    await in_thread(wait_for_pools, c, {MODEL: STAGES})
+    extension = s.extensions["dflow"]
+    busy = await in_thread(dflow.map, c, [long_request(1), long_request(2)])
+    # the graph follows admission in its own message
+    await until(lambda: len(extension.in_flight()) == 2)
+
+    start = time.monotonic()
+    with pytest.raises(
+        Overloaded, match=rf"'{MODEL}' has 2 requests in flight.*limit is 2"
+    ):
+        await in_thread(dflow.submit, c, request())
+    assert time.monotonic() - start < 5  # dflow.admission.timeout is 0: at once
+    assert extension.counts[MODEL, "submitted"] == 2  # the refused one never entered
+
+    # with a timeout, submit waits until a request in flight ends
+    with dask.config.set({"dflow.admission.timeout": "60s"}):
+        waiting = asyncio.ensure_future(in_thread(dflow.submit, c, request(seed=3)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        await busy[0].cancel()
+        admitted = await asyncio.wait_for(waiting, 30)
+    await until(lambda: len(extension.in_flight()) == 2)
+
+    # a per-model limit: the default does not apply to models named
+    per_model = {"dflow.admission.max-outstanding": {MODEL: 1, "default": 8}}
+    with dask.config.set(per_model), pytest.raises(Overloaded, match="limit is 1"):
+        await in_thread(dflow.submit, c, request(seed=4))
+    await c.cancel([busy[1], admitted])
+    await until(lambda: not extension.in_flight())
+    assert not extension.reserved[MODEL]
+    assert (
+        extension.counts[MODEL, "submitted"]
+        == extension.counts[MODEL, "cancelled"]
+        == 3
+    )
+
+
+# -- deadlines ----------------------------------------------------------------------------
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers(*STAGES),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_a_deadline_cancels_the_chain_and_frees_it(
+    c, s, *workers, session_config
+):
+    await in_thread(wait_for_pools, c, {MODEL: STAGES})
+    extension = s.extensions["dflow"]
+    submitted = time.monotonic()
+    late = await in_thread(dflow.submit, c, long_request(1), deadline="1.5s")
+    prompt = await in_thread(dflow.submit, c, request(seed=2), deadline="60s")
+    rid = request_id(late.key)
+    keys = {f"{prefix}-{rid}" for prefix in ("encode", "denoise", "decode")}
+    await until(lambda: f"denoise-{rid}" in executing(workers))
+
+    with pytest.raises(FutureCancelledError) as caught:
+        await late
+    assert caught.value.reason == "deadline-exceeded"
+    assert "missed its deadline of 1.5s" in str(caught.value)
+    assert time.monotonic() - submitted < 6  # 1.5 s, one check interval, slack
+    assert (await prompt).request == request(seed=2)  # in time: not cancelled
+
+    # the chain is gone from the scheduler and the denoising loop stopped
+    await until(lambda: not keys & set(map(str, s.tasks)), timeout=10)
+    await until(lambda: not keys & executing(workers), timeout=10)
+    assert not any(keys & set(map(str, w.data)) for w in workers)
+    assert extension.counts[MODEL, "cancelled"] == 1
+    assert extension.counts[MODEL, "completed"] == 1
+
+    # the default deadline comes from config; a request in time is untouched
+    with dask.config.set({"dflow.client.deadline": "30s"}):
+        output = await (await in_thread(dflow.submit, c, request(seed=3)))
+    assert output.request == request(seed=3)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+async def predictor_ready(s) -> None:
+    """The elastic controller seeds its predictor in a thread at start."""
+    await until(lambda: s.plugins["dflow-elastic"].predictor is not None, timeout=60)
+
+
+def ran_on(s, key: str) -> str:
+    """The worker a finished stage task ran on (the telemetry's record)."""
+    records = s.extensions["dflow"].telemetry.records
+    (worker,) = [r.worker for r in records if r.key == key]
+    return worker
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers("encoder", "dit", ("vae", SMALL_GPU), ("vae", "h200")),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_memory_routes_requests_to_workers_that_hold_them(
+    c, s, *workers, session_config
+):
+    await in_thread(wait_for_pools, c, {MODEL: [*STAGES, "vae"]})
+    await predictor_ready(s)
+    records = {r.address: r for r in s.extensions["dflow"].workers.values()}
+    small, large = (w.address for w in workers[2:])
+    assert (records[small].gpu_type, records[large].gpu_type) == (SMALL_GPU, "h200")
+    assert records[small].memory == 6 * 2**30
+
+    big = request(2048, seed=1)
+    futures = await in_thread(dflow.map, c, [big, request(1024, seed=2)])
+    rids = [request_id(f.key) for f in futures]
+    await until(lambda: all(f"decode-{rid}" in s.tasks for rid in rids))
+    # only the big request's VAE task is restricted, to the worker that holds it
+    assert s.tasks[f"decode-{rids[0]}"].worker_restrictions == {large}
+    assert not s.tasks[f"decode-{rids[1]}"].worker_restrictions
+    assert not s.tasks[f"denoise-{rids[0]}"].worker_restrictions
+    outputs = await c.gather(futures)
+    assert [o.request for o in outputs] == [big, request(1024, seed=2)]
+    assert ran_on(s, f"decode-{rids[0]}") == large
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers("encoder", "dit", ("vae", SMALL_GPU)),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_memory_no_worker_can_hold_is_refused_at_submit(
+    c, s, *workers, session_config
+):
+    await in_thread(wait_for_pools, c, {MODEL: STAGES})
+    await predictor_ready(s)
+    extension = s.extensions["dflow"]
+
+    with pytest.raises(InvalidRequest) as caught:
+        await in_thread(dflow.map, c, [request(seed=1), request(2048, seed=2)])
+    error = caught.value
+    assert isinstance(error, ValueError) and error.field == "height"
+    message = str(error)
+    assert message.startswith("height: the vae stage of pixart-sigma-1024 needs")
+    assert "at 2048x2048" in message and "largest worker has 6.0 GiB" in message
+    # admission is all or nothing: neither request entered
+    assert extension.counts[MODEL, "submitted"] == 0
+    assert not extension.reserved[MODEL]
+
+    # what fits is admitted and runs
+    output = await (await in_thread(dflow.submit, c, request(1024, seed=3)))
+    assert output.request == request(1024, seed=3)
