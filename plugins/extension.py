@@ -337,19 +337,14 @@ class DflowExtension(SchedulerPlugin):
             peak, largest = max(needs)
             size = f"{features.get('height')}x{features.get('width')}"
             # a video's frames weigh as much as its pixels: name what can shrink
-            field = "height"
+            field, advice = "height", "use a smaller size"
             if features.get("frames", 1) > 1:
                 size += f"x{features['frames']} frames"
-                field = "num_frames"
+                field, advice = "num_frames", "use fewer frames or a smaller size"
             raise InvalidRequest(
                 field,
                 f"the {stage} stage of {model} needs {peak / 2**30:.1f} GiB at {size}; "
-                f"its largest worker has {largest / 2**30:.1f} GiB: use fewer frames "
-                "or a smaller size"
-                if field == "num_frames"
-                else f"the {stage} stage of {model} needs {peak / 2**30:.1f} GiB at "
-                f"{size}; its largest worker has {largest / 2**30:.1f} GiB: use a "
-                "smaller size",
+                f"its largest worker has {largest / 2**30:.1f} GiB: {advice}",
             )
         return capable
 
