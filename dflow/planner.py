@@ -154,6 +154,7 @@ def plan(
     min_per_pool: int | Mapping[Pool, int] | None = None,
     max_per_pool: int | Mapping[Pool, int | None] | None = None,
     prefer_idle: bool = True,
+    target_utilization: float = 0.0,
 ) -> Plan:
     """Decide which pool each worker serves.
 
@@ -182,6 +183,11 @@ def plan(
         taking the config (``dflow.planner.min-per-pool``, ``max-per-pool``).
     prefer_idle
         Move idle workers before busy ones.
+    target_utilization
+        Largest utilization at which every pool keeps up: while no pool is
+        above it, workers stay where they are (moves only cost then), but
+        for starved pools, pool minimums and unassigned workers. 0: any
+        improvement beyond the hysteresis is worth moving for.
 
     Notes
     -----
@@ -213,7 +219,9 @@ def plan(
     The target replaces the current assignment only when it starves fewer
     pools with demand, fills more pool minimums, or lowers the largest
     utilization by more than ``hysteresis`` *after* switch costs (so a move
-    whose drain and switch eat its gain over the horizon is never made).
+    whose drain and switch eat its gain over the horizon is never made) from
+    above ``target_utilization``. (A relative bar alone would move workers
+    for 0.10 -> 0.08 when hardly any work has arrived yet: nothing to gain.)
     Otherwise only unassigned workers are placed. Workers in cooldown stay
     where they are in either case.
 
@@ -258,17 +266,19 @@ def plan(
     target = problem.place(pinned, free, prefer_idle)
     old, new = before.score(), target.score()
     if new[:2] < old[:2] or (
-        new[:2] == old[:2] and new[2] < old[2] * (1 - float(hysteresis))
+        new[:2] == old[:2]
+        and old[2] > target_utilization
+        and new[2] < old[2] * (1 - float(hysteresis))
     ):
         problem.prune(target)
-        return problem.decide(target, None, hysteresis)
+        return problem.decide(target, None, hysteresis, target_utilization)
     # not worth moving anyone: only place the workers that serve no pool yet
     unassigned = [i for i in free if problem.home[i] < 0]
     if not unassigned:
-        return problem.decide(before, target, hysteresis)
+        return problem.decide(before, target, hysteresis, target_utilization)
     assigned = [i for i in free if problem.home[i] >= 0]
     after = problem.place([*pinned, *assigned], unassigned, prefer_idle)
-    return problem.decide(after, target, hysteresis)
+    return problem.decide(after, target, hysteresis, target_utilization)
 
 
 def _per_pool(
@@ -695,7 +705,13 @@ class _Problem:
         state.count[home] -= 1
         return False
 
-    def decide(self, after: _State, rejected: _State | None, hysteresis: float) -> Plan:
+    def decide(
+        self,
+        after: _State,
+        rejected: _State | None,
+        hysteresis: float,
+        target_utilization: float = 0.0,
+    ) -> Plan:
         """The plan of moving from the current assignment to ``after``;
         ``rejected`` is the better-looking target that did not clear the bar."""
         pools, before = self.pools, self.current
@@ -732,11 +748,17 @@ class _Problem:
                 f"utilization {old:.2f} -> {after.largest(served):.2f}"
             )
         elif rejected is not None and rejected.largest(served) < old * (1 - 1e-9):
-            reasons.append(
-                f"no move: the best plan found takes the largest utilization "
-                f"{old:.2f} -> {rejected.largest(served):.2f} after switch costs, "
-                f"not better by more than the hysteresis of {hysteresis:g}"
-            )
+            if old <= target_utilization:
+                reasons.append(
+                    f"no move: the largest utilization {old:.2f} is within the "
+                    f"target of {target_utilization:g}"
+                )
+            else:
+                reasons.append(
+                    f"no move: the best plan found takes the largest utilization "
+                    f"{old:.2f} -> {rejected.largest(served):.2f} after switch costs, "
+                    f"not better by more than the hysteresis of {hysteresis:g}"
+                )
         elif bottleneck is None:
             reasons.append("no move: no demand")
         else:

@@ -626,3 +626,17 @@ def test_barred_workers_do_not_undo_a_recent_move():
     # the encoder is the bottleneck at 1.5; a second VAE worker would not
     # lower it, so it does not move (every move must pay)
     assert counts(result) == {ENC: 2, DIT: 4, VAE: 2}
+
+
+def test_no_move_while_every_pool_keeps_up():
+    workers = placed({ENC: 1, DIT: 6, VAE: 1})
+    # the encoder is the bottleneck at 0.5; moving DiT workers there would
+    # lower it to 0.17, but every pool keeps up below the target of 0.8
+    light = demand(0.5, 0.6, 0.1)
+    assert plan(workers, light, costs(), now=0.0).moves
+    result = plan(workers, light, costs(), now=0.0, target_utilization=0.8)
+    assert result.moves == []
+    assert "0.50 is within the target of 0.8" in result.reason
+    # above it, the same move is made
+    heavy = demand(1.6, 2.4, 0.4)
+    assert len(plan(workers, heavy, costs(), now=0.0, target_utilization=0.8).moves)
