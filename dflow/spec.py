@@ -171,6 +171,9 @@ def _fetch_cluster_specs() -> bool:
         client = default_client()
     except (ImportError, ValueError):
         return False
+    if client.asynchronous:
+        # in the client's own event loop: a blocking call would never return
+        return False
     with _lock:
         before = set(_registry)
     models(client)
