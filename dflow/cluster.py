@@ -173,6 +173,7 @@ class StageCluster(SpecCluster):
         for _ in range(n - len(current)):
             name, spec = self._stage_spec(stage, model, gpu_type)
             self.worker_spec[name] = spec
+        assert self.loop is not None  # a started cluster has its loop
         self.loop.add_callback(self._retire_then_correct, current[n:])
         if self.asynchronous:
             return NoOpAwaitable()
@@ -236,15 +237,16 @@ class PoolAdaptive:
         self.utilization = utilization
         self.history: dict[tuple[str, str], deque[tuple[float, int]]] = {}
         self._periodic = PeriodicCallback(self.step, parse_timedelta(interval) * 1000)
-        self.cluster.loop.add_callback(self._periodic.start)
+        assert cluster.loop is not None  # a started cluster has its loop
+        cluster.loop.add_callback(self._periodic.start)
 
     def stop(self) -> None:
         self._periodic.stop()
 
     async def step(self) -> None:
-        targets = await self.cluster.scheduler_comm.dflow_pool_targets(
-            utilization=self.utilization
-        )
+        comm = self.cluster.scheduler_comm
+        assert comm is not None  # a started cluster has its scheduler
+        targets = await comm.dflow_pool_targets(utilization=self.utilization)
         now = time.monotonic()
         for name, needed in targets.items():
             stage, _, model = name.partition("/")

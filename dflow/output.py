@@ -78,7 +78,7 @@ class Output:
         if self.encoded is not None:
             gif = Image.open(io.BytesIO(self.encoded[0]))
             frames = []
-            for index in range(gif.n_frames):
+            for index in range(getattr(gif, "n_frames", 1)):
                 gif.seek(index)
                 # the GIF writer merges repeated frames into one that lasts longer
                 repeat = round(gif.info.get("duration", GIF_FRAME_MS) / GIF_FRAME_MS)

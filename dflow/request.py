@@ -173,9 +173,12 @@ class Request:
     def features(self) -> dict[str, Any]:
         """What the scheduler, predictor and planner price a request by."""
         spec = self.spec
-        cfg = spec.negative_prompts and self.guidance_scale > 1.0
-        latent_h = self.height // spec.vae_scale
-        latent_w = self.width // spec.vae_scale
+        height, width, guidance = self.height, self.width, self.guidance_scale
+        # __post_init__ filled every field the model needs
+        assert height is not None and width is not None and guidance is not None
+        cfg = spec.negative_prompts and guidance > 1.0
+        latent_h = height // spec.vae_scale
+        latent_w = width // spec.vae_scale
         frames = self.num_frames or 1
         latent_frames = (frames - 1) // spec.vae_scale_temporal + 1
         if spec.video:
@@ -190,8 +193,8 @@ class Request:
         latent_element = 4 if spec.video else element
         return {
             "family": spec.family,
-            "height": self.height,
-            "width": self.width,
+            "height": height,
+            "width": width,
             "frames": frames,
             "steps": self.steps,
             "cfg": cfg,
@@ -201,7 +204,7 @@ class Request:
             * (latent_w // spec.patch),
             "embedding_bytes": embedding_bytes * (2 if cfg else 1),
             "latent_bytes": math.prod(latent_shape) * latent_element,
-            "output_bytes": self.height * self.width * 3 * frames,
+            "output_bytes": height * width * 3 * frames,
         }
 
     def replace(self, **changes: Any) -> Request:

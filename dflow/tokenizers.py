@@ -145,7 +145,12 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """The real CLIP tokenizer (49408 tokens), rebuilt from its BPE file."""
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    # the tokenizers backend takes merges as pairs, whatever the annotation says
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]
+        model_max_length=model_max_length,
+    )
 
 
 def build(kind: str, **options) -> T5Tokenizer | CLIPTokenizer:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dask.config
+from dask.typing import Key
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
@@ -99,7 +100,7 @@ class DflowExtension(SchedulerPlugin):
         self.events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=history)
         self.telemetry: Any = None
         self.elastic: Any = None
-        self._unserved_since: dict[str, float] = {}
+        self._unserved_since: dict[Key, float] = {}
         #: admission slots granted to clients whose graphs have not arrived yet
         self.reserved: Counter[str] = Counter()
 
@@ -484,7 +485,7 @@ class DflowExtension(SchedulerPlugin):
             r.pool for r in self.workers.values() if r.state in ("loading", "ready")
         }
         recommendations: dict = {}
-        waiting: set[str] = set()
+        waiting: set[Key] = set()
         for ts in list(self.scheduler.unrunnable):
             pool = _pool_of(ts)
             if pool is None or pool in served:

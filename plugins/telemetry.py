@@ -227,8 +227,7 @@ class Telemetry(SchedulerPlugin):
             summary["arrival_rate"] = sum(self.arrival_rate(p) for p in pools)
             observed = [self.service[p] for p in pools if p in self.service]
             summary["observed_s"] = float(np.mean(observed)) if observed else None
-            predicted = [self.predicted(p) for p in pools]
-            predicted = [p for p in predicted if p is not None]
+            predicted = [s for p in pools if (s := self.predicted(p)) is not None]
             summary["predicted_s"] = float(np.mean(predicted)) if predicted else None
             summary["models"] = {
                 model: {

@@ -122,6 +122,8 @@ def fill(scheduler: Scheduler, now: float) -> None:
             StageRecord(now, "k", "r", stage, MODEL, "w", "cpu", 0.2, 0.0, 0, {})
         )
         telemetry.service[stage, MODEL] = 0.2
+        # the predictor prices the pool's recent requests on its workers' GPUs
+        telemetry.recent[stage, MODEL].append({"tokens": 64})
     telemetry.predictor = FakePredictor()
     elastic = FakeElastic()
     elastic.log.append(
@@ -148,6 +150,9 @@ def fill(scheduler: Scheduler, now: float) -> None:
     )
     extension.workers["tcp://127.0.0.1:2"] = WorkerRecord(
         "tcp://127.0.0.1:2", "encoder-0", "loading", "encoder", MODEL, "cpu"
+    )
+    extension.workers["tcp://127.0.0.1:3"] = WorkerRecord(
+        "tcp://127.0.0.1:3", "vae-2", "ready", "vae", MODEL, "cpu"
     )
 
 
@@ -227,11 +232,11 @@ async def test_components_show_the_extension() -> None:
         table = components.StageWorkerTable(scheduler)
         table.update()
         data = table.source.data
-        assert list(data["name"]) == ["encoder-0", "dit-1"]
-        assert list(data["state"]) == ["loading", "ready"]
-        assert list(data["gpu_type"]) == ["cpu", "h200"]
-        assert list(data["activity"]) == ["idle", "idle"]
-        assert list(data["device_memory"]) == [0, 2**30]
+        assert list(data["name"]) == ["encoder-0", "dit-1", "vae-2"]
+        assert list(data["state"]) == ["loading", "ready", "ready"]
+        assert list(data["gpu_type"]) == ["cpu", "h200", "cpu"]
+        assert list(data["activity"]) == ["idle", "idle", "idle"]
+        assert list(data["device_memory"]) == [0, 2**30, 0]
 
         # nothing left behind by a second refresh, nor by an absent extension
         for component in (workers, queues, service, timeline, table):

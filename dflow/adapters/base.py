@@ -76,7 +76,9 @@ class Adapter:
         return getattr(diffusers, name)
 
     @classmethod
-    def describe(cls, **kwargs: Any) -> ModelSpec:
+    def describe(
+        cls, *, configs: dict[str, dict], defaults: dict, **kwargs: Any
+    ) -> ModelSpec:
         """A :class:`ModelSpec` from the pipeline's component configs."""
         raise NotImplementedError
 
@@ -155,6 +157,7 @@ class Adapter:
         The initial noise comes from ``torch.Generator("cpu").manual_seed(seed)``,
         as a stock pipeline given that generator makes it.
         """
+        assert request.seed is not None  # a validated request has one
         embeddings = {
             k: v.to(self.device, non_blocking=True) for k, v in embeddings.items()
         }
@@ -213,7 +216,9 @@ class Adapter:
 
     def uses_negative(self, request: Request) -> bool:
         """Whether the request runs classifier-free guidance on a negative prompt."""
-        return self.spec.negative_prompts and request.guidance_scale > 1.0
+        guidance = request.guidance_scale
+        assert guidance is not None  # a validated request has one
+        return self.spec.negative_prompts and guidance > 1.0
 
 
 def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
