@@ -181,7 +181,16 @@ def status(client: Client) -> dict[str, Any]:
     {...}}, "decisions": [...]}``; each stage has ``workers``, ``loading``,
     ``queue``, ``arrival_rate``, ``predicted_s`` and ``observed_s``.
     """
-    return client.sync(_scheduler_call, client, "dflow_status")
+    return _lists(client.sync(_scheduler_call, client, "dflow_status"))
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with the tuples msgpack decodes lists into as lists again."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
 
 
 def models(client: Client) -> list[str]:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask.config
+from dask.typing import Key
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
-from distributed.scheduler import Scheduler
+from distributed.scheduler import Scheduler, TaskStateState
 
 from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
 from dflow.plugins.extension import DflowExtension, _periodic, _pool_of
@@ -98,7 +99,7 @@ class RoleSwitcher:
         ws = self.scheduler.workers.get(address)
         if ws is None or pool is None:
             return
-        queued = {
+        queued: dict[Key, TaskStateState] = {
             ts.key: "released"
             for ts in ws.processing
             if _pool_of(ts) == pool and ts.key not in running
@@ -137,6 +138,15 @@ class ElasticController(SchedulerPlugin):
         self.moved: dict[str, float] = {}
         #: measured seconds to load and warm a pool, per (pool, gpu type)
         self.load_seconds: dict[tuple[Pool, str], float] = {}
+        #: when each moved worker should serve its new pool (its drain and
+        #: load as the plan that moved it priced them)
+        self.ready_at: dict[str, float] = {}
+        #: until when a move from one pool to another bars the way back, per
+        #: (source, target): the mover's ready time, at least the cooldown
+        self.flows: dict[tuple[Pool, Pool], float] = {}
+        #: the last plan's workers and pool costs, which ``apply`` times moves by
+        self._planned: dict[str, PlannerWorker] = {}
+        self._costs: dict[Pool, PoolCost] = {}
         self._step_seconds: deque[float] = deque(maxlen=1000)
         self.refit_every = parse_timedelta(
             dask.config.get("dflow.predictor.refit-interval")
@@ -185,6 +195,7 @@ class ElasticController(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         if self.switcher is not None:
             self.switcher.finished(worker)
+        self.ready_at.pop(worker, None)
 
     def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
         """Applied moves, oldest first (the ``last`` ones if given)."""
@@ -225,6 +236,15 @@ class ElasticController(SchedulerPlugin):
         assert self.switcher is not None
         now = time.time()
         self.moved[address] = now
+        planned, cost = self._planned.get(address), self._costs.get(target)
+        if planned is not None and cost is not None:
+            switch = cost.switch_seconds.get(planned.gpu_type, 0.0)
+            self.ready_at[address] = now + planned.drain_seconds + switch
+        if source is not None:
+            cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))
+            until = max(now + cooldown, self.ready_at.get(address, now))
+            previous = self.flows.get((source, target), 0.0)
+            self.flows[source, target] = max(previous, until)
         record = self.extension.workers.get(address)
         name = record.name if record else address
         self._decisions.append(Decision(now, name, source, target, reason))
@@ -270,8 +290,14 @@ class ElasticController(SchedulerPlugin):
             return None
         costs = {pool: price.cost for pool, price in prices.items()}
         demands = self.demands(prices, owed)
-        workers = [self.dwelling(w, prices) for w in workers]
-        result = plan(workers, demands, costs, now=now)
+        workers = [
+            self.barring(self.timing(self.dwelling(w, prices), prices, now), now)
+            for w in workers
+        ]
+        self._planned, self._costs = {w.name: w for w in workers}, costs
+        # below the target utilization every pool keeps up: no move pays then
+        target = float(dask.config.get("dflow.elastic.target-utilization"))
+        result = plan(workers, demands, costs, now=now, target_utilization=target)
         self.last_plan = {
             "time": now,
             "utilization": {"/".join(p): u for p, u in result.utilization.items()},
@@ -330,6 +356,53 @@ class ElasticController(SchedulerPlugin):
             worker, last_move=worker.last_move + dwell - cooldown
         )
 
+    def barring(self, worker: PlannerWorker, now: float) -> PlannerWorker:
+        """``worker`` barred from the pools that gave its pool a worker whose
+        move has not taken effect yet (it still drains or loads), or did so
+        less than a cooldown ago. The mover itself is in cooldown, but its new
+        pool's other workers are not: without this, a swing of demand shorter
+        than the requests sends one worker there and, a plan later, another
+        back, each paying a drain and a load before it serves; by the time
+        either serves, the swing has passed."""
+        if worker.pool is None:
+            return worker
+        barred = frozenset(
+            source
+            for (source, target), until in self.flows.items()
+            if target == worker.pool and now < until
+        )
+        return dataclasses.replace(worker, barred=barred) if barred else worker
+
+    def timing(
+        self, worker: PlannerWorker, prices: dict[Pool, Price], now: float
+    ) -> PlannerWorker:
+        """``worker`` with how long a move would take it: a worker still moving
+        serves its new pool only once its drain and load are done
+        (``ready_in``, as the plan that moved it priced them); a busy worker
+        must first finish its running task (``drain_seconds``: that task's
+        predicted time on the worker less the time it has run, as of the
+        worker's last heartbeat; a whole task when it started since). So the
+        planner weighs a move's gain against the drain as well as the load,
+        and, the step after, sees the mover as the plan that moved it did."""
+        assert self.scheduler is not None and self.switcher is not None
+        record = self.extension.workers.get(worker.name)
+        if record is None or worker.pool is None:
+            return worker
+        if record.state != "ready" or worker.name in self.switcher.switching:
+            ready_in = self.ready_at.get(worker.name, now) - now
+            return dataclasses.replace(worker, ready_in=max(0.0, ready_in))
+        ws = self.scheduler.workers.get(worker.name)
+        price = prices.get(worker.pool)
+        if ws is None or not ws.processing or price is None or not price.seconds:
+            return worker
+        speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+        service = price.seconds / speed
+        ran = max(ws.executing.values(), default=None)
+        if ran is None:
+            return dataclasses.replace(worker, drain_seconds=service)
+        ran += max(0.0, now - ws.last_seen)
+        return dataclasses.replace(worker, drain_seconds=max(0.0, service - ran))
+
     @property
     def telemetry(self) -> Any:
         return self.extension.telemetry
@@ -376,16 +449,15 @@ class ElasticController(SchedulerPlugin):
         )
 
     def recent_features(self, pool: Pool) -> dict | None:
-        """Features of the pool's most recent finished task, else of a task it
-        still owes: a profile prices a burst before its first task finishes."""
-        recent = self.telemetry.recent.get(pool)
-        if recent:
-            return recent[-1]
+        """Features of the newest task the pool owes, else of its most recent
+        finished one: the work ahead is priced by its own requests, so a new
+        mix is priced as itself before its first task finishes."""
         assert self.scheduler is not None
-        for ts in self.scheduler.tasks.values():
+        for ts in reversed(self.scheduler.tasks.values()):
             if ts.state in OWED and _pool_of(ts) == pool:
                 return (ts.annotations or {})["dflow"].get("features", {})
-        return None
+        recent = self.telemetry.recent.get(pool)
+        return recent[-1] if recent else None
 
     def owed(self) -> Counter[Pool]:
         """Tasks of each pool that requests in flight still owe."""
@@ -402,17 +474,38 @@ class ElasticController(SchedulerPlugin):
         """Arrivals times service, plus the work owed by requests in flight."""
         if owed is None:
             owed = self.owed()
-        # rates over the planning horizon at least: a short window turns the
-        # randomness of arrivals into swings of demand, and moves
-        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
-        window = max(self.telemetry.window, horizon)
         return {
             pool: Demand(
-                rate=self.telemetry.arrival_rate(pool, window) * price.seconds,
+                rate=self.arrival_rate(pool) * price.seconds,
                 backlog=owed[pool] * price.seconds,
             )
             for pool, price in prices.items()
         }
+
+    def arrival_rate(self, pool: Pool) -> float:
+        """Tasks of ``pool`` arriving per second, the forecast for the horizon.
+
+        Counted over the planning horizon (at least the telemetry window): over
+        a short window the randomness of arrivals swings demand, and moves
+        workers. Unless the last telemetry window's count is one the longer
+        window's rate makes unlikely, more than two standard deviations of a
+        Poisson count away from it: then the load has shifted (a phase of a
+        moving mix began or ended), and the recent rate is the better forecast;
+        a long window alone would take half the horizon to see a shift. (At a
+        cold start both read low, which the backlog makes up for; a window cut
+        to a few seconds would read one early request as a torrent.)
+        """
+        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
+        short = self.telemetry.window
+        long = max(short, horizon)
+        recent = self.telemetry.arrival_rate(pool, short)
+        if long <= short:
+            return recent
+        rate = self.telemetry.arrival_rate(pool, long)
+        expected = rate * short
+        if abs(recent * short - expected) > 2 * math.sqrt(max(expected, 1.0)):
+            return recent
+        return rate
 
     def pool_targets(self, utilization: float | None = None) -> dict[str, int]:
         """Workers each pool needs to run at ``utilization`` over the horizon: the
