@@ -183,3 +183,33 @@ def test_tiny_run_of_all_four_modes(tmp_path):
     assert results["ratios"]["physics_ratio"] == physics["physics_ratio"]
     assert (tmp_path / "load.png").stat().st_size > 0
     assert (tmp_path / "pools.png").stat().st_size > 0
+
+
+def test_s2_offers_twice_what_the_static_partition_sustains():
+    """S2's rates (quoted in ``scenarios.s2``) follow from the bounds: every
+    phase at the same share of its best disaggregated allocation, and the
+    phase that saturates (a), the best static monolithic split for the run's
+    average mix, offered 2.0x what (a) sustains there."""
+    import dask.config
+
+    from dflow.bench.harness import physics
+    from dflow.bench.scenarios import S2_RATES, s2
+
+    with dask.config.set({"dflow.runtime.backend": "emulated"}):
+        from dflow.emulation import cost_model
+
+        cost = cost_model()
+    scenario = s2()
+    p = physics(scenario, cost)
+    rates = [phase.arrivals.rate for phase in scenario.workload.phases]
+    assert rates[:3] == [S2_RATES[k] for k in ("flux", "pixart", "wan")]
+    shares = [r / c for r, c in zip(rates, p.capacity["disaggregated"])]
+    assert max(shares) == pytest.approx(min(shares), rel=0.01)
+    static = p.static_capacity["monolithic"]
+    assert max(r / c for r, c in zip(rates, static)) == pytest.approx(2.0, rel=0.01)
+    # 12 Flux, 4 PixArt and 8 Wan replicas
+    assert {m: a["rtx4090"] for (_, m), a in p.allocation["monolithic"].items()} == {
+        "flux.1-dev": 12,
+        "pixart-sigma-1024": 4,
+        "wan2.1-t2v-1.3b": 8,
+    }

@@ -15,7 +15,8 @@ from dflow.bench.harness import LABEL, MODES
     "--scenario",
     "name",
     required=True,
-    help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift), "
+    help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift; S2-80: its "
+    "earlier 80/10/10 variant), "
     "S3 (heterogeneous fleet) or S4 (1,000 workers).",
 )
 @click.option(

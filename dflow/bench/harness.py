@@ -83,6 +83,16 @@ LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
 MODES = ("monolithic", "monolithic_autoscaled", "static", "elastic")
 #: Modes served by monolithic replicas
 MONOLITHIC = ("monolithic", "monolithic_autoscaled")
+#: Each mode's physical ceiling: (kind, whether its allocation is the static
+#: one for the run's average mix). A static mode cannot follow the phases, so
+#: its bound is its own allocation's capacity per phase; a mode that moves
+#: workers is bounded by the best allocation of each phase.
+BOUNDS = {
+    "monolithic": ("monolithic", True),
+    "monolithic_autoscaled": ("monolithic", False),
+    "static": ("disaggregated", True),
+    "elastic": ("disaggregated", False),
+}
 
 
 # -- the physics of a scenario (pure) ------------------------------------------------
@@ -92,10 +102,14 @@ MONOLITHIC = ("monolithic", "monolithic_autoscaled")
 class Physics:
     """What the profile says a scenario's fleet can do.
 
-    ``work[kind]`` prices each pool per request of a mix (``kind``
-    ``"monolithic"`` or ``"disaggregated"``), per phase and for the run's average
-    mix; ``capacity[kind]`` is the best allocation's rate per phase;
-    ``allocation[kind]`` the best static allocation for the average mix.
+    ``kind`` is ``"monolithic"`` or ``"disaggregated"``: ``capacity[kind]`` is
+    the best allocation's rate of each phase's mix (what a mode that follows the
+    phases could sustain), ``allocation[kind]`` the best static allocation for
+    the run's average mix and ``static_capacity[kind]`` its rate of each phase's
+    mix (what a static deployment sustains as the mix moves away from it: the
+    rate at which its first model saturates). ``model_capacity[kind]`` is the
+    static allocation's rate of each model's requests alone: its models' pools
+    are separate, so each model is a queue of its own.
     """
 
     fleet: dict[str, int]
@@ -105,7 +119,37 @@ class Physics:
     capacity: dict[str, list[float]] = field(default_factory=dict)
     allocation: dict[str, Allocation] = field(default_factory=dict)
     average_capacity: dict[str, float] = field(default_factory=dict)
+    static_capacity: dict[str, list[float]] = field(default_factory=dict)
+    model_capacity: dict[str, dict[str, float]] = field(default_factory=dict)
     reference_latency: dict[str, float] = field(default_factory=dict)
+    #: per model, seconds a request costs one replica of each GPU type
+    replica_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def mode_capacity(self, mode: str) -> list[float]:
+        """Per phase, the rate ``mode``'s physics sustains (see ``BOUNDS``)."""
+        kind, static = BOUNDS[mode]
+        return (self.static_capacity if static else self.capacity)[kind]
+
+    def mode_bound(
+        self, mode: str, entries: Sequence[TraceEntry], window: tuple[float, float]
+    ) -> float:
+        """Most requests per second ``mode``'s physics completes in ``window``
+        (:func:`bound`). A mode that moves workers: one fluid queue drained at
+        the best allocation's rate of each phase's mix. A static mode: one
+        fluid queue per model at its pools' rate (a model's requests queue for
+        its own pools, which serve them whatever the others do), summed: an
+        upper bound for the static allocation."""
+        kind, static = BOUNDS[mode]
+        if not static:
+            return bound(
+                [e.t for e in entries], self.phases, self.capacity[kind], window
+            )
+        total = 0.0
+        for model, rate in self.model_capacity[kind].items():
+            times = [e.t for e in entries if e.model == model]
+            if times:
+                total += bound(times, [(0.0, window[1])], [rate], window)
+        return total
 
 
 def mix_of(
@@ -162,7 +206,24 @@ def physics(scenario: Scenario, cost: Any) -> Physics:
             ]
             for mix in mixes
         ]
+        result.static_capacity[kind] = [
+            capacity(allocation, pool_work(cost, mix, scenario.fleet, mono))
+            for mix in mixes
+        ]
+        result.model_capacity[kind] = {
+            request.model: capacity(
+                allocation, pool_work(cost, [(request, 1.0)], scenario.fleet, mono)
+            )
+            for request, _ in average
+        }
     result.reference_latency = reference_latency(cost, average, scenario.fleet)
+    from dflow.bench.bounds import request_seconds
+
+    for request, _ in average:
+        result.replica_seconds[request.model] = {
+            g: request_seconds(cost, request, ("all", request.model), g, 1)
+            for g in scenario.fleet
+        }
     return result
 
 
@@ -204,6 +265,52 @@ def bound(
     grid = np.arange(0.0, end + 0.5, 0.5)
     done = np.interp([start, end], grid, departures)
     return float(done[1] - done[0]) / (end - start)
+
+
+def fluid_latencies(
+    arrivals: Sequence[float], rate: float, service: float, horizon: float
+) -> list[float]:
+    """Least latency of each of ``arrivals`` (sorted) at a server of ``rate``
+    requests per second taking ``service`` seconds each: the fluid queue's
+    wait (:func:`~dflow.bench.bounds.fluid_departures`) plus the service. A
+    lower bound: it ignores that arrivals are discrete and service varies."""
+    if not len(arrivals):
+        return []
+    if rate <= 0:
+        return [math.inf] * len(arrivals)
+    step = 0.5
+    end = max(horizon, arrivals[-1]) + len(arrivals) / rate + step
+    departures = fluid_departures(arrivals, [(0.0, rate)], end, step=step)
+    grid = np.arange(0.0, end + step, step)
+    index = np.searchsorted(departures, np.arange(1, len(arrivals) + 1) - 1e-9)
+    done = grid[np.minimum(index, len(grid) - 1)]
+    return [max(0.0, d - a) + service for a, d in zip(arrivals, done)]
+
+
+def static_monolithic_latencies(
+    p: Physics,
+    entries: Sequence[TraceEntry],
+    window: tuple[float, float],
+    stop: float = math.inf,
+) -> list[tuple[str, float]]:
+    """Lower bounds on the latencies of (a), the static monolithic partition:
+    each model's replicas are a fluid server of their summed rate (a model's
+    requests queue for its own replicas only), plus the request's time on a
+    replica. ``(model, latency)`` of the requests arriving in ``window``, a
+    latency capped at the request's age at ``stop`` (what a run that stops then
+    can measure)."""
+    allocation = p.allocation["monolithic"]
+    start, end = window
+    latencies: list[tuple[str, float]] = []
+    for model, seconds in p.replica_seconds.items():
+        replicas = allocation.get(("all", model), {})
+        rate = sum(n / seconds[g] for g, n in replicas.items() if seconds[g] > 0)
+        service = min((seconds[g] for g, n in replicas.items() if n), default=math.inf)
+        times = sorted(e.t for e in entries if e.model == model)
+        for t, latency in zip(times, fluid_latencies(times, rate, service, end)):
+            if start <= t < end:
+                latencies.append((model, min(latency, stop - t)))
+    return latencies
 
 
 # -- metrics (pure) -----------------------------------------------------------------
@@ -335,6 +442,9 @@ class Recorder(SchedulerPlugin):
         self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []
         #: pools that have finished a task
         self.served: set[tuple[str, str]] = set()
+        #: (time, utilization per pool, reason) of the elastic controller's
+        #: plans, one per plan (sampled: a plan made between samples is kept)
+        self.plans: list[tuple[float, dict[str, float], str]] = []
         self._pc: Any = None
 
     async def start(self, scheduler: Any) -> None:
@@ -393,6 +503,12 @@ class Recorder(SchedulerPlugin):
                 if info:
                     queue[info["stage"]] += 1
         self.samples.append((time.time(), dict(pools), dict(queue)))
+        controller = self.scheduler.plugins.get("dflow-elastic")
+        last = getattr(controller, "last_plan", None) or {}
+        if last.get("time") and (not self.plans or self.plans[-1][0] != last["time"]):
+            self.plans.append(
+                (last["time"], dict(last.get("utilization", {})), last["reason"])
+            )
 
 
 async def _install(
@@ -439,14 +555,20 @@ def fleet_workers(
 def fleet_predictor(cost: Any, gpu_types: Sequence[str], scale: float) -> Any:
     """A predictor that prices every pool on every GPU type of the fleet as the
     emulation charges it, in wall seconds at ``scale`` (as the controller
-    observes them): what a deployment profiled on its own GPU types knows."""
+    observes them): what a deployment profiled on its own GPU types knows.
+
+    Its online correction is off (``ewma_alpha=0``): it would learn Dask's
+    per-task CPU time divided by the time scale (25x at 0.04) and inflate the
+    sub-second encoder and VAE calls many times over; the controller trusts the
+    profile, which is what the emulation charges. (The predictor is built
+    before the run's config is set, so the alpha is passed, not configured.)"""
     from dflow.predictor import Predictor
 
     rows = []
     for gpu in sorted(set(gpu_types)):
         for row in cost.rows_for(gpu):
             rows.append({**row, "seconds": row["seconds"] * scale})
-    return Predictor(rows)
+    return Predictor(rows, ewma_alpha=0.0)
 
 
 def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
@@ -456,7 +578,7 @@ def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
     return {
         "dflow.runtime.backend": "emulated",
         "dflow.emulation.time-scale": scale,
-        # the elastic controller starts once its pools have served (run_mode)
+        # the elastic controller starts with the arrivals (run_mode)
         "dflow.elastic.enabled": False,
         "dflow.elastic.interval": s["interval"] * scale,
         "dflow.elastic.default-switch": s["default-switch"] * scale,
@@ -491,6 +613,10 @@ class ModeRun:
     workers: dict[str, tuple[str, str | None]]
     #: emulated second the elastic controller started at (None: never)
     controller_start: float | None = None
+    #: wall seconds of the elastic controller's planning steps
+    planning: list[float] = field(default_factory=list)
+    #: (wall time, utilization per pool, reason) of sampled plans
+    plans: list[tuple[float, dict[str, float], str]] = field(default_factory=list)
 
 
 def _wait_ready(cluster: Any, count: int, timeout: float) -> None:
@@ -583,19 +709,13 @@ def run_mode(
         lock = threading.Lock()
         ordered = sorted(range(len(entries)), key=lambda i: entries[i].t)
         controller = cluster.scheduler.plugins["dflow-elastic"]
-        pools = set(allocation)
         start = time.time()
         position = 0
         while position < len(ordered):
             now = time.time()
-            if (
-                mode == "elastic"
-                and not controller.enabled
-                and (pools <= recorder.served or now - start > scenario.warmup * scale)
-            ):
-                # dflow prices a pool from its finished tasks: before any, a
-                # pool looks idle and the controller would strip it (a cold
-                # start issue of ElasticController.price, not of the load)
+            if mode == "elastic" and not controller.enabled:
+                # from the first arrival: the controller prices a pool that has
+                # not finished a task yet from the tasks it owes (dcb7b67)
                 controller.enabled = True
                 enabled = (now - start) / scale
             due = []
@@ -649,6 +769,7 @@ def run_mode(
         }
         names = {r.address: r.name for r in extension.workers.values()}
         tasks = [(s, m, names.get(w, w), a, b) for s, m, w, a, b in recorder.tasks]
+        planning = controller.planning_seconds()
         futures.clear()
     return ModeRun(
         mode=mode,
@@ -662,6 +783,8 @@ def run_mode(
         decisions=decisions,
         workers=roles,
         controller_start=enabled,
+        planning=planning,
+        plans=list(recorder.plans),
     )
 
 
@@ -706,8 +829,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The mode's entry of ``results.json``."""
     kind = "monolithic" if run.mode in MONOLITHIC else "disaggregated"
-    arrivals = [e.t for e in run.entries]
-    bound_rps = bound(arrivals, physics_.phases, physics_.capacity[kind], window)
+    bound_rps = physics_.mode_bound(run.mode, run.entries, window)
     slo = {m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()}
     result = metrics(
         outcomes(run),
@@ -724,6 +846,21 @@ def summarize(
     result["decision_log"] = run.decisions[:100]
     if run.mode == "elastic":
         result["controller_start_s"] = run.controller_start
+        # wall milliseconds: what the scale cannot shrink (see the module doc)
+        result["planning_ms"] = dict(
+            zip(("p50", "p95", "max"), percentiles(run.planning, (50, 95, 100)))
+        )
+        result["planning_ms"] = {
+            k: None if v is None else v * 1000 for k, v in result["planning_ms"].items()
+        }
+        result["plan_log"] = [
+            {
+                "time": (t - run.start) / run.scale,
+                "utilization": {k: round(u, 3) for k, u in use.items()},
+                "reason": reason,
+            }
+            for t, use, reason in run.plans
+        ]
     result["physics"] = kind
     result["gpu_use"] = gpu_use(run, window)
     return result
@@ -780,7 +917,16 @@ def run_scenario(
         "slo_s": {
             m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()
         },
-        "physics": physics_summary(physics_, entries, window),
+        "physics": physics_summary(
+            physics_,
+            entries,
+            window,
+            stop=scenario.duration + scenario.drain,
+            slo={
+                m: scenario.slo_factor * s
+                for m, s in physics_.reference_latency.items()
+            },
+        ),
         "modes": {},
     }
     runs = {}
@@ -820,13 +966,15 @@ def run_scenario(
 
 
 def physics_summary(
-    p: Physics, entries: Sequence[TraceEntry], window: tuple[float, float]
+    p: Physics,
+    entries: Sequence[TraceEntry],
+    window: tuple[float, float],
+    stop: float = math.inf,
+    slo: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     arrivals = [e.t for e in entries]
     summary: dict[str, Any] = {"phases": []}
-    for (start, end), mix, mono, dis in zip(
-        p.phases, p.mixes, p.capacity["monolithic"], p.capacity["disaggregated"]
-    ):
+    for index, ((start, end), mix) in enumerate(zip(p.phases, p.mixes)):
         offered = sum(1 for t in arrivals if start <= t < end) / (end - start)
         summary["phases"].append(
             {
@@ -834,8 +982,11 @@ def physics_summary(
                 "end_s": end,
                 "mix": {r.model: round(w, 4) for r, w in mix},
                 "offered_rps": offered,
-                "bound_monolithic_rps": mono,
-                "bound_disaggregated_rps": dis,
+                "bound_monolithic_rps": p.capacity["monolithic"][index],
+                "bound_disaggregated_rps": p.capacity["disaggregated"][index],
+                # each mode's physics for this phase's mix (static modes:
+                # the rate at which their first model saturates)
+                "mix_rps": {m: p.mode_capacity(m)[index] for m in BOUNDS},
             }
         )
     for kind in ("monolithic", "disaggregated"):
@@ -849,6 +1000,54 @@ def physics_summary(
     summary["reference_latency_s"] = p.reference_latency
     mono, dis = (summary[f"bound_{k}_rps"] for k in ("monolithic", "disaggregated"))
     summary["physics_ratio"] = dis / mono if mono else None
+    # each mode's bound over the run at the offered load, and what elastic
+    # could reach against each baseline at most
+    modes = {m: p.mode_bound(m, entries, window) for m in BOUNDS}
+    summary["bound_mode_rps"] = modes
+    summary["static_model_rps"] = {
+        m: p.model_capacity[BOUNDS[m][0]] for m in BOUNDS if BOUNDS[m][1]
+    }
+    summary["possible"] = {
+        f"elastic_over_{m}_throughput": modes["elastic"] / modes[m]
+        if modes[m]
+        else None
+        for m in ("monolithic", "monolithic_autoscaled", "static")
+    }
+    # the rate multiple each mode saturates at, relative to the offered rates
+    summary["saturation_multiple"] = {
+        m: min(
+            (
+                c / (sum(1 for t in arrivals if a <= t < b) / (b - a))
+                for (a, b), c in zip(p.phases, p.mode_capacity(m))
+                if any(a <= t < b for t in arrivals)
+            ),
+            default=None,
+        )
+        for m in BOUNDS
+    }
+    # p95: (a)'s least p95 (fluid queue per model) against the p95 of the
+    # requests' latency alone, which no mode can beat
+    alone = [
+        p.reference_latency[e.model] for e in entries if window[0] <= e.t < window[1]
+    ]
+    floor = percentiles(alone, (95,))[0]
+    fluid = static_monolithic_latencies(p, entries, window, stop)
+    least = percentiles([latency for _, latency in fluid], (95,))[0]
+    summary["p95_floor_s"] = floor
+    summary["monolithic_p95_least_s"] = least
+    summary["possible"]["monolithic_over_elastic_p95"] = (
+        least / floor if least is not None and floor else None
+    )
+    if slo:
+        # goodput: (a) at most the fluid queue's requests within their SLO; a
+        # mode at most every request arriving in the window
+        span = window[1] - window[0]
+        most = sum(latency <= slo[m] for m, latency in fluid) / span
+        summary["monolithic_goodput_most_rps"] = most
+        summary["goodput_most_rps"] = len(alone) / span
+        summary["possible"]["elastic_over_monolithic_goodput"] = (
+            len(alone) / span / most if most else None
+        )
     return summary
 
 
