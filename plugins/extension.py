@@ -477,7 +477,8 @@ class DflowExtension(SchedulerPlugin):
     def fail_unserved(self) -> None:
         """Fail requests whose pool has had no worker, ready or loading, for longer
         than ``dflow.scheduler.unserved-timeout``: they get a clear error instead
-        of waiting forever."""
+        of waiting forever. Tasks of a served pool pinned to workers that left it
+        are pinned again (:meth:`_repin`)."""
         assert self.scheduler is not None
         timeout = parse_timedelta(dask.config.get("dflow.scheduler.unserved-timeout"))
         now = time.time()
@@ -488,7 +489,10 @@ class DflowExtension(SchedulerPlugin):
         waiting: set[Key] = set()
         for ts in list(self.scheduler.unrunnable):
             pool = _pool_of(ts)
-            if pool is None or pool in served:
+            if pool is None:
+                continue
+            if pool in served:
+                recommendations.update(self._repin(ts, pool, now))
                 continue
             waiting.add(ts.key)
             since = self._unserved_since.setdefault(ts.key, now)
@@ -516,6 +520,38 @@ class DflowExtension(SchedulerPlugin):
             self.scheduler.transitions(
                 recommendations, stimulus_id=f"dflow-unserved-{now}"
             )
+
+
+    def _repin(self, ts: TaskState, pool: tuple[str, str], now: float) -> dict:
+        """Recommendations for an unrunnable task of a served pool that admission
+        pinned to workers with the memory for it, when none of those serves the
+        pool any more (they switched roles): pin it to the pool's workers that
+        have the memory now, or fail it with the reason when none has."""
+        assert self.scheduler is not None
+        members = {
+            r.address
+            for r in self.workers.values()
+            if r.pool == pool and r.state in ("loading", "ready")
+        }
+        if not ts.worker_restrictions or ts.worker_restrictions & members:
+            return {}
+        stage, model = pool
+        features = (ts.annotations or {})["dflow"].get("features", {})
+        try:
+            capable = self._capable(stage, {"model": model, "features": features})
+        except InvalidRequest as error:
+            return self.scheduler.transition(
+                ts.key,
+                "erred",
+                exception=pickle.dumps(error),
+                cause=ts.key,
+                stimulus_id=f"dflow-repin-{now}",
+            )
+        ts.worker_restrictions = set(capable) if capable else None
+        self.event("repinned", key=str(ts.key), workers=sorted(capable or members))
+        for address in capable or members:
+            self._schedule_unrunnable(address)
+        return {}
 
 
 def _mode(stages: dict[str, Any]) -> str:

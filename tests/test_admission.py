@@ -16,7 +16,9 @@ peak memory for admission.
   stops and its tasks are forgotten;
 - a request no worker of a stage has the memory for is refused at submit
   (:class:`~dflow.errors.InvalidRequest` naming ``height``); in a fleet of mixed
-  GPU types its stage runs only on the workers that can hold it.
+  GPU types its stage runs only on the workers that can hold it, and when those
+  switch roles it follows the memory to the pool's other workers, or fails with
+  the same reason when none is left.
 """
 
 from __future__ import annotations
@@ -287,5 +289,83 @@ async def test_memory_no_worker_can_hold_is_refused_at_submit(
     assert not extension.reserved[MODEL]
 
     # what fits is admitted and runs
+    output = await (await in_thread(dflow.submit, c, request(1024, seed=3)))
+    assert output.request == request(1024, seed=3)
+
+
+async def switch(s, address: str, stage: str) -> None:
+    """Switch a worker's stage through the elastic controller's switcher, and wait
+    until it serves the new stage."""
+    controller = s.plugins["dflow-elastic"]
+    record = s.extensions["dflow"].workers[address]
+    controller.apply(address, record.pool, (stage, MODEL), "test: switch")
+    await until(
+        lambda: (
+            s.extensions["dflow"].workers[address].pool == (stage, MODEL)
+            and s.extensions["dflow"].workers[address].state == "ready"
+            and address not in controller.switcher.switching
+        )
+    )
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers(
+        "encoder", "dit", ("vae", SMALL_GPU), ("vae", "h200"), ("encoder", "h200")
+    ),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_a_pinned_task_follows_the_memory_when_its_worker_switches(
+    c, s, *workers, session_config
+):
+    """A decode admission pinned to the one VAE worker with the memory for it: that
+    worker moves to the encoder and another large worker to the VAE while the
+    request denoises. The decode runs on the newcomer (the small VAE worker still
+    cannot hold it)."""
+    await in_thread(wait_for_pools, c, {MODEL: ["encoder", "dit", "vae", "vae"]})
+    await predictor_ready(s)
+    large, spare = workers[3].address, workers[4].address
+
+    big = request(2048, steps=8, seed=1)
+    future = await in_thread(dflow.submit, c, big)
+    rid = request_id(future.key)
+    await until(lambda: f"decode-{rid}" in s.tasks)
+    assert s.tasks[f"decode-{rid}"].worker_restrictions == {large}
+    await switch(s, large, "encoder")
+    await switch(s, spare, "vae")
+
+    output = await future
+    assert output.request == big
+    assert ran_on(s, f"decode-{rid}") == spare
+    events = [d for _, kind, d in s.extensions["dflow"].events if kind == "repinned"]
+    assert events == [{"key": f"decode-{rid}", "workers": [spare]}]
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers("encoder", "dit", ("vae", SMALL_GPU), ("vae", "h200")),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_a_pinned_task_fails_clearly_when_no_worker_left_can_hold_it(
+    c, s, *workers, session_config
+):
+    """The one VAE worker with the memory for a decode moves to the encoder: the
+    request fails with the reason admission would have given, instead of waiting
+    for a worker that no longer serves the VAE."""
+    await in_thread(wait_for_pools, c, {MODEL: [*STAGES, "vae"]})
+    await predictor_ready(s)
+    large = workers[3].address
+
+    future = await in_thread(dflow.submit, c, request(2048, steps=8, seed=1))
+    await until(lambda: f"decode-{request_id(future.key)}" in s.tasks)
+    await switch(s, large, "encoder")
+
+    with pytest.raises(InvalidRequest, match=r"^height: the vae stage of pixart"):
+        await future
+    # the fleet serves on
     output = await (await in_thread(dflow.submit, c, request(1024, seed=3)))
     assert output.request == request(1024, seed=3)
