@@ -521,7 +521,6 @@ class DflowExtension(SchedulerPlugin):
                 recommendations, stimulus_id=f"dflow-unserved-{now}"
             )
 
-
     def _repin(self, ts: TaskState, pool: tuple[str, str], now: float) -> dict:
         """Recommendations for an unrunnable task of a served pool that admission
         pinned to workers with the memory for it, when none of those serves the
