@@ -148,6 +148,9 @@ class ElasticController(SchedulerPlugin):
         self._planned: dict[str, PlannerWorker] = {}
         self._costs: dict[Pool, PoolCost] = {}
         self._step_seconds: deque[float] = deque(maxlen=1000)
+        #: CPU seconds of the same steps (the scheduler's thread alone: on a
+        #: busy host the wall time also counts waiting for a core)
+        self._step_cpu_seconds: deque[float] = deque(maxlen=1000)
         self.refit_every = parse_timedelta(
             dask.config.get("dflow.predictor.refit-interval")
         )
@@ -215,9 +218,10 @@ class ElasticController(SchedulerPlugin):
         """One control interval: plan and apply."""
         if not self.enabled:
             return
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         plan = self.plan()
         self._step_seconds.append(time.perf_counter() - start)
+        self._step_cpu_seconds.append(time.thread_time() - cpu)
         if plan is None:
             return
         for move in plan.moves:
@@ -272,8 +276,11 @@ class ElasticController(SchedulerPlugin):
         }
         reference = Counter(w.gpu_type for w in workers).most_common(1)[0][0]
         gpu_types = {w.gpu_type for w in workers}
-        prices = {pool: self.price(pool, reference, gpu_types) for pool in pools}
-        owed = self.owed()
+        owed, newest = self.owed_work()
+        prices = {
+            pool: self.price(pool, reference, gpu_types, self.features(pool, newest))
+            for pool in pools
+        }
         # A served pool that owes work it cannot price (no profile covers it and
         # none of its tasks has finished) has unknown demand, not none: planning
         # without it would give its workers to the pools that are priced.
@@ -418,10 +425,22 @@ class ElasticController(SchedulerPlugin):
                 pass
         return self.telemetry.service.get(pool)
 
-    def price(self, pool: Pool, reference: str, gpu_types: set[str]) -> Price:
-        """Service time on the reference GPU type, speeds and memory of a pool."""
+    def features(self, pool: Pool, newest: dict[Pool, dict]) -> dict | None:
+        """Features to price ``pool`` by: of the newest task it owes (``newest``,
+        from :meth:`owed_work`), else of its most recent finished one. The work
+        ahead is priced by its own requests, so a new mix is priced as itself
+        before its first task finishes."""
+        if pool in newest:
+            return newest[pool]
+        recent = self.telemetry.recent.get(pool)
+        return recent[-1] if recent else None
+
+    def price(
+        self, pool: Pool, reference: str, gpu_types: set[str], features: dict | None
+    ) -> Price:
+        """Service time on the reference GPU type, speeds and memory of a pool,
+        for a request of ``features``."""
         stage, model = pool
-        features = self.recent_features(pool)
         base = self.service(pool, reference, features)
         speeds = {}
         for gpu_type in gpu_types:
@@ -448,32 +467,22 @@ class ElasticController(SchedulerPlugin):
             cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
         )
 
-    def recent_features(self, pool: Pool) -> dict | None:
-        """Features of the newest task the pool owes, else of its most recent
-        finished one: the work ahead is priced by its own requests, so a new
-        mix is priced as itself before its first task finishes."""
-        assert self.scheduler is not None
-        for ts in reversed(self.scheduler.tasks.values()):
-            if ts.state in OWED and _pool_of(ts) == pool:
-                return (ts.annotations or {})["dflow"].get("features", {})
-        recent = self.telemetry.recent.get(pool)
-        return recent[-1] if recent else None
-
-    def owed(self) -> Counter[Pool]:
-        """Tasks of each pool that requests in flight still owe."""
+    def owed_work(self) -> tuple[Counter[Pool], dict[Pool, dict]]:
+        """Tasks of each pool that requests in flight still owe, and the
+        features of the newest of them, in one pass over the tasks."""
         assert self.scheduler is not None
         owed: Counter[Pool] = Counter()
+        newest: dict[Pool, dict] = {}
         for ts in self.scheduler.tasks.values():
             if ts.state in OWED and (pool := _pool_of(ts)) is not None:
                 owed[pool] += 1
-        return owed
+                newest[pool] = (ts.annotations or {})["dflow"].get("features", {})
+        return owed, newest
 
     def demands(
-        self, prices: dict[Pool, Price], owed: Counter[Pool] | None = None
+        self, prices: dict[Pool, Price], owed: Counter[Pool]
     ) -> dict[Pool, Demand]:
         """Arrivals times service, plus the work owed by requests in flight."""
-        if owed is None:
-            owed = self.owed()
         return {
             pool: Demand(
                 rate=self.arrival_rate(pool) * price.seconds,
@@ -522,17 +531,22 @@ class ElasticController(SchedulerPlugin):
             if workers
             else "cpu"
         )
-        prices = {p: self.price(p, reference, {reference}) for p in pools}
+        owed, newest = self.owed_work()
+        prices = {
+            p: self.price(p, reference, {reference}, self.features(p, newest))
+            for p in pools
+        }
         targets = {}
-        for pool, demand in self.demands(prices).items():
+        for pool, demand in self.demands(prices, owed).items():
             load = demand.rate * horizon + demand.backlog
             needed = math.ceil(load / (horizon * utilization)) if load else 0
             targets["/".join(pool)] = needed
         return targets
 
-    def planning_seconds(self) -> list[float]:
-        """Recent control steps' durations (planning only, not the switches)."""
-        return list(self._step_seconds)
+    def planning_seconds(self, cpu: bool = False) -> list[float]:
+        """Recent control steps' durations (planning only, not the switches):
+        wall seconds, or with ``cpu`` the scheduler thread's CPU seconds."""
+        return list(self._step_cpu_seconds if cpu else self._step_seconds)
 
 
 def default_predictor() -> Predictor:

@@ -322,12 +322,17 @@ class DflowExtension(SchedulerPlugin):
             for r in self.workers.values()
             if r.pool == (stage, model) and r.state in ("ready", "loading")
         ]
+        # one prediction per GPU type: a fleet has a few types and many workers
+        try:
+            peaks = {
+                gpu_type: _peak_bytes(predictor, model, stage, gpu_type, features)
+                for gpu_type in {r.gpu_type for r in members}
+            }
+        except LookupError:
+            return None
         capable, needs = [], []
         for record in members:
-            try:
-                peak = _peak_bytes(predictor, model, stage, record.gpu_type, features)
-            except LookupError:
-                return None
+            peak = peaks[record.gpu_type]
             if peak is None or peak <= record.memory:
                 capable.append(record.address)
             else:

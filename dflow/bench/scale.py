@@ -111,6 +111,7 @@ def _controller_stats(dask_scheduler: Any = None) -> dict[str, Any]:
     controller = dask_scheduler.plugins["dflow-elastic"]
     return {
         "planning_seconds": controller.planning_seconds(),
+        "planning_cpu_seconds": controller.planning_seconds(cpu=True),
         "decisions": len(controller.decisions()),
         "predictor": controller.predictor is not None,
         "workers": len(dask_scheduler.workers),
@@ -223,6 +224,7 @@ def run_scale(
         load_wall = time.monotonic() - t0
         stats = client.run_on_scheduler(_controller_stats)
         steps = stats["planning_seconds"]
+        cpu_steps = stats["planning_cpu_seconds"]
         client.cancel(futures)
         ordered = sorted(steps)
         results.update(
@@ -249,6 +251,9 @@ def run_scale(
                     if steps
                     else None,
                     "max_ms": 1000 * max(steps) if steps else None,
+                    "cpu_median_ms": 1000 * statistics.median(cpu_steps)
+                    if cpu_steps
+                    else None,
                 },
                 "decisions": stats["decisions"],
                 "last_plan": stats["last_plan"],
@@ -267,6 +272,7 @@ def run_scale(
         "cpu_ms_per_request": round(results["load"]["scheduler_cpu_ms_per_request"], 2),
         "planning_median_ms": results["planning"]["median_ms"],
         "planning_p95_ms": results["planning"]["p95_ms"],
+        "planning_cpu_median_ms": results["planning"]["cpu_median_ms"],
         "completed": f"{done}/{len(entries)}",
     }
     write_results(out / "results.json", results)

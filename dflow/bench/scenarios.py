@@ -179,9 +179,13 @@ def s2() -> Scenario:
     of those rates. The offered load is **2.0x (a)'s saturation rate**: 0.549,
     1.976 and 0.300 requests/s (0.83 of elastic's bound in every phase; (a)
     offered 2.0x, 1.89x and 1.75x what it sustains). Elastic's bound over
-    (a)'s is 2.40 at saturation; at this load the fluid bounds allow elastic
-    1.9x (a)'s throughput. The claims of 3.4x throughput cannot arise on 24
-    of these cards (see ``benchmarks/results-bench.md``).
+    (a)'s is 2.40 at saturation: the most throughput it could gain over (a)
+    under an overload that never ends. Over this run's window (a) drains a
+    phase's backlog in the next phases, so the fluid bounds allow elastic at
+    most 0.99x (a)'s throughput, 4.6x lower p95 and 4.0x (a)'s goodput (quick:
+    1.03x, 3.8x, 3.7x; ``physics.possible`` in ``results.json``). The claims
+    of 3.4x throughput and 18.5x lower p95 cannot arise on 24 of these cards
+    (see BENCHMARKS.md).
     """
     return Scenario(
         name="S2",
