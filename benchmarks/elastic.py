@@ -3,10 +3,11 @@
 **CPU, tiny models, real processes**: a ``dask scheduler`` with dflow's preload and
 four ``dflow-worker`` processes of tiny PixArt-Sigma (2 encoder / 1 DiT / 1 VAE),
 started by :mod:`dflow.testing`; the controller at a 1 s interval, 3 s cooldown
-and 10 s horizon.
+and 4 s horizon (as ``tests/test_elastic.py``).
 
-- *Convergence*: a burst of DiT-heavy requests (``steps=40``), then one of
-  VAE-heavy requests (256 x 256, ``steps=1``). Per shift, seconds from its first
+- *Convergence*: a burst of DiT-heavy requests (``steps=200``: 0.26 s of DiT on
+  a quiet core), then one of VAE-heavy requests (512 x 512, ``steps=1``: 0.19 s of
+  VAE), each sized to outlast several intervals on a quiet machine. Per shift, seconds from its first
   request to the controller's first move toward the new bottleneck, to that
   worker serving its new pool, and to the burst's last request done; without
   ``--quick`` also on the fixed 2/1/1 fleet (controller off).
@@ -91,16 +92,16 @@ class Setup:
 
 
 def real_setup(quick: bool) -> Setup:
-    n = 12 if quick else 16
+    n = 16 if quick else 24
     return Setup(
         REAL,
         "tiny-pixart",
         {"encoder": 2, "dit": 1, "vae": 1},
         [
-            Shift("DiT-heavy (steps=40, 64x64)", {"steps": 40}, n, ("dit",)),
+            Shift("DiT-heavy (steps=200, 64x64)", {"steps": 200}, n, ("dit",)),
             Shift(
-                "VAE-heavy (steps=1, 256x256)",
-                {"steps": 1, "height": 256, "width": 256},
+                "VAE-heavy (steps=1, 512x512)",
+                {"steps": 1, "height": 512, "width": 512},
                 n,
                 ("vae",),
             ),
@@ -113,7 +114,7 @@ REAL_ENV = {
     "DASK_DFLOW__ELASTIC__ENABLED": "False",
     "DASK_DFLOW__ELASTIC__INTERVAL": "1s",
     "DASK_DFLOW__PLANNER__COOLDOWN": "3s",
-    "DASK_DFLOW__PLANNER__HORIZON": "10s",
+    "DASK_DFLOW__PLANNER__HORIZON": "4s",
 }
 EMULATED_SCALE = 0.5
 #: the controller's shipped periods, in emulated seconds
@@ -519,7 +520,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Seconds from the burst's first request. Fleet of 4 workers starting at "
         "2 encoder / 1 DiT / 1 VAE before each pair of shifts; interval 1 s, "
-        "cooldown 3 s, horizon 10 s. Layout after: encoder/DiT/VAE workers.",
+        "cooldown 3 s, horizon 4 s. Layout after: encoder/DiT/VAE workers.",
         "",
         *convergence_table(real_["convergence"], "s"),
         "",

@@ -142,7 +142,7 @@ class ElasticController(SchedulerPlugin):
         #: load as the plan that moved it priced them)
         self.ready_at: dict[str, float] = {}
         #: until when a move from one pool to another bars the way back, per
-        #: (source, target): the mover's ready time, at least the cooldown
+        #: (source, target): the mover's ready time (a cooldown when unpriced)
         self.flows: dict[tuple[Pool, Pool], float] = {}
         #: the last plan's workers and pool costs, which ``apply`` times moves by
         self._planned: dict[str, PlannerWorker] = {}
@@ -246,7 +246,7 @@ class ElasticController(SchedulerPlugin):
             self.ready_at[address] = now + planned.drain_seconds + switch
         if source is not None:
             cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))
-            until = max(now + cooldown, self.ready_at.get(address, now))
+            until = self.ready_at.get(address, now + cooldown)
             previous = self.flows.get((source, target), 0.0)
             self.flows[source, target] = max(previous, until)
         record = self.extension.workers.get(address)
@@ -365,12 +365,13 @@ class ElasticController(SchedulerPlugin):
 
     def barring(self, worker: PlannerWorker, now: float) -> PlannerWorker:
         """``worker`` barred from the pools that gave its pool a worker whose
-        move has not taken effect yet (it still drains or loads), or did so
-        less than a cooldown ago. The mover itself is in cooldown, but its new
-        pool's other workers are not: without this, a swing of demand shorter
-        than the requests sends one worker there and, a plan later, another
-        back, each paying a drain and a load before it serves; by the time
-        either serves, the swing has passed."""
+        move has not taken effect yet (it still drains or loads). The mover
+        itself is in cooldown, but its new pool's other workers are not:
+        without this, a swing of demand shorter than the requests sends one
+        worker there and, a plan later, another back, each paying a drain and a
+        load before it serves; by the time either serves, the swing has passed.
+        Once the mover serves, the way back opens: a real reversal (a burst
+        of the other kind) is followed without waiting out a cooldown."""
         if worker.pool is None:
             return worker
         barred = frozenset(
