@@ -57,6 +57,7 @@ import distributed
 from distributed import Client, as_completed
 
 import dflow
+from dflow.bench.harness import revision
 from dflow.cluster import StageCluster
 from dflow.request import Request
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
@@ -569,21 +570,6 @@ def markdown(results: dict[str, Any]) -> str:
         f"{emulated_['workers']}): {steps_line(emulated_['planning_seconds'])}.",
     ]
     return "\n".join(lines)
-
-
-def revision() -> str:
-    """The commit of the dflow imported, ``+dirty`` if its tracked files differ."""
-    here = Path(dflow.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-
-    parts = (".", "../plugins", "../configs", "../dashboards")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *parts)
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{commit}{'+dirty' if dirty else ''} ({here})"
 
 
 def main() -> None:

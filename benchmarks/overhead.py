@@ -46,7 +46,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -64,6 +63,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 import dflow.client
+from dflow.bench.harness import revision
 from dflow.cluster import StageCluster
 from dflow.request import Request
 from dflow.worker import pool_resource
@@ -315,23 +315,6 @@ def table(results: dict[str, dict[str, Any]], label: str, cores: int) -> str:
             f"| {r['single_chain_latency_ms']['median']:.1f} |"
         )
     return "\n".join(lines)
-
-
-def revision() -> str:
-    """The commit of the dflow imported, ``+dirty`` if its tracked files differ."""
-    import dflow
-
-    here = Path(dflow.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-
-    parts = (".", "../plugins", "../configs", "../dashboards")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *parts)
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{commit}{'+dirty' if dirty else ''} ({here})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -49,6 +48,7 @@ import dask.config
 import distributed
 from distributed import Client, get_task_stream, wait
 
+from dflow.bench.harness import revision
 from dflow.client import map as submit_many
 from dflow.cluster import StageCluster
 from dflow.request import Request
@@ -396,23 +396,6 @@ def tables(runs: list[dict[str, Any]], label: str) -> str:
                 f"| {r['latency']['median']:.3f} / {r['latency']['p90']:.3f} |"
             )
     return "\n".join(out)
-
-
-def revision() -> str:
-    """The commit of the dflow imported, ``+dirty`` if its tracked files differ."""
-    import dflow
-
-    here = Path(dflow.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-
-    parts = (".", "../plugins", "../configs", "../dashboards")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *parts)
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{commit}{'+dirty' if dirty else ''} ({here})"
 
 
 def main(argv: list[str] | None = None) -> None:

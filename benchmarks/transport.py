@@ -28,7 +28,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -224,6 +223,8 @@ def gbps(nbytes: int, seconds: float) -> str:
 
 
 def machine() -> dict[str, Any]:
+    from dflow.bench.harness import revision
+
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -258,23 +259,6 @@ def table(protocol: str, rows: list[dict[str, Any]]) -> str:
             f"| {median(transfer) / median(sock):.1f}x |"
         )
     return "\n".join(lines)
-
-
-def revision() -> str:
-    """The commit of the dflow imported, ``+dirty`` if its tracked files differ."""
-    import dflow
-
-    here = Path(dflow.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=here, capture_output=True, text=True
-        ).stdout.strip()
-
-    parts = (".", "../plugins", "../configs", "../dashboards")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *parts)
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{commit}{'+dirty' if dirty else ''} ({here})"
 
 
 def main(argv: list[str] | None = None) -> None:

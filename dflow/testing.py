@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,21 @@ def worker_processes(
             yield processes
         finally:
             stop(processes)
+
+
+def poll(
+    condition: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "",
+    interval: float = 0.05,
+) -> Any:
+    """Call ``condition`` until it returns something truthy and return that;
+    fail an assertion naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s: {what}"
+        time.sleep(interval)
+    return result
 
 
 def wait_for_pools(

@@ -6,10 +6,8 @@ shrink it under load, then remove every pool).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,17 +17,9 @@ from distributed import Client, get_task_stream
 import dflow
 from dflow.cluster import StageCluster
 from dflow.request import Request
-from dflow.testing import wait_for_pools
+from dflow.testing import poll, wait_for_pools
 
 MODEL = "tiny-pixart"
-
-
-def poll(condition: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s: {what}"
-        time.sleep(0.05)
-    return result
 
 
 def requests(count: int, start: int = 0, steps: int = 4) -> list[Request]:
@@ -118,7 +108,7 @@ def test_scaling_a_stage_down_under_load_loses_no_request(cluster, client):
     ]
     burst = requests(12, start=100, steps=30)
     futures = dflow.map(client, burst)
-    poll(lambda: any(f.done() for f in futures), what="the burst to start")
+    poll(lambda: any(f.done() for f in futures), 60, "the burst to start")
     assert not all(f.done() for f in futures)
 
     cluster.scale(1, stage="dit")
@@ -126,7 +116,7 @@ def test_scaling_a_stage_down_under_load_loses_no_request(cluster, client):
 
     outputs = client.gather(futures)
     assert [o.request for o in outputs] == burst
-    poll(lambda: ready_workers(client, "dit") == ["dit-1"], what="dit-3 to leave")
+    poll(lambda: ready_workers(client, "dit") == ["dit-1"], 60, "dit-3 to leave")
     # it left through retirement, which hands its data over first ...
     retirements = [
         event
@@ -148,7 +138,8 @@ def test_scale_needs_a_stage_except_to_zero(cluster, client):
     cluster.scale(0)
     poll(
         lambda: not client.scheduler_info(n_workers=-1)["workers"],
-        what="every worker to leave",
+        60,
+        "every worker to leave",
     )
     assert not cluster.worker_spec
     assert client.sync(client.scheduler.dflow_pools) == {}

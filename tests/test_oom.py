@@ -22,10 +22,8 @@ import contextlib
 import resource
 import shutil
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import cloudpickle
 import psutil
@@ -40,6 +38,7 @@ from dflow.request import Request
 from dflow.spec import STAGES, canonical_name
 from dflow.testing import (
     ServiceProcess,
+    poll,
     scheduler_process,
     wait_for_pools,
     worker_processes,
@@ -160,14 +159,6 @@ def memory_in_use(device: str) -> int:
 def request_counts(dask_scheduler) -> dict[str, int]:
     counts = dask_scheduler.extensions["dflow"].counts
     return {status: n for (_, status), n in counts.items()}
-
-
-def poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s: {what}"
-        time.sleep(0.1)
-    return result
 
 
 # -- the test ---------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from dflow.request import Request
 from dflow.spec import canonical_name
 from dflow.testing import (
     ServiceProcess,
+    poll,
     scheduler_process,
     stop,
     wait_for_pools,
@@ -176,17 +177,6 @@ def worker_stages(client: Client) -> dict[str, str]:
     """Address -> stage of the ready workers, as they reported to the extension."""
     records = client.sync(client.scheduler.dflow_workers)
     return {r["address"]: r["stage"] for r in records if r["state"] == "ready"}
-
-
-def poll(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    """Call ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout}s: {what}"
-        time.sleep(0.02)
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:

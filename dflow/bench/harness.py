@@ -50,6 +50,7 @@ import contextlib
 import json
 import logging
 import math
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -64,6 +65,7 @@ import dask.config
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+import dflow
 import dflow.client
 from dflow.bench.bounds import (
     Allocation,
@@ -847,11 +849,11 @@ def summarize(
     if run.mode == "elastic":
         result["controller_start_s"] = run.controller_start
         # wall milliseconds: what the scale cannot shrink (see the module doc)
-        result["planning_ms"] = dict(
-            zip(("p50", "p95", "max"), percentiles(run.planning, (50, 95, 100)))
-        )
         result["planning_ms"] = {
-            k: None if v is None else v * 1000 for k, v in result["planning_ms"].items()
+            k: None if v is None else v * 1000
+            for k, v in zip(
+                ("p50", "p95", "max"), percentiles(run.planning, (50, 95, 100))
+            )
         }
         result["plan_log"] = [
             {
@@ -1098,6 +1100,22 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def revision() -> str:
+    """The commit of the dflow imported, ``+dirty`` if its tracked files differ:
+    what a benchmark measured."""
+    here = Path(dflow.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+
+    parts = (".", "../plugins", "../configs", "../dashboards")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *parts)
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return f"{commit}{'+dirty' if dirty else ''} ({here})"
 
 
 def write_results(path: Path, results: Mapping[str, Any]) -> None:
