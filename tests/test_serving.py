@@ -681,7 +681,8 @@ def test_killing_a_dit_worker_mid_run_loses_no_request(serving):
         for address in process.addresses(client)
     }
     before = client.run_on_scheduler(request_counts)
-    requests = [serving.request(seed, steps=60) for seed in range(500, 520)]
+    # long enough that the kill lands mid-burst on a quiet machine too
+    requests = [serving.request(seed, steps=200) for seed in range(500, 520)]
     futures = dflow.map(client, requests)
 
     def busy_dit() -> str | None:
@@ -690,7 +691,7 @@ def test_killing_a_dit_worker_mid_run_loses_no_request(serving):
         running = client.run(executing, workers=list(dits))
         return next((a for a, keys in running.items() if keys), None)
 
-    victim = poll(busy_dit, timeout=60, what="a DiT worker busy mid-run")
+    victim = poll(busy_dit, 60, "a DiT worker busy mid-run", interval=0.02)
     dits[victim].kill()
     assert not all(f.done() for f in futures), "the burst ended before the kill"
 
