@@ -6,17 +6,19 @@ stage on a stage worker (encoder also per request in a batch of 8), whether each
 stage fits the card, and what a monolithic worker (stage ``all``) pays: resident
 when the pipeline fits, else the cheaper of model and group offload. Only the h200
 rows rest on measurements of that GPU; every other row is the H200 profile scaled
-as ``dflow/emulation.py`` describes.
+as ``docs/emulation.md`` describes.
 
 Run: ``python benchmarks/emulation_check.py`` (about half a minute, no GPU).
 """
 
 from __future__ import annotations
 
-from dflow.emulation import GIB, cost_model
+from dflow.catalog import resolve
+from dflow.emulation import cost_model
 from dflow.errors import StageOutOfMemory
+from dflow.hardware import GIB
 from dflow.request import Request
-from dflow.spec import STAGES, resolve
+from dflow.spec import STAGES
 
 MODELS = ("flux.1-dev", "pixart-sigma-1024", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 
@@ -27,7 +29,7 @@ def main() -> None:
         "| model | GPU | encoder s | enc/req @b8 s | DiT s | VAE s | stages that fit "
         "| monolithic s | monolithic mode | peak GiB |"
     )
-    print("EMULATED (dflow/emulation.py; only h200 rows rest on H200 measurements)")
+    print("EMULATED (dflow.emulation; only h200 rows rest on H200 measurements)")
     print(header)
     print("|---" * 10 + "|")
     for model in MODELS:

@@ -52,7 +52,7 @@ def run(variant: str, model: str, repeats: int, queue: multiprocessing.Queue) ->
             queue.put(result)
             return
         result["load_s"] = time.perf_counter() - start
-        embeddings = runtime._fake_embeddings(request) if stage == "dit" else None
+        embeddings = runtime.zero_embeddings(request) if stage == "dit" else None
 
         def call(r: dflow.Request) -> float:
             start = time.perf_counter()

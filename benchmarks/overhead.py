@@ -158,7 +158,7 @@ def plain_one_graph(client: Client, chains: int) -> list:
 
 
 def dflow_requests(model: str, chains: int) -> list[Request]:
-    from dflow.spec import resolve
+    from dflow.catalog import resolve
 
     side = resolve(model).size_multiple
     return [

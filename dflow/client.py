@@ -21,11 +21,12 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future
 
 import dflow.config  # noqa: F401
-from dflow import tasks
+from dflow import prompts, tasks
+from dflow.catalog import register
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
+from dflow.pools import pool_resource
 from dflow.request import Request
-from dflow.spec import ModelSpec, register
-from dflow.worker import pool_resource
+from dflow.spec import ModelSpec
 
 #: Task key prefix and function per stage
 STAGE_TASKS = {
@@ -73,7 +74,9 @@ def submit(
         If the model has ``dflow.admission.max-outstanding`` requests in flight
         and none finishes within ``dflow.admission.timeout``.
     InvalidRequest
-        If no worker of a stage has the memory the request needs.
+        If no worker of a stage has the memory the request needs, or the prompt
+        is over the model's token limit (checked here where the model's
+        tokenizer is available, else by the encoder worker).
     ConnectionError
         If the client lost its scheduler (its futures were cancelled with reason
         ``scheduler-connection-lost``).
@@ -112,6 +115,9 @@ def map(
             raise TypeError(
                 f"expected dflow.Request objects, got {type(request).__name__}"
             )
+    for request in requests:
+        # where the model's tokenizer is here; the encoder worker checks anyway
+        prompts.check_length(request)
     if client.status in ("connecting", "closing", "closed"):
         # else the admission call retries the lost scheduler's address for
         # distributed.comm.timeouts.connect (30 s) before failing

@@ -32,8 +32,9 @@ from scipy.optimize import nnls
 import dask.config
 
 import dflow.config  # noqa: F401
+from dflow import families
+from dflow.catalog import resolve
 from dflow.request import Request
-from dflow.spec import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -439,22 +440,16 @@ def _features(
     model: str, height: int, width: int, frames: int, steps: int, cfg: bool
 ) -> dict[str, Any]:
     spec = resolve(model)
-    guidance = spec.defaults["guidance_scale"]
-    if spec.negative_prompts and not cfg:
-        guidance = 1.0  # guidance 1 turns CFG off
-    request = Request(
-        model=model,
-        prompt="x",
-        height=height,
-        width=width,
-        num_frames=frames if spec.video else None,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=0,
+    family = families.of(spec)
+    frames = frames if spec.video else 1
+    family.check_inputs(
+        spec, height=height, width=width, num_frames=frames if spec.video else None
     )
-    if request.features["cfg"] != cfg:
+    if cfg and not spec.negative_prompts:
         raise ValueError(f"cfg: {model} does not run classifier-free guidance")
-    return request.features
+    return family.features(
+        spec, height=height, width=width, frames=frames, steps=steps, cfg=cfg
+    )
 
 
 def load_profile(path: str | Path) -> list[Row]:

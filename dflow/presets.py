@@ -6,12 +6,13 @@ component's class and config, defaults and limits. Presets with ``build: folder`
 as an ordinary diffusers folder in ``dflow.cache-dir`` and then loaded like any
 other folder. Presets with ``build: memory`` (real sizes) are built directly on
 the device that runs them, a stage at a time, since their random weights are
-tens of GB.
+tens of GB. Each YAML also records its stages' ``weight_bytes`` (counted on the
+meta device by :func:`count_weight_bytes`), so describing a preset needs no
+torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,8 +29,9 @@ import yaml
 import dask.config
 
 import dflow.config  # noqa: F401
-from dflow import tokenizers
-from dflow.spec import FAMILY_DEFAULTS, STAGES, ModelSpec, stage_of_component
+from dflow import families
+from dflow.progress import quiet_progress_bars
+from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,35 +59,6 @@ def get(name: str) -> dict[str, Any]:
         ) from None
 
 
-def spec(name: str) -> ModelSpec:
-    """The spec of a preset; tiny presets are built (once) to describe their folder."""
-    from dflow.adapters import adapter_for
-
-    preset = get(name)
-    if preset["build"] == "folder":
-        source: str | None = folder(name)
-    else:
-        source = None
-    configs = {
-        component: {"_class_name": entry.get("class", ""), **entry.get("config", {})}
-        for component, entry in preset["components"].items()
-    }
-    adapter = adapter_for(preset["pipeline"])
-    defaults = dict(FAMILY_DEFAULTS[adapter.family])
-    defaults.update(preset.get("defaults", {}))
-    return adapter.describe(
-        name=name,
-        pipeline=preset["pipeline"],
-        configs=configs,
-        source=source,
-        preset=name,
-        dtype=preset.get("dtype", "float32"),
-        defaults=defaults,
-        limits=preset.get("limits", {}),
-        weight_bytes=weight_bytes(name),
-    )
-
-
 def cache_dir() -> Path:
     path = dask.config.get("dflow.cache-dir", None) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dflow"
@@ -93,16 +66,22 @@ def cache_dir() -> Path:
     return Path(path)
 
 
+def folder_path(name: str) -> Path:
+    """Where the diffusers folder of a ``build: folder`` preset is (or will be)
+    built. The folder name carries a hash of the preset, so editing a preset
+    rebuilds it."""
+    preset = get(name)
+    digest = hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "models" / f"{name}-{digest[:12]}"
+
+
 def folder(name: str) -> str:
     """The diffusers folder of a ``build: folder`` preset, built on first use.
 
-    The folder name carries a hash of the preset, so editing a preset rebuilds it.
     Concurrent builders (several workers starting at once) each write a temporary
     folder and the first rename wins.
     """
-    preset = get(name)
-    digest = hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
-    target = cache_dir() / "models" / f"{name}-{digest[:12]}"
+    target = folder_path(name)
     if (target / "model_index.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,26 +101,14 @@ def folder(name: str) -> str:
     return str(target)
 
 
-@contextlib.contextmanager
-def quiet_progress_bars():
-    """Silence diffusers' and transformers' load/save progress bars."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # restored as they were: a caller may have silenced them for good
-    enabled = (
-        diffusers_logging.is_progress_bar_enabled(),
-        transformers_logging.is_progress_bar_enabled(),
-    )
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled[0]:
-            diffusers_logging.enable_progress_bar()
-        if enabled[1]:
-            transformers_logging.enable_progress_bar()
+def folder_of(spec: ModelSpec) -> str | None:
+    """The diffusers folder ``spec``'s weights load from, a tiny preset's built
+    here on first use; ``None`` for presets built in memory (:func:`build`)."""
+    if spec.preset is not None and spec.preset in names():
+        if get(spec.preset)["build"] == "memory":
+            return None
+        return folder(spec.preset)
+    return spec.source
 
 
 def _component_class(class_name: str) -> Any:
@@ -159,6 +126,8 @@ def build_component(entry: dict[str, Any], device: str = "cpu", dtype: Any = Non
     import torch
 
     if "kind" in entry:
+        from dflow import tokenizers
+
         options = {k: v for k, v in entry.items() if k != "kind"}
         return tokenizers.build(entry["kind"], **options)
     cls = _component_class(entry["class"])
@@ -186,33 +155,33 @@ def build_component(entry: dict[str, Any], device: str = "cpu", dtype: Any = Non
 
 def build(name: str, stages: tuple[str, ...], device: str = "cpu", dtype: Any = None):
     """A pipeline of preset ``name`` holding only the components of ``stages``."""
+    import diffusers
     import torch
 
-    from dflow.adapters import adapter_for
-
     preset = get(name)
+    family = families.for_pipeline(preset["pipeline"])
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     components = {}
     for component, entry in preset["components"].items():
-        if stage_of_component(component) in stages:
+        if family.stage_of(component) in stages:
             components[component] = build_component(entry, device, dtype)
         else:
             components[component] = None
-    pipeline_class = adapter_for(preset["pipeline"]).pipeline_class(preset["pipeline"])
-    return pipeline_class(**components)
+    return getattr(diffusers, preset["pipeline"])(**components)
 
 
-@cache
-def weight_bytes(name: str) -> dict[str, int]:
-    """Bytes of each stage's weights at the preset's dtype, counted on the meta device."""
+def count_weight_bytes(name: str) -> dict[str, int]:
+    """Bytes of each stage's weights at the preset's dtype, counted on the meta
+    device: what the preset's ``weight_bytes`` records."""
     import torch
 
     preset = get(name)
+    family = families.for_pipeline(preset["pipeline"])
     element = torch.empty(0, dtype=getattr(torch, preset.get("dtype", "float32")))
     total = dict.fromkeys(STAGES, 0)
     for component, entry in preset["components"].items():
-        stage = stage_of_component(component)
+        stage = family.stage_of(component)
         if stage is None or "kind" in entry:
             continue
         model = build_component(entry, device="meta")

@@ -27,10 +27,11 @@ from typing import Any
 import click
 import torch
 
+from dflow.catalog import resolve
+from dflow.hardware import gpu_type_of
 from dflow.request import Request
 from dflow.runtime import StageRuntime
-from dflow.spec import STAGES, ModelSpec, resolve
-from dflow.worker import gpu_type_of
+from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -190,28 +191,28 @@ def _time(
 ) -> tuple[float, int | None]:
     """Median seconds of ``repeats`` calls and the largest peak device memory.
 
-    Batches go straight to the runtime's batch functions: its batcher only
-    forms batches from calls that happen to overlap, which a profile cannot
-    rely on. Every path times the device call as serving does (synchronized).
+    Batches go straight to the runtime's batch calls: its batcher only forms
+    batches from calls that happen to overlap, which a profile cannot rely on.
+    Every path times the device call as serving does (synchronized).
     """
     request = requests[0]
     call: Callable[[], float]
     if stage == "encoder":
 
         def call() -> float:
-            return runtime._encode_batch(requests)[0][1]
+            return runtime.encode_batch(requests)[1]
 
     elif stage == "dit":
-        embeddings = runtime._fake_embeddings(request)
+        embeddings = runtime.zero_embeddings(request)
 
         def call() -> float:
             return runtime.denoise(request, embeddings)["timings"]["denoise"]
 
     else:
-        items = [(r, runtime._fake_latents(r)) for r in requests]
+        latents = [runtime.zero_latents(r) for r in requests]
 
         def call() -> float:
-            return runtime._decode_batch(items)[0][1]
+            return runtime.decode_batch(requests, latents)[1]
 
     times, peaks = [], []
     for _ in range(repeats):

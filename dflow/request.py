@@ -1,24 +1,27 @@
-"""The request: the single place where bad input is rejected."""
+"""The request: the single place where bad input is rejected.
+
+A :class:`Request` is a pure value: constructing one validates it against its
+model's spec (:mod:`dflow.catalog`) and family (:mod:`dflow.families`) with no
+I/O. The prompt's token limit needs the model's tokenizer, so
+:mod:`dflow.prompts` checks it at submit time and on the encoder worker.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
 import secrets
-import threading
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
-from dflow import spec as specs
+from dflow import catalog, families
 from dflow.errors import InvalidRequest
 from dflow.spec import ModelSpec
 
 #: Output formats per kind of model; the first is the default.
 OUTPUT_FORMATS = {False: ("pil", "png"), True: ("np", "gif")}
 MAX_SEED = 2**64 - 1
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class Request:
 
     Fields left as ``None`` take the model's defaults. The model is a preset name
     (``"tiny-flux"``), a diffusers folder, a Hugging Face id in the local cache,
-    or a model served by the connected dflow cluster.
+    or a model a dflow cluster serves once ``dflow.models(client)`` made it
+    known in this process.
 
     Parameters
     ----------
@@ -35,8 +39,9 @@ class Request:
         Which model generates.
     prompt, negative_prompt
         Text; the prompt must be non-empty and fit the text encoder's sequence
-        length. Negative prompts apply to models with classifier-free guidance
-        (PixArt, Wan) when ``guidance_scale > 1``.
+        length (checked at submit time and by the encoder). Negative prompts
+        apply to models with classifier-free guidance (PixArt, Wan) when
+        ``guidance_scale > 1``.
     height, width
         Pixels; multiples of the VAE's downsampling times the DiT's patch size.
     num_frames
@@ -70,7 +75,7 @@ class Request:
 
     def __post_init__(self) -> None:
         try:
-            spec = specs.resolve(self.model)
+            spec = catalog.resolve(self.model)
         except ValueError as error:
             # resolve() only says "model: ..."; callers also read the field by name
             raise InvalidRequest("model", str(error).removeprefix("model: ")) from error
@@ -91,23 +96,20 @@ class Request:
         set_ = object.__setattr__
         set_(self, "prompt", _text("prompt", self.prompt, allow_empty=False))
         set_(self, "negative_prompt", _text("negative_prompt", self.negative_prompt))
-        if self.negative_prompt and not spec.negative_prompts:
-            raise InvalidRequest(
-                "negative_prompt",
-                f"{spec.family} models take no negative prompt (guidance is embedded); "
-                "leave it empty",
-            )
-        multiple, largest = spec.size_multiple, spec.limit("max_size")
-        for name in ("height", "width"):
-            value = _integer(name, getattr(self, name))
-            if not (multiple <= value <= largest and value % multiple == 0):
-                raise InvalidRequest(
-                    name,
-                    f"{value} is not allowed for {spec.name}: use a multiple of "
-                    f"{multiple} from {multiple} to {largest}",
-                )
-            set_(self, name, value)
-        self._validate_frames(spec)
+        height, width = _integer("height", self.height), _integer("width", self.width)
+        frames = self.num_frames
+        if frames is not None:
+            frames = _integer("num_frames", frames)
+        families.of(spec).check_inputs(
+            spec,
+            height=height,
+            width=width,
+            num_frames=frames,
+            negative_prompt=self.negative_prompt,
+        )
+        set_(self, "height", height)
+        set_(self, "width", width)
+        set_(self, "num_frames", frames)
         steps = _integer("steps", self.steps)
         if not 1 <= steps <= spec.limit("max_steps"):
             raise InvalidRequest(
@@ -132,80 +134,29 @@ class Request:
                 "output_format",
                 f"{self.output_format!r} is not one of {', '.join(allowed)}",
             )
-        self._validate_prompt_length(spec)
-
-    def _validate_frames(self, spec: ModelSpec) -> None:
-        if not spec.video:
-            frames = self.num_frames
-            if frames is not None and _integer("num_frames", frames) != 1:
-                raise InvalidRequest(
-                    "num_frames", f"{spec.name} makes images; leave num_frames unset"
-                )
-            return
-        frames = _integer("num_frames", self.num_frames)
-        step, largest = spec.vae_scale_temporal, spec.limit("max_frames")
-        if not (1 <= frames <= largest and (frames - 1) % step == 0):
-            raise InvalidRequest(
-                "num_frames",
-                f"{frames} is not allowed for {spec.name}: use {step}k + 1 frames "
-                f"from 1 to {largest}",
-            )
-        object.__setattr__(self, "num_frames", frames)
-
-    def _validate_prompt_length(self, spec: ModelSpec) -> None:
-        tokenizer = prompt_tokenizer(spec)
-        if tokenizer is None:
-            return  # the model's folder is not here; the encoder worker checks
-        for name in ("prompt", "negative_prompt"):
-            count = len(tokenizer(getattr(self, name)).input_ids)
-            if count > spec.max_sequence_length:
-                raise InvalidRequest(
-                    name,
-                    f"{count} tokens is over the limit of {spec.max_sequence_length} "
-                    f"tokens of {spec.name}'s text encoder",
-                )
 
     @property
     def spec(self) -> ModelSpec:
-        return specs.resolve(self.model)
+        return catalog.resolve(self.model)
 
     @cached_property
     def features(self) -> dict[str, Any]:
-        """What the scheduler, predictor and planner price a request by."""
+        """What the scheduler, predictor and planner price a request by
+        (:meth:`dflow.families.Family.features`)."""
         spec = self.spec
+        family = families.of(spec)
         height, width, guidance = self.height, self.width, self.guidance_scale
         # __post_init__ filled every field the model needs
         assert height is not None and width is not None and guidance is not None
-        cfg = spec.negative_prompts and guidance > 1.0
-        latent_h = height // spec.vae_scale
-        latent_w = width // spec.vae_scale
-        frames = self.num_frames or 1
-        latent_frames = (frames - 1) // spec.vae_scale_temporal + 1
-        if spec.video:
-            latent_shape = [spec.latent_channels, latent_frames, latent_h, latent_w]
-        else:
-            latent_shape = [spec.latent_channels, latent_h, latent_w]
-        element = ELEMENT_BYTES.get(spec.dtype, 4)
-        embedding_bytes = (
-            spec.max_sequence_length * spec.text_dim + spec.pooled_dim
-        ) * element
-        # Wan keeps latents in float32; the image pipelines in the embeddings' dtype
-        latent_element = 4 if spec.video else element
-        return {
-            "family": spec.family,
-            "height": height,
-            "width": width,
-            "frames": frames,
-            "steps": self.steps,
-            "cfg": cfg,
-            "latent_shape": latent_shape,
-            "dit_tokens": latent_frames
-            * (latent_h // spec.patch)
-            * (latent_w // spec.patch),
-            "embedding_bytes": embedding_bytes * (2 if cfg else 1),
-            "latent_bytes": math.prod(latent_shape) * latent_element,
-            "output_bytes": height * width * 3 * frames,
-        }
+        assert self.steps is not None
+        return family.features(
+            spec,
+            height=height,
+            width=width,
+            frames=self.num_frames or 1,
+            steps=self.steps,
+            cfg=family.uses_cfg(spec, guidance),
+        )
 
     def replace(self, **changes: Any) -> Request:
         """A copy with some fields changed, validated again."""
@@ -235,29 +186,3 @@ def _real(field: str, value: Any) -> float:
     if not math.isfinite(value):
         raise InvalidRequest(field, f"must be finite, got {value}")
     return value
-
-
-_tokenizers: dict[str, Any] = {}
-_tokenizers_lock = threading.Lock()
-
-
-def prompt_tokenizer(spec: ModelSpec) -> Any | None:
-    """The tokenizer whose limit the prompt must fit, if it is available here."""
-    from dflow import presets
-    from dflow.adapters import adapter_for
-
-    component = adapter_for(spec.pipeline).prompt_tokenizer
-    with _tokenizers_lock:
-        if spec.name not in _tokenizers:
-            tokenizer = None
-            if spec.source is not None and os.path.isdir(spec.source):
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(
-                    spec.source, subfolder=component
-                )
-            elif spec.preset is not None:
-                entry = presets.get(spec.preset)["components"][component]
-                tokenizer = presets.build_component(entry)
-            _tokenizers[spec.name] = tokenizer
-        return _tokenizers[spec.name]

@@ -13,7 +13,6 @@ takes every queued call that can share it. No call waits for a batch to fill.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import threading
@@ -23,22 +22,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 import dask.config
 from dask.utils import parse_bytes
 
 import dflow.config  # noqa: F401
-from dflow.adapters import Adapter, adapter_for
+from dflow import backend, families
+from dflow.catalog import resolve
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
 from dflow.request import Request
-from dflow.spec import STAGES, ModelSpec, resolve
+from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 #: Building and loading models is not thread-safe (diffusers' lazy imports, models
-#: built on the meta device): the runtimes of one process load one at a time.
+#: built on the meta device): the runtimes of one process load one at a time,
+#: unless their adapter is ``parallel_load_safe``.
 _loading = threading.Lock()
 
 #: The stages a runtime can host: one of ``STAGES``, or ``"all"`` (monolithic).
@@ -124,17 +126,6 @@ class Batcher:
             c.result = result
 
 
-def _adapter_class(spec: ModelSpec, gpu_type: str | None) -> Callable[..., Adapter]:
-    """The model family's adapter, or with ``dflow.runtime.backend: emulated`` the
-    emulated one, its cost model built here so that ``load_seconds`` times the
-    emulated load alone."""
-    if dask.config.get("dflow.runtime.backend") == "emulated":
-        from dflow.emulation import EmulatedAdapter, cost_model
-
-        return functools.partial(EmulatedAdapter, gpu_type=gpu_type, cost=cost_model())
-    return adapter_for(spec.pipeline)
-
-
 class StageRuntime:
     """The resident model of one stage of one model, on one device.
 
@@ -152,7 +143,8 @@ class StageRuntime:
         ``dflow.runtime.max-batch``).
     gpu_type
         The GPU type an emulated runtime (config ``dflow.runtime.backend:
-        emulated``) costs its calls on; default ``dflow.runtime.gpu-type``.
+        emulated``, :mod:`dflow.backend`) costs its calls on; default
+        ``dflow.runtime.gpu-type``.
     """
 
     def __init__(
@@ -171,11 +163,12 @@ class StageRuntime:
         self.stage = stage
         max_batch = max_batch or dask.config.get("dflow.runtime.max-batch", 8)
         stages = STAGES if stage == "all" else (stage,)
-        with _loading:
-            self.spec = resolve(model)
-            self.device = device or default_device()
-            self.dtype = dtype or default_dtype(self.spec, self.device)
-            adapter = _adapter_class(self.spec, gpu_type)
+        self.spec = resolve(model)
+        self.device = device or default_device()
+        self.dtype = dtype or default_dtype(self.spec, self.device)
+        adapter, options = backend.current().adapter(self.spec, gpu_type)
+        loading = contextlib.nullcontext() if adapter.parallel_load_safe else _loading
+        with loading:
             limit = dask.config.get("dflow.runtime.memory-limit")
             if limit and torch.device(self.device).type == "cuda":
                 # as if the card had only this much memory (a smaller GPU type)
@@ -187,12 +180,14 @@ class StageRuntime:
                     min(1.0, parse_bytes(limit) / total), index
                 )
             start = time.perf_counter()
-            self.adapter = adapter(self.spec, stages, self.device, self.dtype)
+            self.adapter = adapter(
+                self.spec, stages, self.device, self.dtype, **options
+            )
             self.load_seconds = time.perf_counter() - start
         self.peak_memory: int | None = None
         self._lock = threading.Lock()
-        self._encode = Batcher(self._encode_batch, max_batch)
-        self._decode = Batcher(self._decode_batch, max_batch)
+        self._encode = Batcher(self._encode_each, max_batch)
+        self._decode = Batcher(self._decode_each, max_batch)
         logger.info(
             "Loaded %s stage %s on %s (%s) in %.1fs",
             self.spec.name,
@@ -285,14 +280,61 @@ class StageRuntime:
         if self.serves("encoder"):
             embeddings = self.encode(request)
         else:
-            embeddings = self._fake_embeddings(request)
+            embeddings = self.zero_embeddings(request)
         if self.serves("dit"):
             latents = self.denoise(request, embeddings)
         else:
-            latents = {"latents": self._fake_latents(request)}
+            latents = {"latents": self.zero_latents(request)}
         if self.serves("vae"):
             self.decode(request, latents)
         return time.perf_counter() - start
+
+    def encode_batch(
+        self, requests: Sequence[Request]
+    ) -> tuple[list[dict[str, Any]], float]:
+        """Embeddings of ``requests`` in one call, and its seconds (the batch
+        that :meth:`encode` forms from concurrent calls, given outright)."""
+        with self._lock, self._measure() as elapsed:
+            embeddings = self.adapter.encode(requests)
+        return embeddings, elapsed()
+
+    def decode_batch(
+        self, requests: Sequence[Request], latents: Sequence[torch.Tensor]
+    ) -> tuple[list[np.ndarray], float]:
+        """uint8 pixels of ``requests`` from their latents in one call, and its
+        seconds (the batch that :meth:`decode` forms, given outright)."""
+        with self._lock, self._measure() as elapsed:
+            pixels = self.adapter.decode(requests, latents)
+        return pixels, elapsed()
+
+    def zero_embeddings(self, request: Request) -> dict[str, torch.Tensor]:
+        """Zero embeddings shaped as this model's encoder sends them for
+        ``request`` (masks of ones), in this runtime's dtype: a DiT's input
+        without an encoder."""
+        described = families.of(self.spec).embeddings(
+            self.spec,
+            self.adapter.uses_negative(request),
+            str(self.dtype).removeprefix("torch."),
+        )
+        return {
+            name: (torch.zeros if t.floating else torch.ones)(
+                t.shape, dtype=getattr(torch, t.dtype)
+            )
+            for name, t in described.items()
+        }
+
+    def zero_latents(self, request: Request) -> torch.Tensor:
+        """Zero latents shaped as this model's pipeline returns them for
+        ``request``: a VAE's input without a DiT."""
+        assert request.height is not None and request.width is not None
+        latents = families.of(self.spec).latents(
+            self.spec,
+            request.height,
+            request.width,
+            request.num_frames or 1,
+            str(self.dtype).removeprefix("torch."),
+        )
+        return torch.zeros(latents.shape, dtype=getattr(torch, latents.dtype))
 
     def close(self) -> None:
         """Drop the model and return its device memory."""
@@ -313,19 +355,15 @@ class StageRuntime:
                 f"this runtime serves model {self.spec.name!r}, not {request.model!r}"
             )
 
-    def _encode_batch(self, requests: Sequence[Request]) -> list[tuple]:
-        with self._lock, self._measure() as elapsed:
-            embeddings = self.adapter.encode(requests)
-        seconds = elapsed()
+    def _encode_each(self, requests: Sequence[Request]) -> list[tuple]:
+        embeddings, seconds = self.encode_batch(requests)
         return [(e, seconds, len(requests)) for e in embeddings]
 
-    def _decode_batch(
+    def _decode_each(
         self, items: Sequence[tuple[Request, torch.Tensor]]
     ) -> list[tuple]:
         requests = [request for request, _ in items]
-        with self._lock, self._measure() as elapsed:
-            pixels = self.adapter.decode(requests, [latents for _, latents in items])
-        seconds = elapsed()
+        pixels, seconds = self.decode_batch(requests, [latents for _, latents in items])
         return [(p, seconds, len(items)) for p in pixels]
 
     @contextlib.contextmanager
@@ -361,35 +399,6 @@ class StageRuntime:
             raise StageOutOfMemory(
                 f"{self.spec.name} {self.stage} ran out of device memory: {error}"
             ) from None
-
-    def _fake_embeddings(self, request: Request) -> dict[str, Any]:
-        spec = self.spec
-        shape = (1, spec.max_sequence_length, spec.text_dim)
-        # the dtype an encoder in this precision would send
-        embeddings = {"prompt_embeds": torch.zeros(shape, dtype=self.dtype)}
-        if spec.pooled_dim:
-            embeddings["pooled_prompt_embeds"] = torch.zeros(
-                1, spec.pooled_dim, dtype=self.dtype
-            )
-        if spec.family == "pixart":
-            embeddings["prompt_attention_mask"] = torch.ones(
-                shape[:2], dtype=torch.long
-            )
-        if self.adapter.uses_negative(request):
-            embeddings["negative_prompt_embeds"] = torch.zeros(shape, dtype=self.dtype)
-            if spec.family == "pixart":
-                embeddings["negative_prompt_attention_mask"] = torch.ones(
-                    shape[:2], dtype=torch.long
-                )
-        return embeddings
-
-    def _fake_latents(self, request: Request) -> torch.Tensor:
-        shape = request.features["latent_shape"]
-        if self.spec.family == "flux":
-            # packed: (tokens, channels x 2 x 2)
-            tokens = shape[1] * shape[2] // 4
-            return torch.zeros(1, tokens, shape[0] * 4)
-        return torch.zeros(1, *shape)
 
 
 def _host_oom(error: RuntimeError) -> bool:

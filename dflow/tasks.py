@@ -5,27 +5,35 @@ process's, by model and stage). A task that lands on a worker which no longer
 serves its stage (it was switched to another stage after the task was placed)
 raises :class:`distributed.Reschedule`, so the scheduler places it again instead
 of failing the request.
+
+The client imports this module to name the task functions, so the runtime (and
+torch) is imported only where a task runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import Reschedule, get_worker
 from distributed.worker import thread_state
 
-from dflow import runtime as runtimes
+from dflow import prompts
 from dflow.output import Output
 from dflow.request import Request
 
+if TYPE_CHECKING:
+    from dflow.runtime import StageRuntime
 
-def _runtime(request: Request, stage: str) -> runtimes.StageRuntime:
+
+def _runtime(request: Request, stage: str) -> StageRuntime:
     """The runtime of the worker running this task: its stage plugin's, so that
     several workers in one process (in-process emulated fleets) each run their
     own; the process's registry for workers without one."""
+    from dflow import runtime as runtimes
+
     plugin = get_worker().plugins.get("dflow-stage")
     if plugin is not None:
-        runtime: runtimes.StageRuntime | None = getattr(plugin, "runtime", None)
+        runtime: StageRuntime | None = getattr(plugin, "runtime", None)
         if (
             runtime is None
             or runtime.model != request.model
@@ -50,9 +58,9 @@ def _still_wanted() -> bool:
 
 def _validated(request: Request) -> Request:
     """``request``, validated again where the model is: a client without the
-    model's folder cannot count the prompt's tokens, and one with stale specs
+    model's tokenizer cannot count the prompt's tokens, and one with stale specs
     checks against old limits. Raises :class:`~dflow.errors.InvalidRequest`."""
-    request.replace()
+    prompts.check_length(request.replace())
     return request
 
 

@@ -23,8 +23,9 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import dflow.config  # noqa: F401
+from dflow import backend
 from dflow import runtime as runtimes
-from dflow.emulation import worker_gpu
+from dflow.pools import pool_resource
 from dflow.spec import STAGES
 
 logger = logging.getLogger(__name__)
@@ -37,39 +38,12 @@ def stage_resources(stage: str, model: str, slots: int) -> dict[str, float]:
     return {stage: slots, pool_resource(stage, model): slots}
 
 
-def pool_resource(stage: str, model: str) -> str:
-    """The resource a stage task of ``model`` requires (a pool is a stage of a model)."""
-    return f"{stage}:{model}"
-
-
 def stage_slots(stage: str) -> int:
     """Concurrent tasks of a stage per worker: the DiT runs one request at a time,
     the encoder and VAE take several so the runtime can batch them."""
     if stage in ("dit", "all"):
         return 1
     return int(dask.config.get("dflow.runtime.max-batch"))
-
-
-def gpu_type_of(device: str) -> str:
-    """A short GPU type name (``"h200"``, ``"a100-80gb"``) or ``"cpu"``."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for prefix in ("nvidia ", "geforce ", "tesla "):
-        name = name.replace(prefix, "")
-    return "-".join(name.split())
-
-
-def device_memory(device: str) -> int:
-    """Bytes of memory the stage model can use on ``device``."""
-    import psutil
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(device).total_memory
-    return psutil.virtual_memory().total
 
 
 class StagePlugin(WorkerPlugin):
@@ -207,12 +181,9 @@ class StagePlugin(WorkerPlugin):
             if self.runtime is not None
             else runtimes.default_device()
         )
-        emulated = worker_gpu(self.gpu_type)
-        if emulated is not None:
-            gpu_type, memory = emulated
-        else:
-            gpu_type = self.gpu_type if self.gpu_type != "auto" else gpu_type_of(device)
-            memory = device_memory(device)
+        gpu_type, memory = backend.current().gpu(
+            None if self.gpu_type == "auto" else self.gpu_type, device
+        )
         try:
             await self.worker.scheduler.dflow_worker_state(
                 worker=self.worker.address,

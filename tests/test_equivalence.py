@@ -21,10 +21,11 @@ import dask.config
 from distributed.protocol import deserialize, serialize
 
 import dflow
-from dflow import protocol, runtime
+from dflow import families, protocol, runtime
+from dflow.catalog import resolve
 from dflow.request import Request
 from dflow.runtime import StageRuntime
-from dflow.spec import STAGES, resolve
+from dflow.spec import STAGES
 
 # One landscape and one portrait request per folder: with the model's default
 # guidance (classifier-free guidance for PixArt and Wan) and with guidance 1.0
@@ -99,8 +100,8 @@ def run_stock(pipe, request: Request) -> np.ndarray:
     }
     if spec.negative_prompts:
         arguments["negative_prompt"] = request.negative_prompt
-    if spec.family == "pixart":
-        arguments.update(use_resolution_binning=False, clean_caption=False)
+    # what dflow's adapter passes too (PixArt: no resolution binning)
+    arguments.update(families.of(spec).call_options)
     if spec.video:
         arguments.update(num_frames=request.num_frames, output_type="np")
         (video,) = pipe(**arguments).frames

@@ -36,10 +36,11 @@ from distributed import Client, Scheduler, SpecCluster, Worker
 from distributed.client import FutureCancelledError
 
 import dflow
+from dflow.catalog import resolve
 from dflow.errors import InvalidRequest
 from dflow.output import Output
 from dflow.request import MAX_SEED, OUTPUT_FORMATS, Request
-from dflow.spec import STAGES, resolve
+from dflow.spec import STAGES
 from dflow.testing import wait_for_pools
 from dflow.worker import StagePlugin
 
@@ -202,9 +203,9 @@ def client() -> Iterator[Client]:
 @functools.cache
 def token_prompt(count: int) -> str:
     """A prompt of exactly ``count`` tokens of the model's tokenizer."""
-    from dflow.request import prompt_tokenizer
+    from dflow import prompts
 
-    tokenizer = prompt_tokenizer(Request(model=MODEL, prompt="x").spec)
+    tokenizer = prompts.tokenizer(Request(model=MODEL, prompt="x").spec)
     words = ["fox"] * count
     while len(tokenizer(" ".join(words)).input_ids) > count:
         words.pop()

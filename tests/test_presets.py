@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dflow import presets, tokenizers
-from dflow.spec import resolve
+from dflow.catalog import resolve
 
 GIB = 2**30
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dflow.catalog import resolve
 from dflow.predictor import load_profile
 from dflow.profile import profile, run_profile
-from dflow.spec import resolve
 
 
 @pytest.fixture

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dflow import prompts
 from dflow.request import MAX_SEED, InvalidRequest, Request
 
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20
 
 # (id, model, changes, the field that must be named). The tiny presets allow sizes
 # that are multiples of 16 up to 512 (Wan: 256), 1 to 200 steps, guidance 0 to 30,
-# 4k + 1 frames up to 33 (Wan), and 32 tokens of prompt.
+# and 4k + 1 frames up to 33 (Wan).
 INVALID = [
     ("model-unknown", "no-such-model", {}, "model"),
     ("model-empty", "", {}, "model"),
@@ -28,18 +29,9 @@ INVALID = [
     ("prompt-not-str", "tiny-flux", {"prompt": 42}, "prompt"),
     ("prompt-none", "tiny-pixart", {"prompt": None}, "prompt"),
     ("prompt-bytes", "tiny-wan", {"prompt": b"a cat"}, "prompt"),
-    ("prompt-too-long-flux", "tiny-flux", {"prompt": LONG_PROMPT}, "prompt"),
-    ("prompt-too-long-pixart", "tiny-pixart", {"prompt": LONG_PROMPT}, "prompt"),
-    ("prompt-too-long-wan", "tiny-wan", {"prompt": LONG_PROMPT}, "prompt"),
     ("negative-not-str", "tiny-pixart", {"negative_prompt": 1}, "negative_prompt"),
     ("negative-none", "tiny-wan", {"negative_prompt": None}, "negative_prompt"),
     ("negative-on-flux", "tiny-flux", {"negative_prompt": "blur"}, "negative_prompt"),
-    (
-        "negative-too-long",
-        "tiny-pixart",
-        {"negative_prompt": LONG_PROMPT},
-        "negative_prompt",
-    ),
     ("height-not-multiple", "tiny-flux", {"height": 72}, "height"),
     ("height-zero", "tiny-flux", {"height": 0}, "height"),
     ("height-negative", "tiny-pixart", {"height": -64}, "height"),
@@ -95,6 +87,43 @@ def test_invalid_field_is_named(model, changes, field):
     assert isinstance(excinfo.value, InvalidRequest)
     assert excinfo.value.field == field
     assert str(excinfo.value).startswith(f"{field}: ")
+
+
+# Prompts over the tiny presets' 32 tokens: what the tokenizer check refuses
+TOO_LONG = [
+    ("prompt-too-long-flux", "tiny-flux", {"prompt": LONG_PROMPT}, "prompt"),
+    ("prompt-too-long-pixart", "tiny-pixart", {"prompt": LONG_PROMPT}, "prompt"),
+    ("prompt-too-long-wan", "tiny-wan", {"prompt": LONG_PROMPT}, "prompt"),
+    (
+        "negative-too-long",
+        "tiny-pixart",
+        {"negative_prompt": LONG_PROMPT},
+        "negative_prompt",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "model, changes, field",
+    [pytest.param(*case[1:], id=case[0]) for case in TOO_LONG],
+)
+def test_prompt_over_the_token_limit_is_named(model, changes, field):
+    """A request cannot count tokens (it loads no tokenizer); the check that
+    submit and the encoder worker run refuses the prompt, naming the limit."""
+    request = Request(**{"model": model, "prompt": "a cat on a mat", **changes})
+    with pytest.raises(InvalidRequest) as excinfo:
+        prompts.check_length(request)
+    assert excinfo.value.field == field
+    assert str(excinfo.value).startswith(f"{field}: ")
+    assert "over the limit of 32 tokens" in str(excinfo.value)
+    prompts.check_length(request.replace(**dict.fromkeys(changes, "a short one")))
+
+
+def test_model_only_a_cluster_serves_names_dflow_models():
+    with pytest.raises(InvalidRequest, match=r"dflow\.models\(client\)") as excinfo:
+        Request(model="/served/elsewhere/model", prompt="a cat")
+    assert excinfo.value.field == "model"
+    assert "unknown model" in str(excinfo.value)
 
 
 def test_invalid_model_folder(tmp_path):

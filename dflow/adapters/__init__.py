@@ -1,4 +1,5 @@
-"""Model families: each splits its diffusers pipeline into encode, denoise and decode."""
+"""Adapters: each runs its model family's diffusers pipeline as encode, denoise
+and decode (what the family is lives in :mod:`dflow.families`)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,19 @@ from dflow.adapters.base import Adapter
 from dflow.adapters.flux import FluxAdapter
 from dflow.adapters.pixart import PixArtAdapter
 from dflow.adapters.wan import WanAdapter
+from dflow.spec import ModelSpec
 
-ADAPTERS: tuple[type[Adapter], ...] = (FluxAdapter, PixArtAdapter, WanAdapter)
+#: The adapter of each family, by family name
+ADAPTERS: dict[str, type[Adapter]] = {
+    "flux": FluxAdapter,
+    "pixart": PixArtAdapter,
+    "wan": WanAdapter,
+}
 
 
-def adapter_for(pipeline: str) -> type[Adapter]:
-    """The adapter of a diffusers pipeline class name (``model_index.json``'s ``_class_name``)."""
-    for adapter in ADAPTERS:
-        if pipeline in adapter.pipelines:
-            return adapter
-    supported = sorted(p for a in ADAPTERS for p in a.pipelines)
-    raise ValueError(
-        f"model: pipeline {pipeline!r} is not supported; dflow serves {', '.join(supported)}"
-    )
+def adapter_for(spec: ModelSpec) -> type[Adapter]:
+    """The adapter that runs ``spec``'s family."""
+    return ADAPTERS[spec.family]
 
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_for"]

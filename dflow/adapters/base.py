@@ -1,8 +1,9 @@
-"""What every model family shares: loading one stage of a diffusers pipeline and
+"""What every adapter shares: loading one stage of a diffusers pipeline and
 running the three stage calls on it.
 
-A family subclass says how to describe its configs as a :class:`ModelSpec`,
-which ``encode_prompt`` arguments it takes, which embeddings its pipeline's
+What a family *is* (components per stage, shapes, defaults) is its
+:mod:`dflow.families` module's; an adapter subclass only runs the family's
+pipeline: which ``encode_prompt`` arguments it takes, which embeddings its
 ``__call__`` accepts and how latents become pixels. The denoising loop is always
 the family's own diffusers pipeline, called with precomputed embeddings and
 ``output_type="latent"``.
@@ -19,8 +20,10 @@ import torch
 
 import dask.config
 
-from dflow.presets import quiet_progress_bars
-from dflow.spec import ModelSpec, read_configs, stage_of_component
+from dflow import catalog, families, presets
+from dflow.families import Family
+from dflow.progress import quiet_progress_bars
+from dflow.spec import ModelSpec
 
 if TYPE_CHECKING:
     from dflow.request import Request
@@ -48,11 +51,9 @@ class Adapter:
         Where and in which precision the components run.
     """
 
-    family: ClassVar[str]
-    pipelines: ClassVar[tuple[str, ...]]
-    video: ClassVar[bool] = False
-    #: The tokenizer whose sequence length limits the prompt
-    prompt_tokenizer: ClassVar[str] = "tokenizer"
+    #: Whether several instances may load at once in one process; loading
+    #: diffusers models is not thread-safe (lazy imports, meta-device builds)
+    parallel_load_safe: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -67,33 +68,13 @@ class Adapter:
         self.dtype = dtype
         self.pipe = self._load()
 
-    # -- description -------------------------------------------------------------
-
-    @classmethod
-    def pipeline_class(cls, name: str) -> Any:
-        import diffusers
-
-        return getattr(diffusers, name)
-
-    @classmethod
-    def describe(
-        cls, *, configs: dict[str, dict], defaults: dict, **kwargs: Any
-    ) -> ModelSpec:
-        """A :class:`ModelSpec` from the pipeline's component configs."""
-        raise NotImplementedError
+    @property
+    def family(self) -> Family:
+        return families.of(self.spec)
 
     # -- loading -----------------------------------------------------------------
 
-    def _components(self) -> list[str]:
-        from dflow import presets
-
-        if self.spec.source is not None:
-            return list(read_configs(self.spec.source)[1])
-        return list(presets.get(self.spec.preset or "")["components"])
-
     def _load(self) -> Any:
-        from dflow import presets
-
         offload = dask.config.get("dflow.runtime.offload") or "none"
         if offload not in OFFLOAD_MODES:
             raise ValueError(
@@ -102,15 +83,18 @@ class Adapter:
             )
         # offloaded weights live in host memory and visit the device per use
         home = self.device if offload == "none" else torch.device("cpu")
-        if self.spec.source is not None:
+        source = presets.folder_of(self.spec)
+        if source is not None:
+            import diffusers
+
             skipped = {
                 name: None
-                for name in self._components()
-                if stage_of_component(name) not in self.stages
+                for name in catalog.read_configs(source)[1]
+                if self.family.stage_of(name) not in self.stages
             }
             with quiet_progress_bars():
-                pipe = self.pipeline_class(self.spec.pipeline).from_pretrained(
-                    self.spec.source, dtype=self.dtype, **skipped
+                pipe = getattr(diffusers, self.spec.pipeline).from_pretrained(
+                    source, dtype=self.dtype, **skipped
                 )
             pipe.to(home)
         else:
@@ -195,7 +179,7 @@ class Adapter:
         batch = torch.cat([x.to(self.device) for x in latents])
         with torch.inference_mode():
             pixels = self.decode_latents(requests, batch)
-        if self.video:
+        if self.family.video:
             array = self.pipe.video_processor.postprocess_video(
                 pixels, output_type="np"
             )
@@ -203,7 +187,7 @@ class Adapter:
             array = self.pipe.image_processor.postprocess(pixels, output_type="np")
         # The rounding diffusers' numpy_to_pil applies, so pixels equal a stock "pil" output
         array = (array * 255).round().astype(np.uint8)
-        if self.video:
+        if self.family.video:
             return list(array)
         sizes = [x.shape[0] for x in latents]
         return list(np.split(array, np.cumsum(sizes)[:-1]))
@@ -218,11 +202,7 @@ class Adapter:
         """Whether the request runs classifier-free guidance on a negative prompt."""
         guidance = request.guidance_scale
         assert guidance is not None  # a validated request has one
-        return self.spec.negative_prompts and guidance > 1.0
-
-
-def to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in tensors.items()}
+        return self.family.uses_cfg(self.spec, guidance)
 
 
 def split_batch(batch: dict[str, torch.Tensor], n: int) -> list[Embeddings]:

@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from dflow.adapters.base import Adapter, Embeddings, split_batch
-from dflow.spec import ModelSpec
 
 
 class FluxAdapter(Adapter):
-    family = "flux"
-    pipelines = ("FluxPipeline",)
-    prompt_tokenizer = "tokenizer_2"
-
-    @classmethod
-    def describe(
-        cls, *, configs: dict[str, dict], defaults: dict, **kwargs: Any
-    ) -> ModelSpec:
-        transformer, vae = configs["transformer"], configs["vae"]
-        return ModelSpec(
-            family=cls.family,
-            video=False,
-            vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
-            vae_scale_temporal=1,
-            # latents are packed in 2x2 patches
-            patch=2,
-            latent_channels=transformer["in_channels"] // 4,
-            text_dim=configs["text_encoder_2"]["d_model"],
-            pooled_dim=configs["text_encoder"]["hidden_size"],
-            max_sequence_length=defaults.pop("max_sequence_length", 512),
-            negative_prompts=False,
-            defaults=defaults,
-            **kwargs,
-        )
+    """Runs ``FluxPipeline`` (:mod:`dflow.families.flux`)."""
 
     def encode(self, requests: Sequence) -> list[Embeddings]:
         with torch.inference_mode():

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from dflow.adapters.base import Adapter, Embeddings, StepCallback, split_batch
-from dflow.spec import ModelSpec
 
 
 class PixArtAdapter(Adapter):
-    family = "pixart"
-    pipelines = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
-
-    @classmethod
-    def describe(
-        cls, *, configs: dict[str, dict], defaults: dict, **kwargs: Any
-    ) -> ModelSpec:
-        transformer, vae = configs["transformer"], configs["vae"]
-        return ModelSpec(
-            family=cls.family,
-            video=False,
-            vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
-            vae_scale_temporal=1,
-            patch=transformer["patch_size"],
-            latent_channels=transformer["in_channels"],
-            text_dim=configs["text_encoder"]["d_model"],
-            pooled_dim=0,
-            max_sequence_length=defaults.pop("max_sequence_length", 300),
-            negative_prompts=True,
-            defaults=defaults,
-            **kwargs,
-        )
+    """Runs PixArt pipelines (:mod:`dflow.families.pixart`)."""
 
     def encode(self, requests: Sequence) -> list[Embeddings]:
         cfg = self.uses_negative(requests[0])
@@ -58,8 +35,7 @@ class PixArtAdapter(Adapter):
             # the pipeline's default negative_prompt="" conflicts with precomputed embeddings
             "negative_prompt": None,
             **embeddings,
-            "use_resolution_binning": False,
-            "clean_caption": False,
+            **self.family.call_options,
             "max_sequence_length": self.spec.max_sequence_length,
         }
 

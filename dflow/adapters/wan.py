@@ -8,34 +8,10 @@ from typing import Any
 import torch
 
 from dflow.adapters.base import Adapter, Embeddings, split_batch
-from dflow.spec import ModelSpec
 
 
 class WanAdapter(Adapter):
-    family = "wan"
-    pipelines = ("WanPipeline",)
-    video = True
-
-    @classmethod
-    def describe(
-        cls, *, configs: dict[str, dict], defaults: dict, **kwargs: Any
-    ) -> ModelSpec:
-        transformer = configs.get("transformer") or configs["transformer_2"]
-        vae = configs["vae"]
-        return ModelSpec(
-            family=cls.family,
-            video=True,
-            vae_scale=vae.get("scale_factor_spatial", 8),
-            vae_scale_temporal=vae.get("scale_factor_temporal", 4),
-            patch=transformer["patch_size"][1],
-            latent_channels=transformer["in_channels"],
-            text_dim=configs["text_encoder"]["d_model"],
-            pooled_dim=0,
-            max_sequence_length=defaults.pop("max_sequence_length", 512),
-            negative_prompts=True,
-            defaults=defaults,
-            **kwargs,
-        )
+    """Runs ``WanPipeline`` (:mod:`dflow.families.wan`)."""
 
     def encode(self, requests: Sequence) -> list[Embeddings]:
         cfg = self.uses_negative(requests[0])

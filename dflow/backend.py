@@ -1,0 +1,77 @@
+"""Which stage backend this process runs (config ``dflow.runtime.backend``): the
+model families' adapters on a real device, or the emulation (docs/emulation.md).
+
+The one place that reads the setting: :class:`~dflow.runtime.StageRuntime`
+takes its adapter from :func:`current`, and stage workers publish the GPU type
+and memory it names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+
+import dflow.config  # noqa: F401
+from dflow import hardware
+from dflow.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from dflow.adapters import Adapter
+
+
+class RealBackend:
+    """Run the models: the family's adapter on this process's device."""
+
+    name = "real"
+
+    def adapter(
+        self, spec: ModelSpec, gpu_type: str | None
+    ) -> tuple[type[Adapter], dict[str, Any]]:
+        """The adapter class of ``spec`` and its extra keyword arguments."""
+        from dflow.adapters import adapter_for
+
+        return adapter_for(spec), {}
+
+    def gpu(self, gpu_type: str | None, device: str) -> tuple[str, int]:
+        """The GPU type (``gpu_type`` if given, else read from ``device``) and
+        the device's memory bytes, as a stage worker publishes them."""
+        return gpu_type or hardware.gpu_type_of(device), hardware.device_memory(device)
+
+
+class EmulatedBackend:
+    """Sleep for the profiled GPU time of each stage call on a catalog GPU type."""
+
+    name = "emulated"
+
+    def adapter(
+        self, spec: ModelSpec, gpu_type: str | None
+    ) -> tuple[type[Adapter], dict[str, Any]]:
+        """The emulated adapter and its arguments, the cost model built here so
+        that a runtime's ``load_seconds`` times the emulated load alone."""
+        from dflow.emulation import cost_model
+        from dflow.emulation.adapter import EmulatedAdapter
+
+        return EmulatedAdapter, {"gpu_type": gpu_type, "cost": cost_model()}
+
+    def gpu(self, gpu_type: str | None, device: str) -> tuple[str, int]:
+        """The emulated GPU type (``gpu_type``, else ``dflow.runtime.gpu-type``,
+        else the catalog's reference) and its memory bytes."""
+        gpu = hardware.resolve_gpu(gpu_type)
+        return gpu.name, gpu.memory_bytes
+
+
+BACKENDS: dict[str, RealBackend | EmulatedBackend] = {
+    backend.name: backend for backend in (RealBackend(), EmulatedBackend())
+}
+
+
+def current() -> RealBackend | EmulatedBackend:
+    """The backend ``dflow.runtime.backend`` names."""
+    name = dask.config.get("dflow.runtime.backend", "real")
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"dflow.runtime.backend must be one of {', '.join(BACKENDS)}, got {name!r}"
+        ) from None

@@ -1,0 +1,333 @@
+"""The emulated backend's cost model: emulated seconds and device bytes of stage
+calls on the catalog's GPU types, fitted on the shipped H200 profiles, with the
+offload rates of monolithic workers calibrated on measured runs.
+
+How the costs are derived is in docs/emulation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes
+
+import dflow.config  # noqa: F401
+from dflow.catalog import resolve
+from dflow.errors import StageOutOfMemory
+from dflow.hardware import GIB, Catalog, read_catalog
+from dflow.predictor import Predictor, Row, anchor_rows, load_profile, row_features
+from dflow.spec import STAGES, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+#: Share of a component's weights that group offload keeps on the device at once
+GROUP_WINDOW = 0.1
+OFFLOAD_MODES = ("auto", "model", "group")
+
+
+def time_scale() -> float:
+    """Wall seconds slept per emulated second (``dflow.emulation.time-scale``)."""
+    scale = float(dask.config.get("dflow.emulation.time-scale", 1.0))
+    if not scale > 0:
+        raise ValueError(f"dflow.emulation.time-scale must be positive, got {scale}")
+    return scale
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Emulated seconds of one stage call: weights moved in before it runs (model
+    offload), then compute spread over ``steps`` (denoising steps; 1 otherwise),
+    which for group offload already includes the streamed weights."""
+
+    transfer: float
+    compute: float
+    steps: int = 1
+
+    @property
+    def seconds(self) -> float:
+        return self.transfer + self.compute
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a worker holds its stages for one request: ``resident``,
+    ``model-offload`` or ``group-offload``, the stage costs that follow and the
+    device bytes the request peaks at."""
+
+    mode: str
+    stages: dict[str, StageCost]
+    peak_bytes: int
+
+    @property
+    def seconds(self) -> float:
+        return sum(cost.seconds for cost in self.stages.values())
+
+
+@dataclass
+class CostModel:
+    """Emulated seconds and device bytes of stage calls on the catalog's GPU types.
+
+    Parameters
+    ----------
+    predictor
+        Fitted on reference-GPU rows; queried for ``catalog.reference``.
+    catalog
+        GPU types and stage mixes.
+    anchors
+        The shipped ``profiles/h200-stages.json``: host-link ceilings and the
+        monolithic Flux offload measurements the offload rates are solved from.
+    rows
+        The rows ``predictor`` was fitted on (their weight bytes split peaks into
+        weights and activations; :meth:`rows_for` rescales them).
+    """
+
+    predictor: Predictor
+    catalog: Catalog
+    anchors: dict[str, Any]
+    rows: list[Row]
+    _weights: dict[tuple[str, str], float] = field(init=False, repr=False)
+    _offload: tuple[float, float] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        weights: dict[tuple[str, str], list[float]] = {}
+        for row in self.rows:
+            if row.get("weight_bytes"):
+                key = (row["model"], row["stage"])
+                weights.setdefault(key, []).append(row["weight_bytes"])
+        self._weights = {k: statistics.median(v) for k, v in weights.items()}
+
+    @classmethod
+    def from_config(cls) -> CostModel:
+        """The cost model of ``dflow.emulation.*`` (cached per configuration)."""
+        profiles = dask.config.get("dflow.emulation.profiles", None)
+        return _cost_model(
+            None if profiles is None else tuple(str(p) for p in profiles),
+            dask.config.get("dflow.emulation.gpus", None),
+        )
+
+    # -- single stages ---------------------------------------------------------
+
+    def seconds(
+        self,
+        spec: ModelSpec,
+        stage: str,
+        gpu: str,
+        features: Mapping[str, Any],
+        batch: int = 1,
+    ) -> float:
+        """Emulated compute seconds of a resident ``stage`` call on ``gpu``."""
+        reference = self.predictor.predict(
+            spec.name, stage, self.catalog.reference, features, batch, corrected=False
+        ).seconds
+        return reference * self.catalog.slowdown(gpu, spec.family, stage)
+
+    def activation_bytes(
+        self, spec: ModelSpec, stage: str, features: Mapping[str, Any], batch: int = 1
+    ) -> int:
+        """Predicted peak device bytes of a call beyond its stage's weights."""
+        peak = self.predictor.predict(
+            spec.name, stage, self.catalog.reference, features, batch, corrected=False
+        ).peak_bytes
+        if peak is None:
+            return 0
+        profiled = self._weights.get((spec.name, stage), spec.weight_bytes[stage])
+        return max(0, round(peak - profiled))
+
+    def usable_bytes(self, gpu: str) -> int:
+        """Device bytes stages may use on ``gpu``: its memory less the context."""
+        reserve = parse_bytes(dask.config.get("dflow.emulation.context-memory"))
+        return self.catalog.gpu(gpu).memory_bytes - reserve
+
+    def load_seconds(self, spec: ModelSpec, stages: Iterable[str]) -> float:
+        """Emulated seconds to load ``stages``' weights (disk to device)."""
+        bandwidth = parse_bytes(dask.config.get("dflow.emulation.load-bandwidth"))
+        return sum(spec.weight_bytes[s] for s in stages) / bandwidth
+
+    # -- placements --------------------------------------------------------------
+
+    def placement(
+        self,
+        spec: ModelSpec,
+        stages: Sequence[str],
+        gpu: str,
+        features: Mapping[str, Any],
+        batch: int = 1,
+        mode: str | None = None,
+    ) -> Placement:
+        """How a worker serving ``stages`` runs a request with ``features``.
+
+        A stage worker holds its stage resident; a monolithic worker (all three
+        stages) too when the pipeline fits, else it offloads (``mode``: ``"auto"``
+        picks the cheaper of model and group offload, ``"model"`` or ``"group"``
+        force one; default ``dflow.emulation.offload``). ``batch`` prices encoder
+        and VAE calls. Raises :class:`~dflow.errors.StageOutOfMemory`, naming the
+        stages, model, GPU type and sizes, when no way fits.
+        """
+        usable = self.usable_bytes(gpu)
+        weights = {s: spec.weight_bytes[s] for s in stages}
+        activations = {
+            s: self.activation_bytes(spec, s, features, self._batch(s, batch))
+            for s in stages
+        }
+        compute = {
+            s: self.seconds(spec, s, gpu, features, self._batch(s, batch))
+            for s in stages
+        }
+        steps = {s: features["steps"] if s == "dit" else 1 for s in stages}
+        resident_peak = sum(weights.values()) + max(activations.values())
+        if resident_peak <= usable:
+            costs = {s: StageCost(0.0, compute[s], steps[s]) for s in stages}
+            return Placement("resident", costs, resident_peak)
+        options = []
+        mode = mode or dask.config.get("dflow.emulation.offload", "auto")
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(
+                f"dflow.emulation.offload must be one of {', '.join(OFFLOAD_MODES)}, "
+                f"got {mode!r}"
+            )
+        if len(stages) > 1:
+            model_rate, group_rate = self.offload_rates(gpu)
+            model_peak = max(weights[s] + activations[s] for s in stages)
+            if mode in ("auto", "model") and model_peak <= usable:
+                costs = {
+                    s: StageCost(weights[s] / model_rate, compute[s], steps[s])
+                    for s in stages
+                }
+                options.append(Placement("model-offload", costs, model_peak))
+            group_peak = max(
+                activations[s] + round(GROUP_WINDOW * weights[s]) for s in stages
+            )
+            if mode in ("auto", "group") and group_peak <= usable:
+                costs = {
+                    s: StageCost(
+                        0.0,
+                        steps[s] * max(compute[s] / steps[s], weights[s] / group_rate),
+                        steps[s],
+                    )
+                    for s in stages
+                }
+                options.append(Placement("group-offload", costs, group_peak))
+        if not options:
+            raise StageOutOfMemory(
+                f"{spec.name} {'+'.join(stages)} does not fit GPU type {gpu}: it needs "
+                f"{resident_peak / GIB:.2f} GiB ({sum(weights.values()) / GIB:.2f} GiB "
+                f"of weights, {max(activations.values()) / GIB:.2f} GiB of "
+                f"activations at {shape_name(features)}, batch {batch}) and the {gpu} "
+                f"has {usable / GIB:.2f} GiB for it "
+                f"({self.catalog.gpu(gpu).memory_bytes / GIB:.2f} GiB less the "
+                "CUDA context, dflow.emulation.context-memory)"
+                + ("" if len(stages) == 1 else ", offloading included")
+            )
+        return min(options, key=lambda p: p.seconds)
+
+    @staticmethod
+    def _batch(stage: str, batch: int) -> int:
+        # the DiT runs one request per call; only encoder and VAE calls batch
+        return 1 if stage == "dit" else batch
+
+    def offload_rates(self, gpu: str) -> tuple[float, float]:
+        """Bytes per second that model offload and group offload move weights at
+        on ``gpu``, solved from the measured Flux runs (docs/emulation.md)."""
+        if self._offload is None:
+            self._offload = self._calibrate_offload()
+        model_rate, group_rate = self._offload
+        ceilings = self.anchors["ceilings"]
+        pinned = ceilings["h2d_pinned_gibs"]
+        # the link's measured efficiency on the reference carries over to other links
+        efficiency = pinned / self.catalog.gpu(self.catalog.reference).link_gibs
+        link = self.catalog.gpu(gpu).link_gibs * efficiency
+        # model offload copies through pageable memory: host-bound unless the link is slower
+        model = model_rate * min(1.0, link / ceilings["h2d_pageable_gibs"])
+        return model, group_rate * link / pinned
+
+    def _calibrate_offload(self) -> tuple[float, float]:
+        measured = self.anchors["monolithic_flux_1024"]
+        spec = resolve("flux.1-dev")
+        features = row_features(
+            {"model": spec.name, "height": 1024, "width": 1024, "steps": 28}
+        )
+        reference = self.catalog.reference
+        compute = {s: self.seconds(spec, s, reference, features) for s in STAGES}
+        weights = {s: float(spec.weight_bytes[s]) for s in STAGES}
+        extra = measured["enable_model_cpu_offload_s_per_request"] - sum(
+            compute.values()
+        )
+        model_rate = sum(weights.values()) / extra
+
+        def group_seconds(rate: float) -> float:
+            return sum(
+                n * max(compute[s] / n, weights[s] / rate)
+                for s, n in (("encoder", 1), ("dit", features["steps"]), ("vae", 1))
+            )
+
+        target = measured["group_offload_block_level_stream_s_per_request"]
+        low, high = 1e6, 1e13
+        for _ in range(100):
+            middle = math.sqrt(low * high)
+            low, high = (
+                (middle, high) if group_seconds(middle) > target else (low, middle)
+            )
+        logger.debug(
+            "Offload rates on %s: model %.2f GiB/s, group %.2f GiB/s",
+            reference,
+            model_rate / GIB,
+            high / GIB,
+        )
+        return model_rate, high
+
+    # -- rows for other predictors -------------------------------------------------
+
+    def rows_for(self, gpu: str) -> list[Row]:
+        """The calibration rows rescaled to ``gpu``: a predictor fitted on them
+        prices ``gpu`` as this emulation charges it (for planners of emulated
+        fleets, which then know each type's speed per stage as a profiled
+        deployment would)."""
+        rows = []
+        for row in self.rows:
+            family = resolve(row["model"]).family
+            factor = self.catalog.slowdown(gpu, family, row["stage"])
+            rows.append({**row, "gpu_type": gpu, "seconds": row["seconds"] * factor})
+        return rows
+
+
+def shape_name(features: Mapping[str, Any]) -> str:
+    """A request's size as messages and cache keys name it: ``1024x1024``,
+    ``480x832x81f``."""
+    frames = f"x{features['frames']}f" if features.get("frames", 1) > 1 else ""
+    return f"{features['height']}x{features['width']}{frames}"
+
+
+@cache
+def _cost_model(profiles: tuple[str, ...] | None, gpus: str | None) -> CostModel:
+    if profiles is None:
+        paths: list[Any] = [files("dflow.configs").joinpath("profiles/h200-dflow.json")]
+    else:
+        paths = [Path(p) for p in profiles]
+    rows = anchor_rows()
+    for path in paths:
+        if isinstance(path, Path):
+            rows += load_profile(path)
+        else:  # a resource of the installed package
+            profile = json.loads(path.read_text())
+            rows += [{"gpu_type": profile["gpu_type"], **r} for r in profile["rows"]]
+    anchors = json.loads(
+        files("dflow.configs").joinpath("profiles/h200-stages.json").read_text()
+    )
+    cat = read_catalog(gpus)
+    reference_rows = [r for r in rows if r["gpu_type"] == cat.reference]
+    return CostModel(Predictor(reference_rows), cat, anchors, reference_rows)
+
+
+def cost_model() -> CostModel:
+    """This process's :class:`CostModel` for the current configuration."""
+    return CostModel.from_config()
