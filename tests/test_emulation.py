@@ -8,6 +8,7 @@ import zlib
 from importlib.resources import files
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -15,14 +16,16 @@ import yaml
 import dask.config
 from distributed.protocol import serialize
 
-from dflow import emulation
-from dflow.emulation import EmulatedAdapter, cost_model
+from dflow import backend, hardware
+from dflow.catalog import resolve
+from dflow.emulation import cost_model
+from dflow.emulation.adapter import EmulatedAdapter
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.predictor import Predictor
 from dflow.protocol import register_serializers
 from dflow.request import Request
 from dflow.runtime import StageRuntime
-from dflow.spec import STAGES, resolve
+from dflow.spec import STAGES
 
 SCALE = 0.02
 FLUX = "flux.1-dev"
@@ -79,7 +82,7 @@ def test_flux_dit_time_matches_the_profile(anchors_only):
 
 def test_slower_gpu_takes_proportionally_longer():
     request = Request(model=FLUX, prompt="a fox", steps=8, seed=0)
-    catalog = emulation.catalog()
+    catalog = hardware.catalog()
     h200, l40s = catalog.gpu("h200"), catalog.gpu("l40s")
     mix = catalog.mixes["flux", "dit"]
     expected = (
@@ -243,7 +246,7 @@ def test_load_time_is_paid_in_construction():
     with dask.config.set({"dflow.emulation.first-call": "0.5s"}):
         vae = StageRuntime(FLUX, "vae")
     request = Request(model=FLUX, prompt="a fox", seed=0)
-    latents = {"latents": vae._fake_latents(request)}
+    latents = {"latents": vae.zero_latents(request)}
     first, _ = timed(lambda: vae.decode(request, latents), 0.2)
     second, _ = timed(lambda: vae.decode(request, latents), 0.2)
     assert first - second == pytest.approx(0.5, abs=0.1)
@@ -275,14 +278,24 @@ def test_runtime_api_on_the_emulated_backend():
 
 
 def test_worker_publishes_the_emulated_gpu():
-    assert emulation.worker_gpu("l4") == ("l4", 23034 * 2**20)
+    emulated = backend.current()
+    assert emulated.name == "emulated"
+    assert emulated.gpu("l4", "cpu") == ("l4", 23034 * 2**20)
     with dask.config.set({"dflow.runtime.gpu-type": "a100-80gb"}):
-        assert emulation.worker_gpu("auto") == ("a100-80gb", 81920 * 2**20)
-    assert emulation.worker_gpu(None)[0] == "h200"
+        assert emulated.gpu(None, "cpu") == ("a100-80gb", 81920 * 2**20)
+    assert emulated.gpu(None, "cpu")[0] == "h200"
     with dask.config.set({"dflow.runtime.backend": "real"}):
-        assert emulation.worker_gpu("l4") is None
+        # a real worker names and sizes its own device
+        real = backend.current()
+        assert real.gpu("l4", "cpu") == ("l4", psutil.virtual_memory().total)
+        assert real.gpu(None, "cpu")[0] == "cpu"
     with pytest.raises(ValueError, match="unknown GPU type 'b300'"):
-        emulation.resolve_gpu("b300")
+        hardware.resolve_gpu("b300")
+    with (
+        dask.config.set({"dflow.runtime.backend": "simulated"}),
+        pytest.raises(ValueError, match=r"dflow\.runtime\.backend must be one of"),
+    ):
+        backend.current()
 
 
 def test_rows_for_a_gpu_type_price_it_as_the_emulation_does():

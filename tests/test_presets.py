@@ -13,7 +13,9 @@ import diffusers
 import pytest
 from transformers import AutoTokenizer
 
-from dflow import presets, tokenizers
+import dask.config
+
+from dflow import catalog, presets, tokenizers
 from dflow.catalog import resolve
 
 GIB = 2**30
@@ -109,6 +111,27 @@ def test_tiny_folder_loads_with_stock_diffusers(tiny_folders, name):
         assert getattr(pipe, component) is not None, component
     # built once: asking again finds the folder
     assert presets.folder(name) == str(folder)
+
+
+def test_a_tiny_preset_is_built_where_its_weights_load(tmp_path):
+    """Resolving names the folder; loading weights (``folder_of``, which a
+    stage's adapter calls) builds it there."""
+    with dask.config.set({"dflow.cache-dir": str(tmp_path)}):
+        spec = catalog.from_preset("tiny-pixart")
+        assert spec.source is not None and not os.path.exists(spec.source)
+        assert presets.folder_of(spec) == spec.source
+        assert Path(spec.source, "model_index.json").is_file()
+    assert presets.folder_of(catalog.resolve("flux.1-dev")) is None  # built in memory
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_recorded_weight_bytes_are_the_counted_ones(name):
+    """Each preset records its stages' weight bytes, so describing it needs no
+    torch; counted again on the meta device, they must match."""
+    counted = presets.count_weight_bytes(name)
+    assert presets.get(name)["weight_bytes"] == counted, (
+        f"configs/models/{name}.yaml: set weight_bytes to {counted}"
+    )
 
 
 def test_preset_cache_is_the_sessions(dflow_cache_dir):

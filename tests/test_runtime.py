@@ -298,3 +298,46 @@ def test_denoise_stops_when_asked(runtimes, preset):
     assert torch.isfinite(finished["latents"]).all()
     assert finished["timings"]["denoise"] > 0
     assert finished["timings"]["encode"] == embeddings["timings"]["encode"]
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_zero_inputs_are_shaped_as_the_real_ones(runtimes, preset):
+    """What a DiT or VAE runtime warms up and profiles on without the stage
+    before it has the keys, shapes and dtypes the real stage sends."""
+    encoder, dit = runtimes(preset, "encoder"), runtimes(preset, "dit")
+    for guidance in (1.0, 5.0):
+        request = Request(model=preset, prompt="a cat", seed=0, guidance_scale=guidance)
+        real = {k: v for k, v in encoder.encode(request).items() if k != "timings"}
+        zeros = dit.zero_embeddings(request)
+        assert zeros.keys() == real.keys()
+        for name, tensor in real.items():
+            assert (zeros[name].shape, zeros[name].dtype) == (
+                tensor.shape,
+                tensor.dtype,
+            ), name
+        latents = dit.denoise(request, real)["latents"]
+        zero = runtimes(preset, "vae").zero_latents(request)
+        assert (zero.shape, zero.dtype) == (latents.shape, latents.dtype)
+
+
+def test_loads_wait_for_each_other_unless_the_adapter_is_safe(tiny_folders):
+    """Real adapters load one at a time in a process; the emulated one, which
+    builds no model, loads beside them."""
+
+    def load(**kwargs) -> threading.Thread:
+        thread = threading.Thread(target=StageRuntime, kwargs=kwargs, daemon=True)
+        thread.start()
+        return thread
+
+    with runtime._loading:
+        with dask.config.set(
+            {"dflow.runtime.backend": "emulated", "dflow.emulation.time-scale": 1e-6}
+        ):
+            emulated = load(model="pixart-sigma-1024", stage="vae")
+            emulated.join(timeout=60)
+        assert not emulated.is_alive()
+        real = load(model="tiny-pixart", stage="vae", device="cpu")
+        real.join(timeout=0.5)
+        assert real.is_alive()  # waiting for the lock
+    real.join(timeout=60)
+    assert not real.is_alive()
