@@ -17,17 +17,19 @@ from dflow.errors import InvalidRequest
 from dflow.request import Request
 from dflow.spec import ModelSpec
 
-_tokenizers: dict[str, Any] = {}
+#: Tokenizers by the model's name and where it comes from
+_tokenizers: dict[tuple[str, str | None, str | None], Any] = {}
 _lock = threading.Lock()
 
 
 def tokenizer(spec: ModelSpec) -> Any | None:
     """The tokenizer whose limit the prompt must fit, loaded once per model;
     ``None`` when this process has neither the model's folder nor its preset."""
+    key = (spec.name, spec.source, spec.preset)
     with _lock:
-        if spec.name not in _tokenizers:
-            _tokenizers[spec.name] = _load(spec)
-        return _tokenizers[spec.name]
+        if key not in _tokenizers:
+            _tokenizers[key] = _load(spec)
+        return _tokenizers[key]
 
 
 def _load(spec: ModelSpec) -> Any | None:

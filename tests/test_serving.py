@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import re
 import shutil
 import sys
@@ -55,7 +56,7 @@ from distributed import (
 from distributed.utils_test import gen_cluster
 
 import dflow
-from dflow import runtime
+from dflow import catalog, prompts, runtime
 from dflow.errors import InvalidRequest, ModelNotServed
 from dflow.request import Request
 from dflow.spec import canonical_name
@@ -412,7 +413,7 @@ async def test_the_extension_counts_requests_by_outcome(
 async def test_models_makes_folders_only_workers_have_resolvable(c, s, in_process):
     """A client on another machine than the model's folder: ``dflow.models``
     fetches the spec from the scheduler, and requests for it validate."""
-    from dflow import presets, spec
+    from dflow import presets
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "pixart-copy")
@@ -423,7 +424,7 @@ async def test_models_makes_folders_only_workers_have_resolvable(c, s, in_proces
             folder.rename(folder.with_name("moved"))
             # the worker runs in this process and registered the spec here: forget
             # it, as a client process without the folder never had it
-            spec._registry.pop(name)
+            catalog._registry.pop(name)
             with pytest.raises(InvalidRequest, match="unknown model"):
                 Request(model=name, prompt="a fox")
 
@@ -640,13 +641,16 @@ STALE = {
 
 
 @pytest.mark.parametrize("field", sorted(STALE))
-def test_a_failing_stage_fails_only_its_request(serving, field):
+def test_a_failing_stage_fails_only_its_request(serving, field, monkeypatch):
     client = serving.client
     bad = serving.request(seed=5)
     value = STALE[field](bad.spec)
     with pytest.raises(InvalidRequest) as refused:
-        bad.replace(**{field: value})
+        prompts.check_length(bad.replace(**{field: value}))
     object.__setattr__(bad, field, value)  # sent without the client's check
+    # a client that knows the model from the cluster alone has no tokenizer
+    remote = dataclasses.replace(bad.spec, preset=None, source=None)
+    monkeypatch.setitem(catalog._registry, bad.model, remote)
     good = [serving.request(seed) for seed in (400, 401)]
     before = client.run_on_scheduler(request_counts)
 

@@ -7,13 +7,14 @@ from dflow.adapters.base import Adapter
 from dflow.adapters.flux import FluxAdapter
 from dflow.adapters.pixart import PixArtAdapter
 from dflow.adapters.wan import WanAdapter
+from dflow.families import flux, pixart, wan
 from dflow.spec import ModelSpec
 
 #: The adapter of each family, by family name
 ADAPTERS: dict[str, type[Adapter]] = {
-    "flux": FluxAdapter,
-    "pixart": PixArtAdapter,
-    "wan": WanAdapter,
+    flux.FAMILY.name: FluxAdapter,
+    pixart.FAMILY.name: PixArtAdapter,
+    wan.FAMILY.name: WanAdapter,
 }
 
 
