@@ -29,7 +29,7 @@ import dask.config
 from dask.utils import parse_bytes
 
 import dflow.config  # noqa: F401
-from dflow import backend, families
+from dflow import backend, families, prompts
 from dflow.catalog import resolve
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
@@ -460,10 +460,13 @@ def generate(request: Request) -> Output:
 
     The reference for the disaggregated path (same seed, same pixels) and the
     monolithic mode's task body. The model stays resident for later calls.
+    Raises :class:`~dflow.errors.InvalidRequest` for a prompt over the model's
+    token limit.
 
     Examples
     --------
     >>> output = dflow.generate(dflow.Request(model="tiny-flux", prompt="a fox"))  # doctest: +SKIP
     >>> output.images[0].save("fox.png")  # doctest: +SKIP
     """
+    prompts.check_length(request)
     return local(request.model).generate(request)

@@ -15,6 +15,7 @@ import torch
 import dask.config
 
 from dflow import runtime
+from dflow.errors import InvalidRequest
 from dflow.request import Request
 from dflow.runtime import Batcher, Cancelled, StageRuntime
 
@@ -341,3 +342,12 @@ def test_loads_wait_for_each_other_unless_the_adapter_is_safe(tiny_folders):
         assert real.is_alive()  # waiting for the lock
     real.join(timeout=60)
     assert not real.is_alive()
+
+
+def test_generate_refuses_a_prompt_over_the_token_limit(tiny_folders, clean_registry):
+    request = Request(model="tiny-wan", prompt="a red fox " * 40, seed=0)
+    before = runtime.installed()
+    with pytest.raises(InvalidRequest, match="over the limit of 32 tokens") as error:
+        runtime.generate(request)
+    assert error.value.field == "prompt"
+    assert runtime.installed() == before  # refused before loading anything
