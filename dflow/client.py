@@ -115,7 +115,6 @@ def map(
             raise TypeError(
                 f"expected dflow.Request objects, got {type(request).__name__}"
             )
-    for request in requests:
         # where the model's tokenizer is here; the encoder worker checks anyway
         prompts.check_length(request)
     if client.status in ("connecting", "closing", "closed"):
