@@ -166,13 +166,13 @@ class StageRuntime:
         self.spec = resolve(model)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.spec, self.device)
-        if self.serves("encoder"):
-            # the tokenizer stage tasks check prompts with: loaded here, so that
-            # neither a request nor the timed load pays for it
-            prompts.tokenizer(self.spec)
         adapter, options = backend.current().adapter(self.spec, gpu_type)
         loading = contextlib.nullcontext() if adapter.parallel_load_safe else _loading
         with loading:
+            if self.serves("encoder"):
+                # the tokenizer stage tasks check prompts with: loaded here, so
+                # that neither a request nor the timed load pays for it
+                prompts.tokenizer(self.spec)
             limit = dask.config.get("dflow.runtime.memory-limit")
             if limit and torch.device(self.device).type == "cuda":
                 # as if the card had only this much memory (a smaller GPU type)
