@@ -30,7 +30,7 @@ import dask.config
 
 import dflow.config  # noqa: F401
 from dflow import families
-from dflow.progress import quiet_progress_bars
+from dflow.logs import quiet_progress_bars
 from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)

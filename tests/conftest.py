@@ -67,7 +67,7 @@ def dflow_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session", autouse=True)
 def quiet_progress_bars():
     """No diffusers or transformers progress bars in the test output."""
-    from dflow.progress import quiet_progress_bars
+    from dflow.logs import quiet_progress_bars
 
     with quiet_progress_bars():
         yield

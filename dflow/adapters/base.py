@@ -22,7 +22,7 @@ import dask.config
 
 from dflow import catalog, families, presets
 from dflow.families import Family
-from dflow.progress import quiet_progress_bars
+from dflow.logs import quiet_progress_bars
 from dflow.spec import ModelSpec
 
 if TYPE_CHECKING:
