@@ -851,17 +851,7 @@ def main(argv: list[str] | None = None) -> None:
             references[job] = bare.stock(job)
         return references[job]
 
-    start_ray()
-    phases = []
-    try:
-        for dit in (int(d) for d in args.dit.split(",")):
-            print(f"DiT x{dit}: starting the systems", flush=True)
-            phases.append(run_phase(args, dit, bare, folder, reference))
-    finally:
-        ray.shutdown()
-        bare.close()
-
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "peers",
         "command": " ".join([sys.executable, *sys.argv]),
         "label": f"CPU, {os.cpu_count()} cores shared by every process",
@@ -874,13 +864,25 @@ def main(argv: list[str] | None = None) -> None:
             "guidance_scale": GUIDANCE,
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
         },
-        "machine": {**host, "loadavg_end": os.getloadavg()},
-        "phases": phases,
-        "ratios": {p["dit"]: ratios(p, args.steps) for p in phases},
+        "machine": host,
+        "phases": [],
+        "ratios": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "peers.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    phases = result["phases"]
+    start_ray()
+    try:
+        for dit in (int(d) for d in args.dit.split(",")):
+            print(f"DiT x{dit}: starting the systems", flush=True)
+            phases.append(run_phase(args, dit, bare, folder, reference))
+            result["ratios"][dit] = ratios(phases[-1], args.steps)
+            host["loadavg_end"] = os.getloadavg()
+            # after every phase, so that a run cut short keeps what it measured
+            path.write_text(json.dumps(result, indent=1, default=str))
+    finally:
+        ray.shutdown()
+        bare.close()
     for phase in phases:
         print()
         print(table(phase, args.steps))
