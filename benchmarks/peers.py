@@ -51,6 +51,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -588,6 +589,9 @@ def pixel_difference(results: list[Any], jobs: list[Job], reference) -> dict:
         "outputs_off_by_more_than_1": sum(d > 1 for d in diffs),
         "outputs_off_by_1": sum(d == 1 for d in diffs),
         "errors": len(errors),
+        # e.g. RayTaskError(IndexError) from a race, OutOfMemoryError from Ray's
+        # memory monitor when the machine runs low
+        "error_kinds": dict(Counter(type(e).__name__ for e in errors)),
         "first_error": repr(errors[0])[:300] if errors else None,
     }
 
