@@ -14,7 +14,7 @@ Requests arrive in batches over the run while a chaos thread, per round, kills
 the worker process of each stage of each model (its ``dflow-worker`` Nanny
 restarts it; the new process reloads its stage), pauses one worker of each
 model for ``--pause`` seconds, and switches a DiT worker of each model to another stage
-and back (``ElasticController.apply``: drain, requeue, reload).
+and back (the scheduler's ``dflow_move``: drain, requeue, reload).
 
 Accounting, per model:
 
@@ -79,6 +79,8 @@ from dflow.output import Output
 from dflow.request import Request
 from dflow.testing import (
     ServiceProcess,
+    fleet_workers,
+    move,
     scheduler_process,
     wait_for_pools,
     worker_processes,
@@ -153,17 +155,6 @@ def extension_counts(dask_scheduler) -> dict[str, dict[str, int]]:
     for (model, status), n in dask_scheduler.extensions["dflow"].counts.items():
         counts[model][status] = n
     return dict(counts)
-
-
-def switch_worker(dask_scheduler, address: str, stage: str, model: str) -> str | None:
-    """Move a worker to ``stage`` of ``model`` as the elastic controller does;
-    returns the stage it left (None: it was not ready, nothing done)."""
-    record = dask_scheduler.extensions["dflow"].workers.get(address)
-    if record is None or record.state != "ready":
-        return None
-    controller = dask_scheduler.plugins["dflow-elastic"]
-    controller.apply(address, record.pool, (stage, model), "chaos")
-    return record.stage
 
 
 # -- chaos ---------------------------------------------------------------------------------
@@ -283,13 +274,14 @@ class Chaos:
         ``target`` (found by name: dflow-worker names CPU workers after the
         Nanny's pid, and a paused worker must not be asked anything)."""
         process = self.process(group, stage, index)
-        records = self.client.sync(self.client.scheduler.dflow_workers)
-        addresses = [
-            r["address"] for r in records if r["name"].endswith(f"-{process.pid}")
+        ready = [
+            w
+            for name, w in fleet_workers(self.client).items()
+            if name.endswith(f"-{process.pid}") and w["state"] == "ready"
         ]
-        source = addresses and self.client.run_on_scheduler(
-            switch_worker, address=addresses[0], stage=target, model=model
-        )
+        source = ready[0]["stage"] if ready else None
+        if ready:
+            move(self.client, ready[0]["address"], target, model, "chaos")
         self.record(
             f"switch a worker of {model} from {source} to {target}", bool(source)
         )

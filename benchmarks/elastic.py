@@ -57,8 +57,10 @@ import distributed
 from distributed import Client, as_completed
 
 import dflow
+from dflow import testing
 from dflow.bench.harness import revision
 from dflow.cluster import StageCluster
+from dflow.pools import Pool
 from dflow.request import Request
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
 
@@ -150,49 +152,8 @@ def emulated_setup(quick: bool) -> Setup:
 # -- on the scheduler ------------------------------------------------------------------
 
 
-def _controller(scheduler):
-    return scheduler.plugins.get("dflow-elastic")
-
-
-def _workers(*, dask_scheduler) -> dict[str, dict[str, Any]]:
-    controller = _controller(dask_scheduler)
-    switching = controller.switcher.switching if controller else {}
-    return {
-        r.name: {
-            "address": r.address,
-            "stage": r.stage,
-            "state": r.state,
-            "switching": r.address in switching,
-        }
-        for r in dask_scheduler.extensions["dflow"].workers.values()
-    }
-
-
-def _switch(address: str, stage: str, *, dask_scheduler) -> None:
-    controller = _controller(dask_scheduler)
-    source = controller.extension.workers[address].pool
-    target = (stage, source[1])
-    controller.apply(address, source, target, "benchmark: set the layout")
-
-
-def _set_enabled(enabled: bool, *, dask_scheduler) -> None:
-    _controller(dask_scheduler).enabled = enabled
-
-
-def _decisions(*, dask_scheduler) -> list[dict[str, Any]]:
-    return _controller(dask_scheduler).decisions()
-
-
-def _ready_events(*, dask_scheduler) -> list[tuple[float, str, list]]:
-    return [
-        (t, detail["worker"], list(detail["pool"]))
-        for t, kind, detail in dask_scheduler.extensions["dflow"].events
-        if kind == "worker-ready"
-    ]
-
-
 def _planning_seconds(*, dask_scheduler) -> list[float]:
-    return _controller(dask_scheduler).planning_seconds()
+    return dask_scheduler.plugins["dflow-elastic"].planning_seconds()
 
 
 def _pid(*, dask_scheduler) -> int:
@@ -201,79 +162,37 @@ def _pid(*, dask_scheduler) -> int:
 
 def _plugins_off(*, dask_scheduler) -> None:
     """Remove the controller and telemetry: the extension alone stays."""
-    extension = dask_scheduler.extensions["dflow"]
     for name in ("dflow-elastic", "dflow-telemetry"):
         dask_scheduler.periodic_callbacks.pop(name).stop()
         dask_scheduler.remove_plugin(name)
-    extension.elastic = extension.telemetry = None
 
 
-def dask_setup(scheduler) -> None:
-    """Scheduler preload of the emulated runs: dflow's plugins, as ``dflow.preload``
-    installs them, with a predictor that prices every pool as the emulation
+async def dask_setup(scheduler) -> None:
+    """Scheduler preload of the emulated runs: dflow, as ``dflow.preload``
+    installs it, with a predictor that prices every pool as the emulation
     charges it, in wall seconds at its time scale (what the controller observes)."""
-    from dflow.emulation import cost_model, time_scale
-    from dflow.plugins.elastic import ElasticController
-    from dflow.plugins.extension import DflowExtension
-    from dflow.plugins.telemetry import Telemetry
-    from dflow.predictor import Predictor
-    from dflow.protocol import register_serializers
+    from dflow.plugins.install import install
 
-    register_serializers()
-    rows = [
-        {**row, "seconds": row["seconds"] * time_scale()}
-        for row in cost_model().rows_for("h200")
-    ]
-    predictor = Predictor(rows)
-    extension = DflowExtension()
-    telemetry = Telemetry(extension)
-    telemetry.predictor = predictor
-    for plugin in (extension, telemetry, ElasticController(extension, predictor)):
-        scheduler.add_plugin(plugin)
+    await install(scheduler, predictor=testing.emulated_predictor())
 
 
 # -- the fleet -------------------------------------------------------------------------
 
 
-def poll(condition, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g}s")
-        time.sleep(0.1)
-    return result
-
-
-def settled(client: Client) -> bool:
-    workers = client.run_on_scheduler(_workers).values()
-    return all(w["state"] == "ready" and not w["switching"] for w in workers)
+def set_layout(client: Client, setup: Setup, counts: dict[str, int]) -> None:
+    """Workers per stage as ``counts``, moving as few as possible; then out the
+    moved workers' cooldown."""
+    testing.set_layout(
+        client,
+        counts,
+        setup.model,
+        reason="benchmark: set the layout",
+        cooldown=setup.cooldown,
+    )
 
 
 def layout(client: Client) -> Counter[str]:
-    return Counter(w["stage"] for w in client.run_on_scheduler(_workers).values())
-
-
-def set_layout(client: Client, counts: dict[str, int], cooldown: float) -> None:
-    """Workers per stage as ``counts``, moving as few as possible; then out the
-    moved workers' ``cooldown``."""
-    poll(lambda: settled(client), 300, "no switch in progress")
-    workers = client.run_on_scheduler(_workers)
-    by_stage: dict[str, list[str]] = {}
-    for name in sorted(workers):
-        by_stage.setdefault(workers[name]["stage"], []).append(name)
-    spare = [n for s, names in by_stage.items() for n in names[counts.get(s, 0) :]]
-    moved = 0
-    for stage, count in counts.items():
-        for _ in range(count - len(by_stage.get(stage, []))):
-            client.run_on_scheduler(_switch, workers[spare.pop(0)]["address"], stage)
-            moved += 1
-    poll(
-        lambda: settled(client) and layout(client) == Counter(counts),
-        300,
-        f"the layout {counts}",
-    )
-    if moved:
-        time.sleep(cooldown)
+    return Counter(str(s) for s in testing.fleet_layout(client).values())
 
 
 def requests(setup: Setup, n: int, seed: int, **fields: Any) -> list[Request]:
@@ -297,14 +216,14 @@ def run_burst(client: Client, burst: list[Request]) -> tuple[float, float, int]:
 def shifts(client: Client, setup: Setup, elastic: bool, seed: int) -> None:
     """Each of the setup's shifts in turn, from its start layout; rows in seconds
     of the setup (wall seconds over its scale)."""
-    set_layout(client, setup.start, setup.cooldown)
+    set_layout(client, setup, setup.start)
     for i, shift in enumerate(setup.shifts):
-        client.run_on_scheduler(_set_enabled, elastic)
-        before = len(client.run_on_scheduler(_decisions))
+        testing.elastic(client, enabled=elastic)
+        before = len(testing.decisions(client))
         burst = requests(setup, shift.requests, seed + 1000 * i, **shift.fields)
         submitted, done, failed = run_burst(client, burst)
-        client.run_on_scheduler(_set_enabled, False)
-        decisions = client.run_on_scheduler(_decisions)[before:]
+        testing.elastic(client, enabled=False)
+        decisions = testing.decisions(client)[before:]
         row = {
             "fleet": setup.label,
             "shift": shift.label,
@@ -322,11 +241,12 @@ def shifts(client: Client, setup: Setup, elastic: bool, seed: int) -> None:
         answers = [d for d in decisions if d["target"] and d["target"][0] in shift.into]
         if answers:
             move = answers[0]
+            target = str(Pool(*move["target"]))
             ready = [
                 t
-                for t, worker, pool in client.run_on_scheduler(_ready_events)
-                if worker == move["worker"]
-                and pool == list(move["target"])
+                for t, event in testing.dflow_events(client, "worker-ready")
+                if event["worker"] == move["worker"]
+                and event["pool"] == target
                 and t > move["time"]
             ]
             row |= {
@@ -335,7 +255,7 @@ def shifts(client: Client, setup: Setup, elastic: bool, seed: int) -> None:
                 "move": f"{move['source'][0]} -> {move['target'][0]}",
                 "reason": move["reason"],
             }
-        poll(lambda: settled(client), 300, "the switches done")
+        testing.poll(lambda: testing.fleet_settled(client), 300, "the switches done")
         row["layout"] = "/".join(
             str(layout(client)[s]) for s in ("encoder", "dit", "vae")
         )
@@ -373,8 +293,8 @@ def cpu_cost(client: Client, setup: Setup, quick: bool) -> dict[str, Any]:
             "cpu_ms_per_request": 1000 * used / len(futures),
         }
 
-    set_layout(client, {"encoder": 1, "dit": 2, "vae": 1}, setup.cooldown)
-    decisions = len(client.run_on_scheduler(_decisions))
+    set_layout(client, setup, {"encoder": 1, "dit": 2, "vae": 1})
+    decisions = len(testing.decisions(client))
     steps_before = len(client.run_on_scheduler(_planning_seconds))
     rows = []
     for mode, elastic in (
@@ -382,11 +302,11 @@ def cpu_cost(client: Client, setup: Setup, quick: bool) -> dict[str, Any]:
         ("telemetry only (elastic.enabled off)", False),
         ("elastic + telemetry, again", True),
     ):
-        client.run_on_scheduler(_set_enabled, elastic)
+        testing.elastic(client, enabled=elastic)
         rows.append(measure(mode, 10_000 * len(rows)))
-    client.run_on_scheduler(_set_enabled, False)
+    testing.elastic(client, enabled=False)
     steps = client.run_on_scheduler(_planning_seconds)[steps_before:]
-    moves = len(client.run_on_scheduler(_decisions)) - decisions
+    moves = len(testing.decisions(client)) - decisions
     client.run_on_scheduler(_plugins_off)
     rows.append(measure("off (extension only)", 10_000 * len(rows)))
     return {"rows": rows, "planning_seconds": steps, "moves": moves}

@@ -65,8 +65,8 @@ from distributed import Client, Nanny, Scheduler, SpecCluster
 import dflow.client
 from dflow.bench.harness import revision
 from dflow.cluster import StageCluster
+from dflow.pools import Pool, task_resources
 from dflow.request import Request
-from dflow.worker import pool_resource
 
 PLAIN_STAGES = (("encode", "enc", 8), ("denoise", "dit", 1), ("decode", "vae", 8))
 
@@ -180,7 +180,7 @@ def plain_graph_on_pools(client: Client, requests: list[Request]) -> list:
     but without dflow's client path or annotations."""
     model = requests[0].model
     resources = {
-        prefix: {stage: 1, pool_resource(stage, model): 1}
+        prefix: task_resources(Pool(stage, model))
         for stage, (prefix, _) in dflow.client.STAGE_TASKS.items()
         if stage != "all"
     }

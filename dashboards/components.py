@@ -3,10 +3,11 @@
 Like distributed's own components (``distributed/dashboard/components/``), each
 class builds a :class:`~bokeh.models.ColumnDataSource` and a Bokeh model
 (``root``) once, and its ``update()`` refreshes the source from the scheduler:
-from dflow's extension (``scheduler.extensions["dflow"]``), the telemetry and
-the elastic controller attached to it. Every part may be missing (a scheduler
-without dflow's preload, a fresh cluster, no elastic controller yet): a
-component then shows an empty plot and fills in as data arrives.
+from dflow's extension (``scheduler.extensions["dflow"]``: workers, decisions)
+and its telemetry plugin (``scheduler.plugins["dflow-telemetry"]``: samples,
+service times). They only read. Every part may be missing (a scheduler without
+dflow's preload, a fresh cluster): a component then shows an empty plot and
+fills in as data arrives.
 
 The time series read telemetry's fleet samples (one a second) over the last
 ``window`` seconds, so each refresh sends a bounded amount of data.
@@ -18,7 +19,7 @@ import math
 from collections.abc import Iterable
 from itertools import cycle
 from time import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column
@@ -39,14 +40,14 @@ from distributed.dashboard.utils import update
 from distributed.scheduler import Scheduler
 from distributed.utils import log_errors
 
-from dflow.spec import STAGES
+from dflow.pools import WORKER_STAGES, Pool
 
 if TYPE_CHECKING:
     from dflow.plugins.extension import DflowExtension
     from dflow.plugins.telemetry import Sample, Telemetry
 
 #: Stages in display order: the three of a disaggregated chain, then monolithic
-DISPLAY_STAGES = (*STAGES, "all")
+DISPLAY_STAGES = WORKER_STAGES
 STAGE_COLORS = dict(zip(DISPLAY_STAGES, Category10_10, strict=False))
 #: Seconds of history the time series show
 WINDOW = 600.0
@@ -61,8 +62,10 @@ def dflow_extension(scheduler: Scheduler) -> DflowExtension | None:
 
 
 def telemetry_of(scheduler: Scheduler) -> Telemetry | None:
-    extension = dflow_extension(scheduler)
-    return extension.telemetry if extension is not None else None
+    """dflow's telemetry plugin, on a scheduler with dflow's extension."""
+    if dflow_extension(scheduler) is None:
+        return None
+    return cast("Telemetry | None", scheduler.plugins.get("dflow-telemetry"))
 
 
 def recent_samples(scheduler: Scheduler, window: float) -> list[Sample]:
@@ -81,11 +84,11 @@ def recent_samples(scheduler: Scheduler, window: float) -> list[Sample]:
 
 
 def pool_label(pool: Iterable[str] | None) -> str:
-    """``"dit:tiny-flux"`` (the pool's resource name), or ``"none"``."""
-    return "none" if pool is None else ":".join(pool)
+    """``"dit:tiny-flux"`` (the pool's one string form), or ``"none"``."""
+    return "none" if pool is None else str(Pool(*pool))
 
 
-def stage_order(pool: tuple[str, str]) -> tuple[int, str]:
+def stage_order(pool: Iterable[str]) -> tuple[int, str]:
     stage, model = pool
     rank = (
         DISPLAY_STAGES.index(stage) if stage in DISPLAY_STAGES else len(DISPLAY_STAGES)
@@ -373,7 +376,7 @@ class ServiceTimes(DashboardComponent):
                     data["pool"].append(pool_label(pool))
                     data["kind"].append(kind)
                     data["seconds"].append(values[kind])
-            without_predictor = telemetry.predictor is None
+            without_predictor = telemetry.predictions.predictor is None
         else:
             without_predictor = True
         title = self.TITLE + (" (no predictor attached)" if without_predictor else "")
@@ -477,8 +480,9 @@ class RebalancingTimeline(DashboardComponent):
     @log_errors
     def update(self) -> None:
         extension = dflow_extension(self.scheduler)
-        elastic = extension.elastic if extension is not None else None
-        decisions = elastic.decisions()[-self.limit :] if elastic is not None else []
+        decisions = (
+            extension.recent_decisions(self.limit) if extension is not None else []
+        )
         decisions = decisions[::-1]  # newest first in the table
         data: dict[str, list] = {
             "time": [d["time"] * 1000 for d in decisions],

@@ -22,8 +22,10 @@ from distributed.utils import import_term
 
 from dflow.bench.cli import bench
 from dflow.demo import demo
+from dflow.pools import WORKER_STAGES
 from dflow.profile import profile
-from dflow.worker import WORKER_STAGES, nanny_specs, run_nannies
+from dflow.worker import run_nannies
+from dflow.worker_options import nanny_specs
 
 logger = logging.getLogger("dflow.worker")
 

@@ -24,18 +24,27 @@ import dflow.config  # noqa: F401
 from dflow import prompts, tasks
 from dflow.catalog import register
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
-from dflow.pools import pool_resource
+from dflow.pools import TASK_PREFIXES, Pool, task_resources
 from dflow.request import Request
 from dflow.spec import ModelSpec
 
 #: Task key prefix and function per stage
 STAGE_TASKS = {
-    "encoder": ("encode", tasks.encode),
-    "dit": ("denoise", tasks.denoise),
-    "vae": ("decode", tasks.decode),
-    "all": ("generate", tasks.generate),
+    stage: (TASK_PREFIXES[stage], function)
+    for stage, function in (
+        ("encoder", tasks.encode),
+        ("dit", tasks.denoise),
+        ("vae", tasks.decode),
+        ("all", tasks.generate),
+    )
 }
 MODES = ("disaggregated", "monolithic")
+#: How a scheduler gets dflow, for the error a client raises on one without it
+INSTALL_HINT = (
+    "start it with `dask scheduler --preload dflow.preload` (dflow.cluster."
+    "StageCluster does so; a LocalCluster takes scheduler_kwargs={'preload': "
+    "['dflow.preload']})"
+)
 
 
 def submit(
@@ -50,8 +59,8 @@ def submit(
     Parameters
     ----------
     client
-        A client of a scheduler running dflow's extension (``dask scheduler
-        --preload dflow.preload``; registered on first use otherwise).
+        A client of a scheduler running dflow (``dask scheduler --preload
+        dflow.preload``, or a :class:`~dflow.cluster.StageCluster`).
     request
         A validated request.
     mode
@@ -77,6 +86,9 @@ def submit(
         If no worker of a stage has the memory the request needs, or the prompt
         is over the model's token limit (checked here where the model's
         tokenizer is available, else by the encoder worker).
+    RuntimeError
+        If the scheduler does not run dflow (started without ``--preload
+        dflow.preload``).
     ConnectionError
         If the client lost its scheduler (its futures were cancelled with reason
         ``scheduler-connection-lost``).
@@ -157,7 +169,7 @@ def map(
                 else (function, request, previous)
             )
             annotations: dict[str, Any] = {
-                "resources": {stage: 1, pool_resource(stage, request.model): 1},
+                "resources": task_resources(Pool(stage, request.model)),
                 "dflow": {
                     "stage": stage,
                     "model": request.model,
@@ -254,13 +266,13 @@ def _annotated_features(request: Request) -> dict[str, Any]:
 
 
 async def _scheduler_call(client: Client, handler: str, **kwargs: Any) -> Any:
-    """Call a dflow handler on the scheduler, installing the extension if absent."""
-    try:
-        return await getattr(client.scheduler, handler)(**kwargs)
-    except ValueError as error:
-        if handler not in str(error):
-            raise
-    from dflow.plugins.extension import DflowExtension
-
-    await client.register_plugin(DflowExtension())
-    return await getattr(client.scheduler, handler)(**kwargs)
+    """Call a dflow handler on the scheduler; a ``RuntimeError`` saying how to
+    install dflow when the scheduler lacks it (it answers ``None`` for a
+    handler it does not have, which no dflow handler answers)."""
+    answer = await getattr(client.scheduler, handler)(**kwargs)
+    if answer is None:
+        address = getattr(client.scheduler, "address", None)
+        raise RuntimeError(
+            f"the scheduler at {address} does not run dflow: " + INSTALL_HINT
+        )
+    return answer

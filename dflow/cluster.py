@@ -3,25 +3,34 @@
 :class:`StageCluster` is a :class:`distributed.SpecCluster` whose workers each
 serve one stage of one model. ``scale(n, stage="dit")`` grows or shrinks that
 pool alone, which is how a cloud deployment follows the load (add DiT workers)
-rather than switching the roles of a fixed fleet. Locally it starts worker
-processes on this machine: the embedded cluster of ``dflow demo`` and the tests.
+rather than switching the roles of a fixed fleet: ``adapt()`` (or
+``dflow.elastic.actuator: scale-pools``) lets the scheduler's elastic controller
+size the pools. Locally it starts worker processes on this machine: the embedded
+cluster of ``dflow demo`` and the tests.
+
+Which pool a worker serves is what dflow's scheduler extension says (a role
+switch moves a worker between pools); the worker specs only say what a worker
+that has not reported yet was started for.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from tornado.ioloop import PeriodicCallback
+
+import dask.config
 from dask.utils import parse_timedelta
 from distributed import Nanny, Scheduler, SpecCluster, Worker
 from distributed.deploy.spec import NoOpAwaitable
 
+import dflow.config  # noqa: F401
+from dflow.pools import WORKER_STAGES, Pool
 from dflow.spec import canonical_name
-from dflow.worker import WORKER_STAGES, StagePlugin, stage_slots
+from dflow.worker_options import stage_worker_options, visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,9 @@ class StageCluster(SpecCluster):
         (the default); False runs the workers in this process, on the
         scheduler's event loop, as the emulated benchmarks do to fit dozens of
         emulated GPUs on a few cores.
+    gpus
+        GPU ids the worker processes are pinned to, one GPU each in turn (its
+        id first in ``CUDA_VISIBLE_DEVICES``); default: every visible GPU.
     worker_options
         Extra keyword arguments of each worker's :class:`~distributed.Nanny`
         (e.g. ``{"config": {...}}`` for per-worker dask config).
@@ -67,6 +79,7 @@ class StageCluster(SpecCluster):
         gpu_type: str = "auto",
         fleet: Sequence[tuple[str, str, str | None]] | None = None,
         processes: bool = True,
+        gpus: Sequence[str] | None = None,
         host: str | None = "127.0.0.1",
         dashboard_address: str | None = ":0",
         protocol: str | None = None,
@@ -79,6 +92,9 @@ class StageCluster(SpecCluster):
         self.model = canonical_name(model)
         self.gpu_type = gpu_type
         self.processes = processes
+        if gpus is None:
+            gpus = visible_gpus() if processes else []
+        self.gpus = list(gpus)
         self.host = host
         self._worker_options = {"host": host, **(worker_options or {})}
         if protocol:
@@ -114,20 +130,30 @@ class StageCluster(SpecCluster):
             **kwargs,
         )
 
+    async def _start(self) -> None:
+        await super()._start()
+        if dask.config.get("dflow.elastic.actuator") == "scale-pools":
+            self.adapt(minimum=None, wait=None)
+
     def _stage_spec(
         self, stage: str, model: str, gpu_type: str | None = None
     ) -> tuple[str, dict[str, Any]]:
         if stage not in WORKER_STAGES:
             raise ValueError(f"stage must be one of {', '.join(WORKER_STAGES)}")
-        name = f"{stage}-{next(self._names)}"
+        number = next(self._names)
+        name = f"{stage}-{number}"
         gpu_type = gpu_type or self.gpu_type
-        plugin = StagePlugin(stage, model, gpu_type)
-        options = {
-            "nthreads": stage_slots(stage),
-            "name": name,
-            "plugins": {plugin},
-            **self._worker_options,
-        }
+        options = stage_worker_options(
+            stage,
+            model,
+            name=name,
+            gpu_type=gpu_type,
+            gpus=self.gpus,
+            index=number % len(self.gpus) if self.gpus else None,
+        )
+        if not self.processes:
+            del options["env"]  # workers in this process share its environment
+        options.update(self._worker_options)
         return name, {
             "cls": Nanny if self.processes else Worker,
             "options": options,
@@ -137,13 +163,28 @@ class StageCluster(SpecCluster):
         }
 
     def stage_workers(self, stage: str, model: str | None = None) -> list[str]:
-        """Names of the workers specified for ``stage`` (of ``model``)."""
-        model = canonical_name(model) if model else self.model
+        """Names of this cluster's workers in the pool of ``stage`` of ``model``:
+        serving it as the scheduler's dflow extension records (a role switch
+        moves a worker), or started for it and not reporting yet."""
+        pool = Pool(stage, canonical_name(model) if model else self.model)
+        joined = self._pools_of_workers()
         return [
             name
             for name, spec in self.worker_spec.items()
-            if spec.get("stage") == stage and spec.get("model") == model
+            if joined.get(name, Pool(spec["stage"], spec["model"])) == pool
         ]
+
+    def _pools_of_workers(self) -> dict[str, Pool]:
+        """Pool of each worker per the dflow extension of this cluster's
+        scheduler (which runs in this process)."""
+        extension = getattr(self.scheduler, "extensions", {}).get("dflow")
+        if extension is None:
+            return {}
+        return {
+            name: Pool.parse(pool)
+            for pool, names in extension.pool_members().items()
+            for name in names
+        }
 
     def scale(
         self,
@@ -189,14 +230,16 @@ class StageCluster(SpecCluster):
 
     def adapt(  # type: ignore[override]
         self,
-        minimum: int = 1,
+        minimum: int | None = 1,
         maximum: int | None = None,
         interval: str = "2s",
-        wait: str = "60s",
+        wait: str | None = "60s",
         utilization: float | None = None,
     ) -> PoolAdaptive:
-        """Grow and shrink each pool to follow its load (instead of switching
-        workers' roles): see :class:`PoolAdaptive`."""
+        """Grow and shrink each pool to follow its load, instead of switching
+        workers' roles: the scheduler's elastic controller sizes the pools
+        (actuator ``scale-pools``; ``None``: its config) and :class:`PoolAdaptive`
+        scales them."""
         if self._adaptive is not None:
             self._adaptive.stop()
         self._adaptive = PoolAdaptive(
@@ -211,54 +254,66 @@ class StageCluster(SpecCluster):
 
 
 class PoolAdaptive:
-    """Sizes a :class:`StageCluster`'s pools to what the scheduler's elastic
-    controller says each needs (``dflow_pool_targets``).
+    """Scales a :class:`StageCluster`'s pools to the sizes the scheduler's
+    elastic controller gives them.
 
-    A pool grows at once and shrinks only to the largest target seen over the
-    last ``wait``, so a lull does not release workers a returning load needs
-    (dask-gateway's adapt loop does the same).
+    It turns the controller on with the ``scale-pools`` actuator (each pool sized
+    to its load at ``utilization``, at least ``minimum`` and at most ``maximum``
+    workers, growing at once and shrinking only to the largest size of the last
+    ``wait``), reads the sizes every ``interval`` (``dflow_pool_sizes``) and
+    scales the pools that differ. :meth:`stop` puts the controller's settings
+    back as they were.
     """
 
     def __init__(
         self,
         cluster: StageCluster,
-        minimum: int = 1,
+        minimum: int | None = 1,
         maximum: int | None = None,
         interval: str = "2s",
-        wait: str = "60s",
+        wait: str | None = "60s",
         utilization: float | None = None,
     ):
-        from tornado.ioloop import PeriodicCallback
-
         self.cluster = cluster
-        self.minimum = minimum
-        self.maximum = maximum
-        self.wait = parse_timedelta(wait)
-        self.utilization = utilization
-        self.history: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+        self.scale = {
+            k: v
+            for k, v in {
+                "minimum": minimum,
+                "maximum": maximum,
+                "wait": wait,
+                "utilization": utilization,
+            }.items()
+            if v is not None
+        }
+        self.previous: dict[str, Any] | None = None
         self._periodic = PeriodicCallback(self.step, parse_timedelta(interval) * 1000)
         assert cluster.loop is not None  # a started cluster has its loop
-        cluster.loop.add_callback(self._periodic.start)
+        cluster.loop.add_callback(self._begin)
+
+    async def _begin(self) -> None:
+        comm = self.cluster.scheduler_comm
+        assert comm is not None  # a started cluster has its scheduler
+        settings = await comm.dflow_elastic()
+        self.previous = {k: settings[k] for k in ("enabled", "actuator")}
+        await comm.dflow_elastic(enabled=True, actuator="scale-pools", **self.scale)
+        self._periodic.start()
 
     def stop(self) -> None:
         self._periodic.stop()
+        if self.previous is not None and self.cluster.loop is not None:
+            self.cluster.loop.add_callback(self._restore, self.previous)
+
+    async def _restore(self, previous: dict[str, Any]) -> None:
+        comm = self.cluster.scheduler_comm
+        if comm is not None:
+            await comm.dflow_elastic(**previous)
 
     async def step(self) -> None:
         comm = self.cluster.scheduler_comm
         assert comm is not None  # a started cluster has its scheduler
-        targets = await comm.dflow_pool_targets(utilization=self.utilization)
-        now = time.monotonic()
-        for name, needed in targets.items():
-            stage, _, model = name.partition("/")
-            if stage == "all":
-                continue
-            history = self.history.setdefault((stage, model), deque())
-            history.append((now, needed))
-            while history and history[0][0] < now - self.wait:
-                history.popleft()
-            size = max(self.minimum, max(n for _, n in history))
-            if self.maximum is not None:
-                size = min(size, self.maximum)
-            if size != len(self.cluster.stage_workers(stage, model)):
-                logger.info("Scaling %s of %s to %d workers", stage, model, size)
-                self.cluster.scale(size, stage=stage, model=model)
+        sizes = await comm.dflow_pool_sizes()
+        for text, size in sizes.items():
+            pool = Pool.parse(text)
+            if size != len(self.cluster.stage_workers(pool.stage, pool.model)):
+                logger.info("Scaling %s to %d workers", pool, size)
+                self.cluster.scale(size, stage=pool.stage, model=pool.model)

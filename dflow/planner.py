@@ -1,6 +1,6 @@
 """The planner: how many workers serve each pool, and which workers move.
 
-A pool is a stage of a model (``("dit", "flux.1-dev")``): fleets serve several
+A pool is a stage of a model (``Pool("dit", "flux.1-dev")``): fleets serve several
 models. :func:`plan` is a pure function of the fleet, the demand on each pool
 and what each pool costs on each GPU type; the elastic plugin feeds it and
 applies its moves, the emulated benchmarks and the tests call it directly.
@@ -26,9 +26,7 @@ import dask.config
 from dask.utils import parse_timedelta
 
 import dflow.config  # noqa: F401
-
-#: (stage, model)
-Pool = tuple[str, str]
+from dflow.pools import Pool
 
 GIB = 2**30
 

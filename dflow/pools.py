@@ -1,9 +1,84 @@
-"""Pools: a pool is a stage of a model, served by workers that advertise it as
-a Dask resource."""
+"""Pools: a pool is a stage of a model, the unit dflow places, prices and sizes.
+
+A :class:`Pool` has one string form, ``"stage:model"``, which is also the Dask
+resource a stage task of the model requires and a worker serving the pool
+advertises. The chain of a disaggregated request runs :data:`STAGES` in order;
+a monolithic request runs the whole pipeline as one task of stage
+:data:`MONOLITHIC`. Pure: no torch, no distributed.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
-def pool_resource(stage: str, model: str) -> str:
-    """The resource a stage task of ``model`` requires (a pool is a stage of a model)."""
-    return f"{stage}:{model}"
+#: Stages of a disaggregated request, in order
+STAGES = ("encoder", "dit", "vae")
+#: The stage of a worker that runs the whole pipeline (monolithic)
+MONOLITHIC = "all"
+#: Every stage a worker can serve
+WORKER_STAGES = (*STAGES, MONOLITHIC)
+#: Task key prefix of each stage's task (``"denoise-<request id>"``)
+TASK_PREFIXES = {
+    "encoder": "encode",
+    "dit": "denoise",
+    "vae": "decode",
+    "all": "generate",
+}
+#: Key prefixes of a request's final task: the end of the chain, or the one
+#: monolithic task
+FINAL_PREFIXES = (f"{TASK_PREFIXES['vae']}-", f"{TASK_PREFIXES['all']}-")
+
+
+class Pool(NamedTuple):
+    """A stage of a model: ``Pool("dit", "tiny-flux")``, written ``"dit:tiny-flux"``.
+
+    A named tuple, so it unpacks as ``stage, model``, orders by stage then model
+    and travels in scheduler messages as a two-item list.
+    """
+
+    stage: str
+    model: str
+
+    def __str__(self) -> str:
+        return self.resource
+
+    @property
+    def resource(self) -> str:
+        """The Dask resource a stage task of the pool requires: ``"stage:model"``."""
+        return f"{self.stage}:{self.model}"
+
+    @classmethod
+    def parse(cls, text: str) -> Pool:
+        """The pool written ``"stage:model"``; ``ValueError`` for anything else."""
+        stage, sep, model = text.partition(":")
+        if not sep or stage not in WORKER_STAGES or not model:
+            raise ValueError(
+                f"a pool is written 'stage:model' with stage one of "
+                f"{', '.join(WORKER_STAGES)}, got {text!r}"
+            )
+        return cls(stage, model)
+
+
+def stage_resources(pool: Pool, slots: int) -> dict[str, float]:
+    """The Dask resources a worker serving ``pool`` with ``slots`` concurrent
+    tasks advertises: the stage's and the pool's."""
+    return {pool.stage: slots, pool.resource: slots}
+
+
+def task_resources(pool: Pool) -> dict[str, float]:
+    """The Dask resources one stage task of ``pool`` requires."""
+    return stage_resources(pool, 1)
+
+
+def task_pool(annotations: Mapping[str, Any] | None) -> Pool | None:
+    """The pool of a stage task, from its annotations (``None``: not dflow's)."""
+    info = (annotations or {}).get("dflow")
+    if not info:
+        return None
+    return Pool(info["stage"], info["model"])
+
+
+def task_features(annotations: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request features a stage task was annotated with."""
+    return dict(((annotations or {}).get("dflow") or {}).get("features", {}))

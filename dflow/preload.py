@@ -1,7 +1,7 @@
 """Scheduler preload: ``dask scheduler --preload dflow.preload``.
 
-Installs dflow's scheduler extension (pools, request bookkeeping) and the parts
-that hang off it. Also set through dask config::
+Puts dflow on the scheduler (:func:`dflow.plugins.install.install`) and its
+pages on the scheduler's dashboard. Also set through dask config::
 
     distributed:
       scheduler:
@@ -10,16 +10,11 @@ that hang off it. Also set through dask config::
 
 from __future__ import annotations
 
-import logging
-
 from distributed.scheduler import Scheduler
 
 from dflow import dashboards
-from dflow.plugins.elastic import ElasticController
 from dflow.plugins.extension import DflowExtension
-from dflow.plugins.telemetry import Telemetry
-
-logger = logging.getLogger(__name__)
+from dflow.plugins.install import install
 
 # At import, not in dask_setup: Scheduler.__init__ imports its preload modules and
 # then builds the dashboard's Bokeh server from distributed's table of pages, all
@@ -27,14 +22,6 @@ logger = logging.getLogger(__name__)
 dashboards.register()
 
 
-def dask_setup(scheduler: Scheduler) -> None:
-    from dflow.protocol import register_serializers
-
-    register_serializers()
-    if "dflow" in scheduler.plugins:
-        return
-    extension = DflowExtension()
-    scheduler.add_plugin(extension)
-    scheduler.add_plugin(Telemetry(extension))
-    scheduler.add_plugin(ElasticController(extension))
-    logger.info("dflow scheduler extension installed")
+async def dask_setup(scheduler: Scheduler) -> None:
+    if DflowExtension.name not in scheduler.plugins:
+        await install(scheduler)

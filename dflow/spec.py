@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("encoder", "dit", "vae")
+from dflow.pools import STAGES as STAGES  # a request's chain: one home, dflow.pools
 
 
 @dataclass(frozen=True)

@@ -427,3 +427,150 @@ def wait_for_pools(
 def _ask(client: Client, handler: str) -> Any:
     """The answer of one of dflow's scheduler handlers."""
     return client.sync(getattr(client.scheduler, handler))
+
+
+# -- elastic fleets: the scheduler's view of its workers, through dflow's handlers ----
+
+
+def elastic(client: Client, **settings: Any) -> dict[str, Any]:
+    """The elastic controller's settings (``dflow_elastic``), after changing
+    those given (``enabled``, ``actuator``); ``switching`` maps the workers
+    being switched to their pool."""
+    return _call(client, "dflow_elastic", **settings)
+
+
+@contextlib.contextmanager
+def controller_on(client: Client) -> Iterator[None]:
+    """The elastic controller on, for the block."""
+    elastic(client, enabled=True)
+    try:
+        yield
+    finally:
+        elastic(client, enabled=False)
+
+
+def fleet_workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Each dflow worker's record by name (``dflow_workers``), with
+    ``switching``: whether the controller is switching it."""
+    switching = elastic(client)["switching"]
+    return {
+        r["name"]: {**r, "switching": r["address"] in switching}
+        for r in _call(client, "dflow_workers")
+    }
+
+
+def fleet_layout(client: Client) -> dict[str, str | None]:
+    """Worker name -> the stage it serves (a switching worker's old stage while
+    it drains, its new one from when it loads)."""
+    return {name: w["stage"] for name, w in fleet_workers(client).items()}
+
+
+def fleet_settled(client: Client) -> bool:
+    """Every worker ready, none being switched."""
+    return all(
+        w["state"] == "ready" and not w["switching"]
+        for w in fleet_workers(client).values()
+    )
+
+
+def decisions(client: Client) -> list[dict[str, Any]]:
+    """The elastic controller's decisions, oldest first, pools as ``[stage,
+    model]`` lists (``None``: no pool) as ``dflow.status`` gives them."""
+    return [
+        {
+            **d,
+            "source": d["source"] and list(d["source"]),
+            "target": d["target"] and list(d["target"]),
+        }
+        for d in _call(client, "dflow_decisions")
+    ]
+
+
+def dflow_events(client: Client, action: str) -> list[tuple[float, dict[str, Any]]]:
+    """(time, event) of the scheduler's dflow events of ``action``
+    (``"worker-ready"``, ``"repinned"``, ...)."""
+    return [
+        (t, event)
+        for t, event in client.get_events("dflow")
+        if event.get("action") == action
+    ]
+
+
+def move(client: Client, worker: str, stage: str, model: str, reason: str) -> None:
+    """Switch ``worker`` (name or address) to ``stage`` of ``model`` now."""
+    _call(
+        client,
+        "dflow_move",
+        worker=worker,
+        pool=f"{stage}:{model}",
+        reason=reason,
+    )
+
+
+def set_roles(
+    client: Client,
+    roles: Mapping[str, str],
+    model: str,
+    *,
+    reason: str,
+    cooldown: float = 0.0,
+    timeout: float = 300.0,
+) -> list[str]:
+    """Switch the workers whose stage differs from ``roles`` (name -> stage);
+    wait until every worker serves its stage, then out the moved workers'
+    ``cooldown``. Returns the moved workers."""
+    poll(lambda: fleet_settled(client), timeout, "no switch in progress")
+    moved = [n for n, stage in fleet_layout(client).items() if roles[n] != stage]
+    for name in moved:
+        move(client, name, roles[name], model, reason)
+    poll(
+        lambda: fleet_settled(client) and fleet_layout(client) == dict(roles),
+        timeout,
+        f"the layout {dict(roles)}",
+    )
+    if moved:
+        time.sleep(cooldown)
+    return moved
+
+
+def set_layout(
+    client: Client,
+    counts: Mapping[str, int],
+    model: str,
+    *,
+    reason: str,
+    cooldown: float = 0.0,
+    timeout: float = 300.0,
+) -> dict[str, str]:
+    """Workers per stage as ``counts``, moving as few workers as possible;
+    returns each worker's stage."""
+    poll(lambda: fleet_settled(client), timeout, "no switch in progress")
+    roles = {n: str(s) for n, s in fleet_layout(client).items()}
+    by_stage: dict[str, list[str]] = {}
+    for name in sorted(roles):
+        by_stage.setdefault(roles[name], []).append(name)
+    spare = [n for s, names in by_stage.items() for n in names[counts.get(s, 0) :]]
+    for stage, count in counts.items():
+        for _ in range(count - len(by_stage.get(stage, []))):
+            roles[spare.pop(0)] = stage
+    set_roles(client, roles, model, reason=reason, cooldown=cooldown, timeout=timeout)
+    return roles
+
+
+def emulated_predictor(gpu_types: Iterable[str] = ("h200",)) -> Any:
+    """A :class:`~dflow.predictor.Predictor` pricing every pool on ``gpu_types``
+    as the emulated backend charges it, in wall seconds at its time scale (what
+    a controller of an emulated fleet observes)."""
+    from dflow.emulation import cost_model, time_scale
+    from dflow.predictor import Predictor
+
+    return Predictor(
+        {**row, "seconds": row["seconds"] * time_scale()}
+        for gpu_type in gpu_types
+        for row in cost_model().rows_for(gpu_type)
+    )
+
+
+def _call(client: Client, handler: str, **kwargs: Any) -> Any:
+    """The answer of one of dflow's scheduler handlers, called with ``kwargs``."""
+    return client.sync(getattr(client.scheduler, handler), **kwargs)

@@ -2,8 +2,8 @@
 
 ``dflow-worker SCHEDULER --stage dit --model NAME`` starts one Nanny per GPU (each
 with its own ``CUDA_VISIBLE_DEVICES``, as ``dask cuda worker`` does), or one CPU
-worker on a machine without GPUs. Each worker process runs a
-:class:`StagePlugin`: it loads and warms up the stage model, then advertises the
+worker on a machine without GPUs; their options come from
+:mod:`dflow.worker_options`. Each worker process runs a :class:`StagePlugin`: it loads and warms up the stage model, then advertises the
 stage as Dask resources (``{"dit": 1, "dit:<model>": 1}``) and publishes its GPU
 type, memory and model to dflow's scheduler extension. Until then the worker has
 no stage resource, so no request waits on a cold load.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from typing import Any
 
@@ -25,17 +24,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import dflow.config  # noqa: F401
 from dflow import backend
 from dflow import runtime as runtimes
-from dflow.pools import pool_resource
-from dflow.spec import STAGES
+from dflow.pools import WORKER_STAGES, Pool, stage_resources
 
 logger = logging.getLogger(__name__)
-
-WORKER_STAGES = (*STAGES, "all")
-
-
-def stage_resources(stage: str, model: str, slots: int) -> dict[str, float]:
-    """The Dask resources a worker serving ``stage`` of ``model`` advertises."""
-    return {stage: slots, pool_resource(stage, model): slots}
 
 
 def stage_slots(stage: str) -> int:
@@ -106,12 +97,12 @@ class StagePlugin(WorkerPlugin):
         assert self.worker is not None
         if self.runtime is None:
             return []
-        resource = pool_resource(self.runtime.stage, self.runtime.model)
-        await self.worker.set_resources(**{self.runtime.stage: 0, resource: 0})
+        pool = Pool(self.runtime.stage, self.runtime.model)
+        await self.worker.set_resources(**stage_resources(pool, 0))
         await self._report(
             "draining", stage=self.runtime.stage, model=self.runtime.model
         )
-        return self._running(resource)
+        return self._running(pool.resource)
 
     async def reassign(self, stage: str, model: str) -> str:
         """Switch to ``stage`` of ``model`` once running tasks finish (in the
@@ -122,7 +113,7 @@ class StagePlugin(WorkerPlugin):
     async def _switch(self, stage: str, model: str) -> None:
         if self.runtime is not None:
             old = self.runtime
-            resource = pool_resource(old.stage, old.model)
+            resource = Pool(old.stage, old.model).resource
             while self._running(resource):
                 await asyncio.sleep(0.05)
             runtimes.uninstall(old.model, old.stage)
@@ -153,7 +144,7 @@ class StagePlugin(WorkerPlugin):
             return
         runtimes.install(runtime)
         self.runtime = runtime
-        resources = stage_resources(stage, runtime.model, stage_slots(stage))
+        resources = stage_resources(Pool(stage, runtime.model), stage_slots(stage))
         await worker.set_resources(**resources)
         await self._report(
             "ready",
@@ -202,66 +193,6 @@ class StagePlugin(WorkerPlugin):
         if self.runtime is not None:
             runtimes.uninstall(self.runtime.model, self.runtime.stage)
             self.runtime.close()
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` or all devices."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g for g in visible.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def worker_name(stage: str, gpu: str | None) -> str:
-    host = socket.gethostname()
-    if gpu is None:
-        return f"{stage}-{host}-cpu-{os.getpid()}"
-    return f"{stage}-{host}-gpu{gpu}"
-
-
-def cuda_visible_devices(gpus: list[str], index: int) -> str:
-    """The GPU list rotated so that GPU ``index`` comes first (as dask-cuda does)."""
-    return ",".join(gpus[index:] + gpus[:index])
-
-
-def nanny_specs(
-    stage: str,
-    model: str,
-    gpus: list[str] | None,
-    gpu_type: str = "auto",
-    name: str | None = None,
-    nthreads: int | None = None,
-    resources: dict[str, float] | None = None,
-) -> list[dict[str, Any]]:
-    """Keyword arguments of the Nannies of one ``dflow-worker`` process: one per
-    GPU in ``gpus`` (``None``: every visible GPU), or a single CPU worker."""
-    if gpus is None:
-        gpus = visible_gpus()
-    slots = stage_slots(stage)
-    placements: list[str | None] = list(gpus) or [None]
-    specs = []
-    for i, gpu in enumerate(placements):
-        env = (
-            {}
-            if gpu is None
-            else {"CUDA_VISIBLE_DEVICES": cuda_visible_devices(gpus, i)}
-        )
-        if name:
-            label = name if len(placements) == 1 else f"{name}-{i}"
-        else:
-            label = worker_name(stage, gpu)
-        specs.append(
-            {
-                "name": label,
-                "nthreads": nthreads or slots,
-                "env": env,
-                "resources": resources,
-                "plugins": {StagePlugin(stage, model, gpu_type)},
-            }
-        )
-    return specs
 
 
 async def run_nannies(

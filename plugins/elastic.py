@@ -1,137 +1,86 @@
 """The elastic controller: how many workers serve each pool follows the load.
 
-Every ``dflow.elastic.interval`` the controller prices the demand of each pool
-(a stage of a model) from telemetry and the predictor, asks the planner
-(:func:`dflow.planner.plan`, a pure function) for a target assignment, and
-applies the planner's moves by switching idle workers' roles:
+Every ``dflow.elastic.interval`` the controller
 
-1. *drain*: the worker's pool resources drop to zero, on the worker and the
-   scheduler, so none of its queued tasks starts there any more;
-2. the pool's tasks queued on the worker (placed but not running) go back to the
-   scheduler, which places them on the pool's other workers;
-3. the running task finishes; the worker unloads the old model, loads and warms
-   up the new one, and advertises its new resources; tasks that waited for that
-   pool are then placed (the scheduler does not re-examine them on a resource
-   change by itself).
+1. *observes* the scheduler into an :class:`~dflow.plugins.pricing.Observation`
+   (workers, and per pool the work owed, arrivals and observed times);
+2. *prices* each pool's demand from it and the predictor (pure functions of
+   :mod:`dflow.plugins.pricing`);
+3. *plans*: :func:`dflow.planner.plan` (a pure function) assigns workers to
+   pools, and each pool gets a target size at the target utilization;
+4. *acts* through its :class:`~dflow.plugins.actuators.Actuator`, chosen by
+   ``dflow.elastic.actuator``: switching workers' roles on a fixed fleet, or
+   sizing pools for a cluster manager that grows and shrinks them.
 
-The worker process lives throughout, so the intermediates it holds (embeddings
-and latents other stages still need) stay where they are: no request loses
-data in a switch.
+Its settings and an operator's moves go through scheduler handlers:
+``dflow_elastic`` (on or off, the actuator), ``dflow_move`` (switch a worker
+now), ``dflow_plan`` (the plan it would make now, applied to nothing),
+``dflow_pool_targets`` and ``dflow_pool_sizes`` (what pools need, what a
+growing cluster should scale them to).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
-import math
-import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Any
 
+from tornado.ioloop import PeriodicCallback
+
 import dask.config
-from dask.typing import Key
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
-from distributed.scheduler import Scheduler, TaskStateState
+from distributed.scheduler import Scheduler
 
-from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
-from dflow.plugins.extension import DflowExtension, _periodic, _pool_of
-from dflow.predictor import Predictor, load_profile, shipped_rows
+from dflow.planner import Plan, PlannerWorker, PoolCost
+from dflow.plugins.actuators import ACTUATORS, Actuator, ClusterScaler, RoleSwitcher
+from dflow.plugins.extension import TOPIC, Decision, DflowExtension
+from dflow.plugins.predictions import Predictions
+from dflow.plugins.pricing import (
+    Memory,
+    Observation,
+    PoolView,
+    Settings,
+    WorkerView,
+    plan_pools,
+    target_sizes,
+)
+from dflow.plugins.telemetry import Telemetry
+from dflow.pools import Pool, task_features, task_pool
 
 logger = logging.getLogger(__name__)
 
-Pool = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One applied move and why."""
-
-    time: float
-    worker: str
-    source: Pool | None
-    target: Pool | None
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "time": self.time,
-            "worker": self.worker,
-            "source": list(self.source) if self.source else None,
-            "target": list(self.target) if self.target else None,
-            "reason": self.reason,
-        }
-
-
-class RoleSwitcher:
-    """Switches a worker from its pool to another: drain, requeue, reload."""
-
-    def __init__(self, scheduler: Scheduler, extension: DflowExtension):
-        self.scheduler = scheduler
-        self.extension = extension
-        #: workers being switched and their target pool
-        self.switching: dict[str, Pool] = {}
-
-    async def switch(self, address: str, target: Pool) -> None:
-        record = self.extension.workers.get(address)
-        if record is None or address in self.switching:
-            return
-        self.switching[address] = target
-        try:
-            source = record.pool
-            running = set(await self.scheduler.rpc(address).dflow_drain())
-            self.requeue(address, source, running)
-            await self.scheduler.rpc(address).dflow_assign(
-                stage=target[0], model=target[1]
-            )
-        except Exception:
-            logger.exception("Switching %s to %s failed", address, target)
-            self.switching.pop(address, None)
-            raise
-
-    def requeue(self, address: str, pool: Pool | None, running: set[str]) -> None:
-        """Send the pool's tasks placed on ``address`` but not running back to the
-        scheduler, which places them on the pool's other workers."""
-        ws = self.scheduler.workers.get(address)
-        if ws is None or pool is None:
-            return
-        queued: dict[Key, TaskStateState] = {
-            ts.key: "released"
-            for ts in ws.processing
-            if _pool_of(ts) == pool and ts.key not in running
-        }
-        if queued:
-            self.scheduler.transitions(
-                queued, stimulus_id=f"dflow-requeue-{time.time()}"
-            )
-
-    def finished(self, address: str) -> None:
-        """The worker reported ready (or left): its switch is over."""
-        self.switching.pop(address, None)
+#: task states whose work is still owed
+OWED = ("waiting", "no-worker", "queued", "processing")
+#: worker states the controller plans with
+PLANNED_STATES = ("ready", "loading", "draining", "failed")
 
 
 class ElasticController(SchedulerPlugin):
-    """Scheduler-side control loop: telemetry -> predictor -> planner -> switches.
+    """Scheduler-side control loop: observe -> price -> plan -> act.
 
-    Configured under ``dflow.elastic`` (``enabled``, ``interval``) and
-    ``dflow.planner`` (horizon, cooldown, hysteresis, min and max per pool).
+    Configured under ``dflow.elastic`` (``enabled``, ``interval``, ``actuator``)
+    and ``dflow.planner`` (horizon, cooldown, hysteresis, min and max per pool).
     """
 
     name = "dflow-elastic"
 
-    def __init__(self, extension: DflowExtension, predictor: Any = None):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        extension: DflowExtension,
+        telemetry: Telemetry,
+        predictions: Predictions,
+        actuator: Actuator,
+    ):
+        self.scheduler = scheduler
         self.extension = extension
-        self.predictor = predictor
-        self.scheduler: Scheduler | None = None
-        self.switcher: RoleSwitcher | None = None
+        self.telemetry = telemetry
+        self.predictions = predictions
+        self.actuator = actuator
         self.enabled = bool(dask.config.get("dflow.elastic.enabled"))
-        self._decisions: deque[Decision] = deque(
-            maxlen=dask.config.get("dflow.scheduler.history")
-        )
         #: last plan's summary, for status and dashboards
         self.last_plan: dict[str, Any] = {}
         #: time of each worker's last move (planner cooldown)
@@ -144,7 +93,7 @@ class ElasticController(SchedulerPlugin):
         #: until when a move from one pool to another bars the way back, per
         #: (source, target): the mover's ready time (a cooldown when unpriced)
         self.flows: dict[tuple[Pool, Pool], float] = {}
-        #: the last plan's workers and pool costs, which ``apply`` times moves by
+        #: the last plan's workers and pool costs, which moves are timed by
         self._planned: dict[str, PlannerWorker] = {}
         self._costs: dict[Pool, PoolCost] = {}
         self._step_seconds: deque[float] = deque(maxlen=1000)
@@ -155,415 +104,288 @@ class ElasticController(SchedulerPlugin):
             dask.config.get("dflow.predictor.refit-interval")
         )
         self._refitted = time.time()
-        self._tasks: set[asyncio.Task] = set()
 
     async def start(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self.switcher = RoleSwitcher(scheduler, self.extension)
-        self.extension.elastic = self
-        scheduler.handlers["dflow_pool_targets"] = self.pool_targets
-        if self.predictor is None:
-            # Seeding imports torch and diffusers and resolves the real-size
-            # presets: seconds, so off the event loop; until it is done the
-            # controller prices pools by their observed service times. A daemon
-            # thread, so closing the scheduler does not wait for it.
-            loop = asyncio.get_running_loop()
-            threading.Thread(
-                target=self._seed_predictor, args=(loop,), daemon=True
-            ).start()
+        scheduler.handlers.update(
+            {
+                "dflow_elastic": self.configure,
+                "dflow_move": self.move,
+                "dflow_plan": self.dry_run,
+                "dflow_pool_targets": self.pool_targets,
+                "dflow_pool_sizes": self.pool_sizes,
+            }
+        )
         interval = parse_timedelta(dask.config.get("dflow.elastic.interval"))
-        scheduler.periodic_callbacks["dflow-elastic"] = pc = _periodic(
-            self.step, interval
+        scheduler.periodic_callbacks["dflow-elastic"] = pc = PeriodicCallback(
+            self.step, interval * 1000
         )
         pc.start()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        if isinstance(self.actuator, RoleSwitcher):
+            self.actuator.cancel()
 
-    def _seed_predictor(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            predictor = default_predictor()
-        except Exception:
-            logger.exception("No stage-cost predictor; pricing by observed times")
+    # -- events ----------------------------------------------------------------------
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != TOPIC or msg.get("action") not in ("worker-ready", "worker-failed"):
             return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self._use_predictor, predictor)
-
-    def _use_predictor(self, predictor: Predictor) -> None:
-        self.predictor = predictor
-        if self.telemetry is not None:
-            self.telemetry.predictor = predictor
+        self.actuator.finished(msg["address"])
+        if msg["pool"] is not None and msg.get("load_seconds") is not None:
+            self.load_seconds[Pool.parse(msg["pool"]), msg["gpu_type"]] = msg[
+                "load_seconds"
+            ]
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
-        if self.switcher is not None:
-            self.switcher.finished(worker)
+        self.actuator.finished(worker)
         self.ready_at.pop(worker, None)
 
-    def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
-        """Applied moves, oldest first (the ``last`` ones if given)."""
-        decisions = list(self._decisions)[-last:] if last else self._decisions
-        return [d.to_dict() for d in decisions]
+    # -- handlers --------------------------------------------------------------------
 
-    def worker_ready(
-        self, address: str, pool: Pool | None, gpu_type: str, seconds: float | None
-    ) -> None:
-        """The extension heard a worker report ready (or failed)."""
-        if self.switcher is not None:
-            self.switcher.finished(address)
-        if pool is not None and seconds is not None:
-            self.load_seconds[pool, gpu_type] = seconds
+    def configure(
+        self, enabled: bool | None = None, actuator: str | None = None, **scale: Any
+    ) -> dict[str, Any]:
+        """Turn the controller on or off and choose its actuator; returns the
+        settings now and the workers being switched (address -> pool).
+        ``scale`` (``minimum``, ``maximum``, ``wait``, ``utilization``) sets how
+        the ``scale-pools`` actuator sizes pools."""
+        if enabled is not None:
+            self.enabled = bool(enabled)
+        if (actuator is not None and actuator != self.actuator.kind) or scale:
+            self.actuator = make_actuator(
+                actuator or self.actuator.kind, self.scheduler, self.extension, **scale
+            )
+        return {
+            "enabled": self.enabled,
+            "actuator": self.actuator.kind,
+            "switching": {a: str(p) for a, p in self.actuator.switching.items()},
+        }
+
+    def move(self, worker: str, pool: str, reason: str = "operator") -> None:
+        """Switch ``worker`` (address or name) to ``pool`` (``"stage:model"``) now,
+        whatever the plan: an operator's move, recorded as a decision."""
+        if not isinstance(self.actuator, RoleSwitcher):
+            raise ValueError(
+                f"moving workers needs the switch-roles actuator, not "
+                f"{self.actuator.kind} (dflow_elastic(actuator='switch-roles'))"
+            )
+        address = next(
+            (a for a, r in self.extension.workers.items() if worker in (a, r.name)),
+            None,
+        )
+        if address is None:
+            raise ValueError(f"worker {worker!r} is not one of dflow's workers")
+        source, target = self.extension.workers[address].pool, Pool.parse(pool)
+        if not self.actuator.start(address, target):
+            raise ValueError(f"worker {worker!r} is being switched already")
+        self.record(address, source, target, reason)
+
+    def dry_run(self) -> dict[str, Any]:
+        """The plan the controller would make now, applying nothing: its moves
+        (pools as ``"stage:model"``; ``None``: no pool) and its summary."""
+        settings = self.settings()
+        memory = Memory(self.moved, self.ready_at, self.flows)
+        step = plan_pools(
+            self.observe(time.time(), settings),
+            self.predictions.predictor,
+            memory,
+            settings,
+        )
+        moves = step.plan.moves if step.plan is not None else []
+        return {
+            **step.summary,
+            "moves": [
+                {
+                    "worker": m.worker,
+                    "source": _text(m.source),
+                    "target": _text(m.target),
+                    "reason": m.reason,
+                }
+                for m in moves
+            ],
+        }
+
+    def pool_targets(self, utilization: float | None = None) -> dict[str, int]:
+        """Workers each pool (``"stage:model"``) needs to run at ``utilization``
+        (default ``dflow.elastic.target-utilization``) over the horizon."""
+        settings = self.settings()
+        observation = self.observe(time.time(), settings)
+        targets = self.targets(observation, settings, utilization)
+        return {str(pool): n for pool, n in targets.items()}
+
+    def pool_sizes(self) -> dict[str, int]:
+        """Sizes (``"stage:model"``) a growing cluster should scale its pools to,
+        under the ``scale-pools`` actuator (empty under ``switch-roles``)."""
+        if not isinstance(self.actuator, ClusterScaler):
+            return {}
+        return {str(pool): n for pool, n in self.actuator.sizes.items()}
+
+    # -- the control step --------------------------------------------------------------
 
     def step(self) -> None:
-        """One control interval: plan and apply."""
+        """One control interval: observe, price, plan, act."""
         if not self.enabled:
             return
         start, cpu = time.perf_counter(), time.thread_time()
-        plan = self.plan()
+        settings = self.settings()
+        observation = self.observe(time.time(), settings)
+        result = self.plan(observation, settings)
+        targets = (
+            self.targets(observation, settings, self.actuator.utilization)
+            if isinstance(self.actuator, ClusterScaler)
+            else {}
+        )
         self._step_seconds.append(time.perf_counter() - start)
         self._step_cpu_seconds.append(time.thread_time() - cpu)
-        if plan is None:
-            return
-        for move in plan.moves:
-            if move.target is not None:
-                self.apply(move.worker, move.source, move.target, move.reason)
-        if (
-            self.predictor is not None
-            and time.time() - self._refitted > self.refit_every
-        ):
-            self.predictor.refit()
+        for move in self.actuator.act(result, targets):
+            self.record(move.worker, move.source, move.target, move.reason)
+        if time.time() - self._refitted > self.refit_every:
+            self.predictions.refit()
             self._refitted = time.time()
 
-    def apply(
-        self, address: str, source: Pool | None, target: Pool, reason: str
+    def settings(self) -> Settings:
+        """The settings of a step: config now, telemetry's window."""
+        return dataclasses.replace(Settings.from_config(), window=self.telemetry.window)
+
+    def observe(self, now: float, settings: Settings) -> Observation:
+        """The scheduler, read into the plain data the pricing functions take."""
+        scheduler, telemetry = self.scheduler, self.telemetry
+        switching = self.actuator.switching
+        workers = []
+        for address, record in self.extension.workers.items():
+            ws = scheduler.workers.get(address)
+            if ws is None or record.state not in PLANNED_STATES:
+                continue
+            running = max(ws.executing.values(), default=None)
+            if running is not None:
+                running += max(0.0, now - ws.last_seen)
+            workers.append(
+                WorkerView(
+                    address=address,
+                    name=record.name,
+                    state=record.state,
+                    pool=record.pool,
+                    gpu_type=record.gpu_type,
+                    memory=record.memory,
+                    busy=bool(ws.processing),
+                    running_s=running,
+                    moving_to=switching.get(address),
+                )
+            )
+        owed: Counter[Pool] = Counter()
+        newest: dict[Pool, dict[str, Any]] = {}
+        for ts in scheduler.tasks.values():
+            if ts.state in OWED and (pool := task_pool(ts.annotations)) is not None:
+                owed[pool] += 1
+                newest[pool] = task_features(ts.annotations)
+        waiting: Counter[Pool] = Counter(
+            pool
+            for ts in scheduler.unrunnable
+            if (pool := task_pool(ts.annotations)) is not None
+        )
+        long_window = max(settings.window, settings.horizon)
+        pools = {}
+        for pool in telemetry.pools() | {w.pool for w in workers if w.pool} | set(owed):
+            recent = telemetry.recent.get(pool)
+            spec = self.extension.specs.get(pool.model, {})
+            pools[pool] = PoolView(
+                owed=owed[pool],
+                newest=newest.get(pool),
+                recent=recent[-1] if recent else None,
+                observed_s=telemetry.service.get(pool),
+                rate=telemetry.arrival_rate(pool, settings.window),
+                long_rate=telemetry.arrival_rate(pool, long_window),
+                waiting=waiting[pool],
+                weight_bytes=int(spec.get("weight_bytes", {}).get(pool.stage, 0)),
+            )
+        return Observation(now, tuple(workers), pools, dict(self.load_seconds))
+
+    def plan(self, observation: Observation, settings: Settings) -> Plan | None:
+        """The planner's plan for the observed fleet and demand (None: no fleet,
+        or the demand of a served pool cannot be priced yet)."""
+        memory = Memory(self.moved, self.ready_at, self.flows)
+        step = plan_pools(observation, self.predictions.predictor, memory, settings)
+        if step.summary:
+            self.last_plan = step.summary
+        if step.plan is not None:
+            self._planned, self._costs = dict(step.workers), dict(step.costs)
+        return step.plan
+
+    def targets(
+        self,
+        observation: Observation,
+        settings: Settings,
+        utilization: float | None = None,
+    ) -> dict[Pool, int]:
+        """Workers each pool needs at ``utilization`` over the horizon."""
+        return target_sizes(
+            observation, self.predictions.predictor, settings, utilization
+        )
+
+    def record(
+        self, address: str, source: Pool | None, target: Pool | None, reason: str
     ) -> None:
-        assert self.switcher is not None
+        """A move starts: time it for the next plans and keep it as a decision."""
         now = time.time()
         self.moved[address] = now
-        planned, cost = self._planned.get(address), self._costs.get(target)
+        planned = self._planned.get(address)
+        cost = self._costs.get(target) if target is not None else None
         if planned is not None and cost is not None:
             switch = cost.switch_seconds.get(planned.gpu_type, 0.0)
             self.ready_at[address] = now + planned.drain_seconds + switch
-        if source is not None:
+        if source is not None and target is not None:
             cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))
             until = self.ready_at.get(address, now + cooldown)
             previous = self.flows.get((source, target), 0.0)
             self.flows[source, target] = max(previous, until)
         record = self.extension.workers.get(address)
         name = record.name if record else address
-        self._decisions.append(Decision(now, name, source, target, reason))
+        self.extension.record_decision(Decision(now, name, source, target, reason))
         logger.info("Switching %s from %s to %s: %s", name, source, target, reason)
-        task = asyncio.ensure_future(self.switcher.switch(address, target))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def plan(self) -> Plan | None:
-        """The planner's plan for the current fleet and demand (None: no fleet, or
-        the demand of a pool cannot be priced yet)."""
-        assert self.scheduler is not None and self.switcher is not None
-        now = time.time()
-        workers = self.planner_workers(now)
-        if not workers:
-            return None
-        served = {w.pool for w in workers if w.pool is not None}
-        pools = set(served)
-        # pools nobody serves enter the plan only while they have work
-        pools |= {
-            p
-            for p in self.telemetry.pools()
-            if p[0] != "all"
-            and (self.telemetry.arrival_rate(p) or self.telemetry.queue(p))
-        }
-        reference = Counter(w.gpu_type for w in workers).most_common(1)[0][0]
-        gpu_types = {w.gpu_type for w in workers}
-        owed, newest = self.owed_work()
-        prices = {
-            pool: self.price(pool, reference, gpu_types, self.features(pool, newest))
-            for pool in pools
-        }
-        # A served pool that owes work it cannot price (no profile covers it and
-        # none of its tasks has finished) has unknown demand, not none: planning
-        # without it would give its workers to the pools that are priced.
-        unpriced = sorted(p for p in served if owed[p] and not prices[p].seconds)
-        if unpriced:
-            self.last_plan = {
-                "time": now,
-                "utilization": {},
-                "bottleneck": None,
-                "feasible": True,
-                "reason": "no move: waiting for a first service time of "
-                + ", ".join(f"{stage} of {model}" for stage, model in unpriced),
-            }
-            return None
-        costs = {pool: price.cost for pool, price in prices.items()}
-        demands = self.demands(prices, owed)
-        workers = [
-            self.barring(self.timing(self.dwelling(w, prices), prices, now), now)
-            for w in workers
-        ]
-        self._planned, self._costs = {w.name: w for w in workers}, costs
-        # below the target utilization every pool keeps up: no move pays then
-        target = float(dask.config.get("dflow.elastic.target-utilization"))
-        result = plan(workers, demands, costs, now=now, target_utilization=target)
-        self.last_plan = {
-            "time": now,
-            "utilization": {"/".join(p): u for p, u in result.utilization.items()},
-            "bottleneck": list(result.bottleneck) if result.bottleneck else None,
-            "feasible": result.feasible,
-            "reason": result.reason,
-        }
-        return result
-
-    def planner_workers(self, now: float) -> list[PlannerWorker]:
-        """The fleet as the planner sees it; workers loading or switching stay put."""
-        assert self.scheduler is not None and self.switcher is not None
-        workers = []
-        for address, record in self.extension.workers.items():
-            ws = self.scheduler.workers.get(address)
-            if ws is None or record.state not in (
-                "ready",
-                "loading",
-                "draining",
-                "failed",
-            ):
-                continue
-            pool = self.switcher.switching.get(address, record.pool)
-            if record.state == "failed":
-                pool = None
-            settling = record.state != "ready" or address in self.switcher.switching
-            workers.append(
-                PlannerWorker(
-                    name=address,
-                    gpu_type=record.gpu_type,
-                    memory_bytes=record.memory,
-                    pool=pool,
-                    busy=bool(ws.processing),
-                    last_move=now if settling else self.moved.get(address),
-                )
-            )
-        return workers
-
-    def dwelling(
-        self, worker: PlannerWorker, prices: dict[Pool, Price]
-    ) -> PlannerWorker:
-        """``worker`` with its cooldown stretched to ``dflow.elastic.dwell`` of its
-        pool's requests: a worker that moved serves its new pool at least that
-        many requests' time before it may move again, so pools of long requests
-        (a video on a slow card takes minutes) do not trade workers back and
-        forth faster than either can use them."""
-        if worker.last_move is None or worker.pool not in prices:
-            return worker
-        price = prices[worker.pool]
-        speed = price.cost.speeds.get(worker.gpu_type) or 1.0
-        dwell = float(dask.config.get("dflow.elastic.dwell")) * price.seconds / speed
-        cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))
-        if dwell <= cooldown:
-            return worker
-        return dataclasses.replace(
-            worker, last_move=worker.last_move + dwell - cooldown
-        )
-
-    def barring(self, worker: PlannerWorker, now: float) -> PlannerWorker:
-        """``worker`` barred from the pools that gave its pool a worker whose
-        move has not taken effect yet (it still drains or loads). The mover
-        itself is in cooldown, but its new pool's other workers are not:
-        without this, a swing of demand shorter than the requests sends one
-        worker there and, a plan later, another back, each paying a drain and a
-        load before it serves; by the time either serves, the swing has passed.
-        Once the mover serves, the way back opens: a real reversal (a burst
-        of the other kind) is followed without waiting out a cooldown."""
-        if worker.pool is None:
-            return worker
-        barred = frozenset(
-            source
-            for (source, target), until in self.flows.items()
-            if target == worker.pool and now < until
-        )
-        return dataclasses.replace(worker, barred=barred) if barred else worker
-
-    def timing(
-        self, worker: PlannerWorker, prices: dict[Pool, Price], now: float
-    ) -> PlannerWorker:
-        """``worker`` with how long a move would take it: a worker still moving
-        serves its new pool only once its drain and load are done
-        (``ready_in``, as the plan that moved it priced them); a busy worker
-        must first finish its running task (``drain_seconds``: that task's
-        predicted time on the worker less the time it has run, as of the
-        worker's last heartbeat; a whole task when it started since). So the
-        planner weighs a move's gain against the drain as well as the load,
-        and, the step after, sees the mover as the plan that moved it did."""
-        assert self.scheduler is not None and self.switcher is not None
-        record = self.extension.workers.get(worker.name)
-        if record is None or worker.pool is None:
-            return worker
-        if record.state != "ready" or worker.name in self.switcher.switching:
-            ready_in = self.ready_at.get(worker.name, now) - now
-            return dataclasses.replace(worker, ready_in=max(0.0, ready_in))
-        ws = self.scheduler.workers.get(worker.name)
-        price = prices.get(worker.pool)
-        if ws is None or not ws.processing or price is None or not price.seconds:
-            return worker
-        speed = price.cost.speeds.get(worker.gpu_type) or 1.0
-        service = price.seconds / speed
-        ran = max(ws.executing.values(), default=None)
-        if ran is None:
-            return dataclasses.replace(worker, drain_seconds=service)
-        ran += max(0.0, now - ws.last_seen)
-        return dataclasses.replace(worker, drain_seconds=max(0.0, service - ran))
-
-    @property
-    def telemetry(self) -> Any:
-        return self.extension.telemetry
-
-    def service(self, pool: Pool, gpu_type: str, features: dict | None) -> float | None:
-        """Predicted seconds of one task of ``pool`` on ``gpu_type``: the predictor
-        where a profile covers the pool, else the observed average."""
-        stage, model = pool
-        if self.predictor is not None and features:
-            try:
-                return self.predictor.predict(model, stage, gpu_type, features).seconds
-            except LookupError:
-                pass
-        return self.telemetry.service.get(pool)
-
-    def features(self, pool: Pool, newest: dict[Pool, dict]) -> dict | None:
-        """Features to price ``pool`` by: of the newest task it owes (``newest``,
-        from :meth:`owed_work`), else of its most recent finished one. The work
-        ahead is priced by its own requests, so a new mix is priced as itself
-        before its first task finishes."""
-        if pool in newest:
-            return newest[pool]
-        recent = self.telemetry.recent.get(pool)
-        return recent[-1] if recent else None
-
-    def price(
-        self, pool: Pool, reference: str, gpu_types: set[str], features: dict | None
-    ) -> Price:
-        """Service time on the reference GPU type, speeds and memory of a pool,
-        for a request of ``features``."""
-        stage, model = pool
-        base = self.service(pool, reference, features)
-        speeds = {}
-        for gpu_type in gpu_types:
-            seconds = self.service(pool, gpu_type, features) if base else None
-            speeds[gpu_type] = base / seconds if base and seconds else 1.0
-        spec = self.extension.specs.get(model, {})
-        memory = int(spec.get("weight_bytes", {}).get(stage, 0))
-        if self.predictor is not None and features:
-            try:
-                peak = self.predictor.predict(
-                    model, stage, reference, features
-                ).peak_bytes
-            except LookupError:
-                peak = None
-            memory = max(memory, peak or 0)
-        known = [s for (p, _), s in self.load_seconds.items() if p == pool]
-        default = parse_timedelta(dask.config.get("dflow.elastic.default-switch"))
-        switch = {
-            g: self.load_seconds.get((pool, g), max(known, default=default))
-            for g in gpu_types
-        }
-        return Price(
-            seconds=base or 0.0,
-            cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
-        )
-
-    def owed_work(self) -> tuple[Counter[Pool], dict[Pool, dict]]:
-        """Tasks of each pool that requests in flight still owe, and the
-        features of the newest of them, in one pass over the tasks."""
-        assert self.scheduler is not None
-        owed: Counter[Pool] = Counter()
-        newest: dict[Pool, dict] = {}
-        for ts in self.scheduler.tasks.values():
-            if ts.state in OWED and (pool := _pool_of(ts)) is not None:
-                owed[pool] += 1
-                newest[pool] = (ts.annotations or {})["dflow"].get("features", {})
-        return owed, newest
-
-    def demands(
-        self, prices: dict[Pool, Price], owed: Counter[Pool]
-    ) -> dict[Pool, Demand]:
-        """Arrivals times service, plus the work owed by requests in flight."""
-        return {
-            pool: Demand(
-                rate=self.arrival_rate(pool) * price.seconds,
-                backlog=owed[pool] * price.seconds,
-            )
-            for pool, price in prices.items()
-        }
-
-    def arrival_rate(self, pool: Pool) -> float:
-        """Tasks of ``pool`` arriving per second, the forecast for the horizon.
-
-        Counted over the planning horizon (at least the telemetry window): over
-        a short window the randomness of arrivals swings demand, and moves
-        workers. Unless the last telemetry window's count is one the longer
-        window's rate makes unlikely, more than two standard deviations of a
-        Poisson count away from it: then the load has shifted (a phase of a
-        moving mix began or ended), and the recent rate is the better forecast;
-        a long window alone would take half the horizon to see a shift. (At a
-        cold start both read low, which the backlog makes up for; a window cut
-        to a few seconds would read one early request as a torrent.)
-        """
-        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
-        short = self.telemetry.window
-        long = max(short, horizon)
-        recent = self.telemetry.arrival_rate(pool, short)
-        if long <= short:
-            return recent
-        rate = self.telemetry.arrival_rate(pool, long)
-        expected = rate * short
-        if abs(recent * short - expected) > 2 * math.sqrt(max(expected, 1.0)):
-            return recent
-        return rate
-
-    def pool_targets(self, utilization: float | None = None) -> dict[str, int]:
-        """Workers each pool needs to run at ``utilization`` over the horizon: the
-        sizes a cluster manager that can grow pools should scale them to (see
-        :class:`dflow.cluster.PoolAdaptive`). Keys are ``"stage/model"``."""
-        assert self.scheduler is not None
-        if utilization is None:
-            utilization = float(dask.config.get("dflow.elastic.target-utilization"))
-        horizon = parse_timedelta(dask.config.get("dflow.planner.horizon"))
-        workers = self.planner_workers(time.time())
-        pools = {w.pool for w in workers if w.pool is not None} | self.telemetry.pools()
-        reference = (
-            Counter(w.gpu_type for w in workers).most_common(1)[0][0]
-            if workers
-            else "cpu"
-        )
-        owed, newest = self.owed_work()
-        prices = {
-            p: self.price(p, reference, {reference}, self.features(p, newest))
-            for p in pools
-        }
-        targets = {}
-        for pool, demand in self.demands(prices, owed).items():
-            load = demand.rate * horizon + demand.backlog
-            needed = math.ceil(load / (horizon * utilization)) if load else 0
-            targets["/".join(pool)] = needed
-        return targets
 
     def planning_seconds(self, cpu: bool = False) -> list[float]:
-        """Recent control steps' durations (planning only, not the switches):
-        wall seconds, or with ``cpu`` the scheduler thread's CPU seconds."""
+        """Recent control steps' durations (observing and planning, not the
+        switches): wall seconds, or with ``cpu`` the scheduler thread's CPU
+        seconds."""
         return list(self._step_cpu_seconds if cpu else self._step_seconds)
 
 
-def default_predictor() -> Predictor:
-    """A predictor seeded with the shipped H200 measurements and the profiles
-    named in ``dflow.elastic.profiles``."""
-    rows = shipped_rows()
-    for path in dask.config.get("dflow.elastic.profiles"):
-        rows += load_profile(path)
-    return Predictor(rows)
+def _text(pool: Pool | None) -> str | None:
+    return None if pool is None else str(pool)
 
 
-#: task states whose work is still owed
-OWED = ("waiting", "no-worker", "queued", "processing")
-
-
-@dataclass(frozen=True)
-class Price:
-    seconds: float
-    cost: PoolCost
+def make_actuator(
+    kind: str,
+    scheduler: Scheduler,
+    extension: DflowExtension,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    wait: str | float | None = None,
+    utilization: float | None = None,
+) -> Actuator:
+    """The actuator ``kind`` names (``dflow.elastic.actuator``)."""
+    if kind == "switch-roles":
+        return RoleSwitcher(scheduler, extension)
+    if kind == "scale-pools":
+        return ClusterScaler(
+            minimum=(
+                int(dask.config.get("dflow.planner.min-per-pool"))
+                if minimum is None
+                else minimum
+            ),
+            maximum=(
+                dask.config.get("dflow.planner.max-per-pool")
+                if maximum is None
+                else maximum
+            ),
+            wait=parse_timedelta(
+                dask.config.get("dflow.elastic.scale-down-wait")
+                if wait is None
+                else wait
+            ),
+            utilization=utilization,
+        )
+    raise ValueError(
+        f"dflow.elastic.actuator must be one of {', '.join(ACTUATORS)}, got {kind!r}"
+    )

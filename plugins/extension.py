@@ -1,43 +1,67 @@
-"""dflow's scheduler extension: stage pools and request bookkeeping.
+"""dflow's scheduler extension: the one owner of dflow's state on the scheduler.
 
-Installed by ``dask scheduler --preload dflow.preload`` (or registered by the
-first ``dflow.submit`` when the scheduler lacks it). It keeps
+It keeps
 
-- the workers' stage records: which stage of which model each worker serves,
-  whether it is loading, ready or draining, its GPU type and memory;
-- the pools (a pool is a stage of a model) derived from them;
-- each request from submission to completion, failure or cancellation.
+- the workers' records: which pool (a stage of a model) each worker serves,
+  whether it is loading, ready or draining, its GPU type and memory. This is the
+  one answer to "which workers serve pool P": a worker sets its Dask resources
+  before it reports ready and drops them before it reports draining, so the
+  records are in step with where the scheduler can place stage tasks;
+- each request from submission to completion, failure or cancellation;
+- cumulative counters at the source (requests per model and outcome, a latency
+  histogram, controller decisions per source and target stage), which the
+  Prometheus collector and the dashboards read as they are.
 
-Workers report through the ``dflow_worker_state`` handler; clients and
-dashboards read through ``dflow_pools``, ``dflow_models``, ``dflow_workers`` and
-``dflow_status``. Telemetry, the elastic controller and the dashboard attach to
-this extension (``extension.telemetry``, ``extension.elastic``).
+Pool changes, repinned tasks and controller decisions are published as events
+on the scheduler's ``"dflow"`` topic (``Scheduler.log_event``); the other
+plugins react to them through ``SchedulerPlugin.log_event`` and clients read
+them with ``Client.get_events("dflow")``. Admission, task policing, telemetry and
+the elastic controller are separate plugins that receive this extension
+(:func:`dflow.plugins.install` wires them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dask.config
-from dask.typing import Key
-from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
-from distributed.protocol import pickle
-from distributed.scheduler import Scheduler, TaskState
+from distributed.scheduler import Scheduler
 
 import dflow.config  # noqa: F401
-from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
-from dflow.spec import STAGES
+from dflow.pools import FINAL_PREFIXES, Pool
 
 logger = logging.getLogger(__name__)
 
-#: Final keys of a request: the output of the chain, or of a monolithic task
-FINAL_PREFIXES = ("decode-", "generate-")
+#: The scheduler's event topic of dflow's events
+TOPIC = "dflow"
+#: Worker states in which a worker counts as serving its pool
+SERVING = ("loading", "ready")
+#: Upper bounds (seconds) of the latency histogram's buckets: from tiny models
+#: on CPU (tens of milliseconds) to long videos (minutes)
+LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+)
 
 
 @dataclass
@@ -58,10 +82,10 @@ class WorkerRecord:
     error: str | None = None
 
     @property
-    def pool(self) -> tuple[str, str] | None:
+    def pool(self) -> Pool | None:
         if self.stage is None or self.model is None:
             return None
-        return self.stage, self.model
+        return Pool(self.stage, self.model)
 
 
 @dataclass
@@ -80,8 +104,50 @@ class RequestRecord:
     status: str = "pending"  # pending | completed | failed | cancelled
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One move of a worker from a pool to another (``None``: no pool), and why."""
+
+    time: float
+    worker: str
+    source: Pool | None
+    target: Pool | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``dflow.status`` reports it: pools as ``[stage, model]`` lists."""
+        return {
+            "time": self.time,
+            "worker": self.worker,
+            "source": list(self.source) if self.source else None,
+            "target": list(self.target) if self.target else None,
+            "reason": self.reason,
+        }
+
+
+class LatencyHistogram:
+    """Cumulative bucket counts and sums of request latencies, per model."""
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS):
+        self.bounds = tuple(buckets)
+        self.counts: defaultdict[str, list[int]] = defaultdict(
+            lambda: [0] * (len(self.bounds) + 1)
+        )
+        self.sums: defaultdict[str, float] = defaultdict(float)
+
+    def observe(self, model: str, seconds: float) -> None:
+        counts = self.counts[model]
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                counts[i] += 1
+                break
+        else:
+            counts[-1] += 1
+        self.sums[model] += seconds
+
+
 class DflowExtension(SchedulerPlugin):
-    """Pools per stage and model, and request bookkeeping, on the scheduler."""
+    """Workers, pools, requests and counters of dflow, on the scheduler."""
 
     name = "dflow"
     idempotent = True
@@ -92,15 +158,15 @@ class DflowExtension(SchedulerPlugin):
         self.specs: dict[str, dict[str, Any]] = {}
         self.requests: dict[str, RequestRecord] = {}
         self.final_keys: dict[str, str] = {}
+        #: requests per (model, outcome): submitted, completed, failed, cancelled
         self.counts: Counter[tuple[str, str]] = Counter()
+        self.latency_histogram = LatencyHistogram()
+        #: decisions per (source stage, target stage), "none" for no pool
+        self.decision_counts: Counter[tuple[str, str]] = Counter()
         history = dask.config.get("dflow.scheduler.history")
         #: (finish time, model, latency seconds) of recent completed requests
         self.latencies: deque[tuple[float, str, float]] = deque(maxlen=history)
-        #: (time, kind, detail) of pool changes, for dashboards
-        self.events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=history)
-        self.telemetry: Any = None
-        self.elastic: Any = None
-        self._unserved_since: dict[Key, float] = {}
+        self.decisions: deque[Decision] = deque(maxlen=history)
         #: admission slots granted to clients whose graphs have not arrived yet
         self.reserved: Counter[str] = Counter()
 
@@ -113,17 +179,12 @@ class DflowExtension(SchedulerPlugin):
             {
                 "dflow_worker_state": self.worker_state,
                 "dflow_pools": self.pools,
+                "dflow_pool_members": self.pool_members,
                 "dflow_models": self.models,
                 "dflow_workers": self.worker_records,
-                "dflow_status": self.status,
-                "dflow_admit": self.admit,
+                "dflow_decisions": self.recent_decisions,
             }
         )
-        interval = parse_timedelta(dask.config.get("dflow.scheduler.check-interval"))
-        scheduler.periodic_callbacks["dflow-requests"] = pc = _periodic(
-            self.check_requests, interval
-        )
-        pc.start()
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         ws = scheduler.workers[worker]
@@ -132,7 +193,12 @@ class DflowExtension(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         record = self.workers.pop(worker, None)
         if record is not None and record.pool is not None:
-            self.event("worker-removed", worker=record.name, pool=list(record.pool))
+            self.event(
+                "worker-removed",
+                worker=record.name,
+                address=worker,
+                pool=_text(record.pool),
+            )
 
     def update_graph(
         self, scheduler: Scheduler, *, annotations: dict | None = None, **kwargs: Any
@@ -183,6 +249,7 @@ class DflowExtension(SchedulerPlugin):
         if status == "completed":
             latency = record.finished - record.submitted
             self.latencies.append((record.finished, record.model, latency))
+            self.latency_histogram.observe(record.model, latency)
 
     # -- handlers --------------------------------------------------------------------
 
@@ -213,171 +280,41 @@ class DflowExtension(SchedulerPlugin):
         self.event(
             f"worker-{state}",
             worker=record.name,
-            pool=[stage, model],
-            previous=list(previous) if previous else None,
+            address=worker,
+            pool=_text(record.pool),
+            previous=_text(previous),
+            gpu_type=record.gpu_type,
+            load_seconds=record.load_seconds,
         )
-        if state == "ready":
-            self._schedule_unrunnable(worker)
-        if self.elastic is not None and state in ("ready", "failed"):
-            self.elastic.worker_ready(
-                worker, record.pool, record.gpu_type, record.load_seconds
-            )
 
     def pools(self) -> dict[str, dict[str, dict[str, int]]]:
-        """``{model: {stage: {"ready": n, "loading": n, "slots": n}}}``.
-
-        Ready pools come from the workers' resources (``"dit:<model>"``), the
-        ground truth of where the scheduler can place tasks; loading ones from the
-        workers' reports.
-        """
+        """``{model: {stage: {"ready": n, "loading": n, "slots": n}}}``: workers
+        ready or loading per pool, and the ready ones' task slots (their Dask
+        resource for the pool)."""
         assert self.scheduler is not None
         pools: dict[str, dict[str, dict[str, int]]] = {}
-
-        def entry(stage: str, model: str) -> dict[str, int]:
-            return pools.setdefault(model, {}).setdefault(
-                stage, {"ready": 0, "loading": 0, "slots": 0}
-            )
-
-        for ws in self.scheduler.workers.values():
-            for resource, quantity in ws.resources.items():
-                stage, _, model = resource.partition(":")
-                if model and quantity > 0:
-                    e = entry(stage, model)
-                    e["ready"] += 1
-                    e["slots"] += int(quantity)
         for record in self.workers.values():
-            if record.state == "loading" and record.pool is not None:
-                entry(*record.pool)["loading"] += 1
+            pool = record.pool
+            if pool is None or record.state not in SERVING:
+                continue
+            entry = pools.setdefault(pool.model, {}).setdefault(
+                pool.stage, {"ready": 0, "loading": 0, "slots": 0}
+            )
+            entry[record.state] += 1
+            ws = self.scheduler.workers.get(record.address)
+            if record.state == "ready" and ws is not None:
+                entry["slots"] += int(ws.resources.get(pool.resource, 0))
         return pools
 
-    async def admit(self, **kwargs: Any) -> dict[str, Any]:
-        """Handler of :meth:`admit_requests`: refusals come back as data, so the
-        client raises them and the scheduler's log stays quiet."""
-        try:
-            return {"admitted": await self.admit_requests(**kwargs)}
-        except (InvalidRequest, ModelNotServed, Overloaded) as error:
-            return {
-                "error": type(error).__name__,
-                "field": getattr(error, "field", None),
-                "message": str(error),
-            }
-
-    async def admit_requests(
-        self,
-        requests: list[dict[str, Any]],
-        mode: str | None = None,
-        model_timeout: float = 0.0,
-        admission_timeout: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """Admit requests before their graph is sent.
-
-        Waits up to ``model_timeout`` for workers of every model (raising
-        :class:`ModelNotServed`), rejects what no worker of a pool has the memory
-        for (``InvalidRequest`` naming the size), restricts stages to the workers
-        that can hold them, and holds each model under
-        ``dflow.admission.max-outstanding`` requests in flight, waiting up to
-        ``admission_timeout`` for room (:class:`Overloaded`).
-
-        Returns, per request: its mode and, per stage, the workers it must run
-        on (``None``: any worker of the pool).
-        """
-        deadline = time.monotonic() + model_timeout
-        models = {r["model"] for r in requests}
-        while True:
-            pools = self.pools()
-            missing = sorted(m for m in models if not _serves(pools.get(m, {}), mode))
-            if not missing:
-                break
-            if time.monotonic() >= deadline:
-                served = ", ".join(sorted(pools)) or "none"
-                wanted = f" in {mode} mode" if mode else ""
-                raise ModelNotServed(
-                    f"no workers serve model {missing[0]!r}{wanted} (served: {served}); "
-                    f"start them with `dflow-worker SCHEDULER --stage dit --model "
-                    f"{missing[0]}` (and encoder, vae), or `--stage all`"
-                )
-            await asyncio.sleep(0.1)
-        admitted = []
-        for request in requests:
-            request_mode = mode or _mode(pools[request["model"]])
-            stages = STAGES if request_mode == "disaggregated" else ("all",)
-            admitted.append(
-                {
-                    "mode": request_mode,
-                    "workers": {s: self._capable(s, request) for s in stages},
-                }
-            )
-        await self._reserve(Counter(r["model"] for r in requests), admission_timeout)
-        return admitted
-
-    def _capable(self, stage: str, request: dict[str, Any]) -> list[str] | None:
-        """Workers of the pool with memory for the request's predicted peak
-        (``None``: all of them, or no prediction to go by)."""
-        predictor = getattr(self.elastic, "predictor", None)
-        if predictor is None:
-            return None
-        model, features = request["model"], request["features"]
-        members = [
-            r
-            for r in self.workers.values()
-            if r.pool == (stage, model) and r.state in ("ready", "loading")
-        ]
-        # one prediction per GPU type: a fleet has a few types and many workers
-        try:
-            peaks = {
-                gpu_type: _peak_bytes(predictor, model, stage, gpu_type, features)
-                for gpu_type in {r.gpu_type for r in members}
-            }
-        except LookupError:
-            return None
-        capable, needs = [], []
-        for record in members:
-            peak = peaks[record.gpu_type]
-            if peak is None or peak <= record.memory:
-                capable.append(record.address)
-            else:
-                needs.append((peak, record.memory))
-        if not needs:
-            return None
-        if not capable:
-            peak, largest = max(needs)
-            size = f"{features.get('height')}x{features.get('width')}"
-            # a video's frames weigh as much as its pixels: name what can shrink
-            field, advice = "height", "use a smaller size"
-            if features.get("frames", 1) > 1:
-                size += f"x{features['frames']} frames"
-                field, advice = "num_frames", "use fewer frames or a smaller size"
-            raise InvalidRequest(
-                field,
-                f"the {stage} stage of {model} needs {peak / 2**30:.1f} GiB at {size}; "
-                f"its largest worker has {largest / 2**30:.1f} GiB: {advice}",
-            )
-        return capable
-
-    async def _reserve(self, counts: Counter[str], timeout: float) -> None:
-        limit = dask.config.get("dflow.admission.max-outstanding")
-        if limit is None:
-            return
-        deadline = time.monotonic() + timeout
-        while True:
-            pending = Counter(r.model for r in self.in_flight())
-            over = [
-                m
-                for m, n in counts.items()
-                if pending[m] + self.reserved[m] + n > _limit(limit, m)
-            ]
-            if not over:
-                break
-            if time.monotonic() >= deadline:
-                model = over[0]
-                raise Overloaded(
-                    f"model {model!r} has {pending[model] + self.reserved[model]} "
-                    f"requests in flight and {counts[model]} more were submitted; the "
-                    f"limit is {_limit(limit, model)} (dflow.admission.max-outstanding): "
-                    "retry later"
-                )
-            await asyncio.sleep(0.05)
-        self.reserved.update(counts)
+    def pool_members(self) -> dict[str, list[str]]:
+        """Names of the workers of each pool (``"stage:model"``), ready, loading
+        or draining out of it."""
+        members: dict[str, list[str]] = {}
+        # a copy: a cluster manager in this process may ask from its own thread
+        for record in list(self.workers.values()):
+            if record.pool is not None and record.state in (*SERVING, "draining"):
+                members.setdefault(str(record.pool), []).append(record.name)
+        return {pool: sorted(names) for pool, names in members.items()}
 
     def models(self) -> dict[str, dict[str, Any]]:
         """Specs of the models workers serve, for clients that lack them."""
@@ -386,230 +323,47 @@ class DflowExtension(SchedulerPlugin):
     def worker_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.workers.values()]
 
-    def status(self) -> dict[str, Any]:
-        """Per stage: workers, queue, arrival rate, predicted and observed service
-        time; the elastic controller's recent decisions."""
-        stages = {stage: self.stage_summary(stage) for stage in (*STAGES, "all")}
-        if self.telemetry is not None:
-            self.telemetry.annotate_status(stages)
-        decisions = self.elastic.decisions(last=20) if self.elastic is not None else []
-        return {"stages": stages, "decisions": decisions}
+    # -- views and changes -----------------------------------------------------------
 
-    # -- views -----------------------------------------------------------------------
-
-    def stage_summary(self, stage: str) -> dict[str, Any]:
-        """Workers and queued tasks of one stage, over all models."""
-        assert self.scheduler is not None
-        workers = [
-            r for r in self.workers.values() if r.stage == stage and r.state == "ready"
+    def members(
+        self, pool: Pool, states: Collection[str] = SERVING
+    ) -> list[WorkerRecord]:
+        """The records of the workers of ``pool`` in one of ``states``."""
+        return [
+            r for r in self.workers.values() if r.pool == pool and r.state in states
         ]
-        queue = sum(
-            1
-            for ts in self.scheduler.unrunnable
-            if ts.resource_restrictions and stage in ts.resource_restrictions
-        )
-        for record in workers:
-            ws = self.scheduler.workers.get(record.address)
-            if ws is not None:
-                queue += len(ws.processing)
-        return {
-            "workers": len(workers),
-            "loading": sum(
-                1
-                for r in self.workers.values()
-                if r.stage == stage and r.state == "loading"
-            ),
-            "queue": queue,
-            "arrival_rate": None,
-            "predicted_s": None,
-            "observed_s": None,
-        }
+
+    def served(self) -> set[Pool]:
+        """Pools that have a worker ready or loading."""
+        return {r.pool for r in self.workers.values() if r.pool and r.state in SERVING}
 
     def in_flight(self) -> list[RequestRecord]:
         return [r for r in self.requests.values() if r.status == "pending"]
 
-    def event(self, kind: str, **detail: Any) -> None:
-        self.events.append((time.time(), kind, detail))
+    def reserve(self, counts: Counter[str]) -> None:
+        """Hold admission slots for requests whose graph is on its way."""
+        self.reserved.update(counts)
 
-    # -- scheduling ------------------------------------------------------------------
+    def record_decision(self, decision: Decision) -> None:
+        """Keep a controller decision, count it and publish it as an event."""
+        self.decisions.append(decision)
+        self.decision_counts[_stage(decision.source), _stage(decision.target)] += 1
+        self.event("decision", **decision.to_dict())
 
-    def _schedule_unrunnable(self, worker: str) -> None:
-        """Place tasks that waited for a resource this worker now has.
+    def recent_decisions(self, last: int | None = None) -> list[dict[str, Any]]:
+        """Decisions, oldest first (the ``last`` ones if given), as dicts."""
+        decisions = list(self.decisions)[-last:] if last else list(self.decisions)
+        return [d.to_dict() for d in decisions]
 
-        The scheduler re-examines unrunnable tasks when a worker joins, not when a
-        worker's resources change, so a worker that became ready after joining
-        must ask for it.
-        """
+    def event(self, action: str, **detail: Any) -> None:
+        """Publish ``{"action": action, **detail}`` on the ``"dflow"`` topic."""
         assert self.scheduler is not None
-        ws = self.scheduler.workers.get(worker)
-        if ws is None:
-            return
-        recommendations = self.scheduler.bulk_schedule_unrunnable_after_adding_worker(
-            ws
-        )
-        if recommendations:
-            self.scheduler.transitions(
-                recommendations, stimulus_id=f"dflow-worker-ready-{time.time()}"
-            )
-
-    def check_requests(self) -> None:
-        """Periodic: cancel requests past their deadline, fail unserved ones."""
-        self.expire_deadlines()
-        self.fail_unserved()
-
-    def expire_deadlines(self) -> None:
-        """Cancel the chain of every pending request past its deadline: its
-        future raises ``FutureCancelledError`` (reason ``deadline-exceeded``), a
-        running denoising loop stops at its next step and intermediates are freed."""
-        assert self.scheduler is not None
-        now = time.time()
-        for record in self.in_flight():
-            if record.deadline is None or now < record.deadline:
-                continue
-            ts = self.scheduler.tasks.get(record.final_key)
-            if ts is None or not ts.who_wants:
-                continue
-            client = next(iter(ts.who_wants)).client_key
-            self.scheduler.stimulus_cancel(
-                [record.final_key],
-                client,
-                force=True,
-                reason="deadline-exceeded",
-                msg=f"request {record.request_id} of {record.model} missed its "
-                f"deadline of {record.deadline - record.submitted:g}s",
-            )
-
-    def fail_unserved(self) -> None:
-        """Fail requests whose pool has had no worker, ready or loading, for longer
-        than ``dflow.scheduler.unserved-timeout``: they get a clear error instead
-        of waiting forever. Tasks of a served pool pinned to workers that left it
-        are pinned again (:meth:`_repin`)."""
-        assert self.scheduler is not None
-        timeout = parse_timedelta(dask.config.get("dflow.scheduler.unserved-timeout"))
-        now = time.time()
-        served = {
-            r.pool for r in self.workers.values() if r.state in ("loading", "ready")
-        }
-        recommendations: dict = {}
-        waiting: set[Key] = set()
-        for ts in list(self.scheduler.unrunnable):
-            pool = _pool_of(ts)
-            if pool is None:
-                continue
-            if pool in served:
-                recommendations.update(self._repin(ts, pool, now))
-                continue
-            waiting.add(ts.key)
-            since = self._unserved_since.setdefault(ts.key, now)
-            if now - since < timeout:
-                continue
-            stage, model = pool
-            error = ModelNotServed(
-                f"no worker serves the {stage} stage of model {model!r} "
-                f"(waited {timeout:g}s); start one with "
-                f"`dflow-worker SCHEDULER --stage {stage} --model {model}`"
-            )
-            recommendations.update(
-                self.scheduler.transition(
-                    ts.key,
-                    "erred",
-                    exception=pickle.dumps(error),
-                    cause=ts.key,
-                    stimulus_id=f"dflow-unserved-{now}",
-                )
-            )
-        self._unserved_since = {
-            k: v for k, v in self._unserved_since.items() if k in waiting
-        }
-        if recommendations:
-            self.scheduler.transitions(
-                recommendations, stimulus_id=f"dflow-unserved-{now}"
-            )
-
-    def _repin(self, ts: TaskState, pool: tuple[str, str], now: float) -> dict:
-        """Recommendations for an unrunnable task of a served pool that admission
-        pinned to workers with the memory for it, when none of those serves the
-        pool any more (they switched roles): pin it to the pool's workers that
-        have the memory now, or fail it with the reason when none has."""
-        assert self.scheduler is not None
-        members = {
-            r.address
-            for r in self.workers.values()
-            if r.pool == pool and r.state in ("loading", "ready")
-        }
-        if not ts.worker_restrictions or ts.worker_restrictions & members:
-            return {}
-        stage, model = pool
-        features = (ts.annotations or {})["dflow"].get("features", {})
-        try:
-            capable = self._capable(stage, {"model": model, "features": features})
-        except InvalidRequest as error:
-            return self.scheduler.transition(
-                ts.key,
-                "erred",
-                exception=pickle.dumps(error),
-                cause=ts.key,
-                stimulus_id=f"dflow-repin-{now}",
-            )
-        ts.worker_restrictions = set(capable) if capable else None
-        self.event("repinned", key=str(ts.key), workers=sorted(capable or members))
-        for address in capable or members:
-            self._schedule_unrunnable(address)
-        return {}
+        self.scheduler.log_event(TOPIC, {"action": action, **detail})
 
 
-def _mode(stages: dict[str, Any]) -> str:
-    if all(stage in stages for stage in STAGES):
-        return "disaggregated"
-    return "monolithic"
+def _text(pool: Pool | None) -> str | None:
+    return None if pool is None else str(pool)
 
 
-def _serves(stages: dict[str, Any], mode: str | None) -> bool:
-    if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
-        return True
-    return mode in (None, "monolithic") and "all" in stages
-
-
-def _peak_bytes(
-    predictor: Any, model: str, stage: str, gpu_type: str, features: dict[str, Any]
-) -> int | None:
-    """Predicted peak bytes of a stage call on ``gpu_type``. A type without a
-    profile of its own (nor a speed to scale one from) takes the largest peak of
-    the profiled types: peak memory follows the model and the request's shape,
-    not the GPU's speed. Raises ``LookupError`` when no type has a profile."""
-    try:
-        return predictor.predict(model, stage, gpu_type, features).peak_bytes
-    except LookupError:
-        profiled = sorted({g for m, s, g in predictor.fits if (m, s) == (model, stage)})
-        if not profiled:
-            raise
-    peaks = [predictor.predict(model, stage, g, features).peak_bytes for g in profiled]
-    known = [peak for peak in peaks if peak is not None]
-    return max(known) if known else None
-
-
-def _limit(limit: int | dict[str, int], model: str) -> int:
-    if isinstance(limit, dict):
-        return limit.get(model, limit.get("default", 2**62))
-    return int(limit)
-
-
-def _pool_of(ts: TaskState) -> tuple[str, str] | None:
-    info = (ts.annotations or {}).get("dflow")
-    if not info:
-        return None
-    return info["stage"], info["model"]
-
-
-def _periodic(callback: Any, interval: float) -> Any:
-    from tornado.ioloop import PeriodicCallback
-
-    return PeriodicCallback(callback, interval * 1000)
-
-
-def extension(scheduler: Scheduler) -> DflowExtension:
-    """The scheduler's dflow extension, installed on first use."""
-    ext = scheduler.extensions.get("dflow")
-    if ext is None:
-        raise RuntimeError("the scheduler has no dflow extension")
-    return ext
+def _stage(pool: Pool | None) -> str:
+    return "none" if pool is None else pool.stage

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tornado.ioloop import PeriodicCallback
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
-from dflow.plugins.extension import DflowExtension, _periodic
+from dflow.plugins.extension import DflowExtension
+from dflow.plugins.predictions import Predictions
+from dflow.pools import Pool, task_pool
 
 logger = logging.getLogger(__name__)
-
-Pool = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,13 @@ class Sample:
 
 
 class Telemetry(SchedulerPlugin):
-    """Stage-task records and fleet samples, attached to dflow's extension."""
+    """Stage-task records and fleet samples, read from dflow's extension."""
 
     name = "dflow-telemetry"
 
-    def __init__(self, extension: DflowExtension):
+    def __init__(self, extension: DflowExtension, predictions: Predictions):
         self.extension = extension
+        self.predictions = predictions
         self.scheduler: Scheduler | None = None
         self.records: deque[StageRecord] = deque(
             maxlen=dask.config.get("dflow.telemetry.max-records")
@@ -101,15 +103,13 @@ class Telemetry(SchedulerPlugin):
             lambda: deque(maxlen=50)
         )
         self.alpha = float(dask.config.get("dflow.telemetry.ewma-alpha"))
-        self.predictor: Any = None
         self._last_sample_completed = 0
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.extension.telemetry = self
         interval = parse_timedelta(dask.config.get("dflow.telemetry.sample-interval"))
-        scheduler.periodic_callbacks["dflow-telemetry"] = pc = _periodic(
-            self.sample, interval
+        scheduler.periodic_callbacks["dflow-telemetry"] = pc = PeriodicCallback(
+            self.sample, interval * 1000
         )
         pc.start()
 
@@ -120,7 +120,7 @@ class Telemetry(SchedulerPlugin):
     ) -> None:
         now = time.time()
         for info in ((annotations or {}).get("dflow") or {}).values():
-            self.arrivals[info["stage"], info["model"]].append(now)
+            self.arrivals[Pool(info["stage"], info["model"])].append(now)
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
@@ -129,9 +129,9 @@ class Telemetry(SchedulerPlugin):
             return
         assert self.scheduler is not None
         ts = self.scheduler.tasks.get(key)
-        info = (ts.annotations or {}).get("dflow") if ts is not None else None
-        if not info:
+        if ts is None or (pool := task_pool(ts.annotations)) is None:
             return
+        info = (ts.annotations or {})["dflow"]
         compute = transfer = 0.0
         finished = time.time()
         for startstop in kwargs.get("startstops", ()):
@@ -148,8 +148,8 @@ class Telemetry(SchedulerPlugin):
             finished=finished,
             key=str(key),
             request=info["request"],
-            stage=info["stage"],
-            model=info["model"],
+            stage=pool.stage,
+            model=pool.model,
             worker=worker,
             gpu_type=record.gpu_type if record else "unknown",
             compute_s=compute,
@@ -160,7 +160,6 @@ class Telemetry(SchedulerPlugin):
             batch=int(call.get("batch", 1)),
         )
         self.records.append(entry)
-        pool = (entry.stage, entry.model)
         self.recent[pool].append(entry.features)
         service = entry.service_s
         previous = self.service.get(pool)
@@ -169,18 +168,9 @@ class Telemetry(SchedulerPlugin):
             if previous is None
             else previous + self.alpha * (service - previous)
         )
-        if self.predictor is not None:
-            try:
-                self.predictor.observe(
-                    entry.model,
-                    entry.stage,
-                    entry.gpu_type,
-                    entry.features,
-                    entry.call_s,
-                    entry.batch,
-                )
-            except LookupError:
-                pass  # no profile prices this pool; the EWMA above still does
+        self.predictions.observe(
+            pool, entry.gpu_type, entry.features, entry.call_s, entry.batch
+        )
 
     # -- derived views ---------------------------------------------------------------
 
@@ -194,8 +184,7 @@ class Telemetry(SchedulerPlugin):
     def queue(self, pool: Pool) -> int:
         """Tasks of ``pool`` waiting for a worker or placed on one (queued or running)."""
         assert self.scheduler is not None
-        stage, model = pool
-        resource = f"{stage}:{model}"
+        resource = pool.resource
         count = sum(
             1
             for ts in self.scheduler.unrunnable
@@ -220,43 +209,20 @@ class Telemetry(SchedulerPlugin):
                 del self.arrivals[pool]
         return known | set(self.arrivals)
 
-    def annotate_status(self, stages: dict[str, dict[str, Any]]) -> None:
-        """Fill ``dflow.status``'s rates and service times, summed over models."""
-        for stage, summary in stages.items():
-            pools = [p for p in self.pools() if p[0] == stage]
-            summary["arrival_rate"] = sum(self.arrival_rate(p) for p in pools)
-            observed = [self.service[p] for p in pools if p in self.service]
-            summary["observed_s"] = float(np.mean(observed)) if observed else None
-            predicted = [s for p in pools if (s := self.predicted(p)) is not None]
-            summary["predicted_s"] = float(np.mean(predicted)) if predicted else None
-            summary["models"] = {
-                model: {
-                    "arrival_rate": self.arrival_rate((stage, model)),
-                    "queue": self.queue((stage, model)),
-                    "observed_s": self.service.get((stage, model)),
-                    "predicted_s": self.predicted((stage, model)),
-                }
-                for _, model in pools
-            }
-
     def predicted(self, pool: Pool) -> float | None:
         """The predictor's mean service time over the pool's recent requests."""
-        if self.predictor is None:
-            return None
-        stage, model = pool
         gpu_types = self.gpu_types(pool)
         recent = self.recent.get(pool)
         if not recent or not gpu_types:
             return None
-        try:
-            values = [
-                self.predictor.predict(model, stage, gpu_type, features).seconds
-                for features in recent
-                for gpu_type in gpu_types
-            ]
-        except LookupError:
+        values = [
+            self.predictions.seconds(pool, gpu_type, features)
+            for features in recent
+            for gpu_type in gpu_types
+        ]
+        if any(v is None for v in values):
             return None
-        return float(np.mean(values))
+        return float(np.mean([v for v in values if v is not None]))
 
     def gpu_types(self, pool: Pool) -> list[str]:
         """GPU types of the workers serving ``pool`` now."""
@@ -275,7 +241,7 @@ class Telemetry(SchedulerPlugin):
                 workers[record.stage][record.gpu_type] += 1
         queue: dict[str, int] = defaultdict(int)
         for pool in self.pools():
-            queue[pool[0]] += self.queue(pool)
+            queue[pool.stage] += self.queue(pool)
         completed = sum(
             n
             for (_, status), n in self.extension.counts.items()

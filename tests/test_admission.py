@@ -222,13 +222,14 @@ async def test_a_deadline_cancels_the_chain_and_frees_it(
 
 
 async def predictor_ready(s) -> None:
-    """The elastic controller seeds its predictor in a thread at start."""
-    await until(lambda: s.plugins["dflow-elastic"].predictor is not None, timeout=60)
+    """dflow's install seeds the predictor in a thread at start."""
+    controller = s.plugins["dflow-elastic"]
+    await until(lambda: controller.predictions.predictor is not None, timeout=60)
 
 
 def ran_on(s, key: str) -> str:
     """The worker a finished stage task ran on (the telemetry's record)."""
-    records = s.extensions["dflow"].telemetry.records
+    records = s.plugins["dflow-telemetry"].records
     (worker,) = [r.worker for r in records if r.key == key]
     return worker
 
@@ -293,17 +294,17 @@ async def test_memory_no_worker_can_hold_is_refused_at_submit(
     assert output.request == request(1024, seed=3)
 
 
-async def switch(s, address: str, stage: str) -> None:
-    """Switch a worker's stage through the elastic controller's switcher, and wait
-    until it serves the new stage."""
-    controller = s.plugins["dflow-elastic"]
-    record = s.extensions["dflow"].workers[address]
-    controller.apply(address, record.pool, (stage, MODEL), "test: switch")
+async def switch(c, s, address: str, stage: str) -> None:
+    """Switch a worker's stage (the scheduler's ``dflow_move``), and wait until it
+    serves the new stage."""
+    await c.scheduler.dflow_move(
+        worker=address, pool=f"{stage}:{MODEL}", reason="test: switch"
+    )
     await until(
         lambda: (
             s.extensions["dflow"].workers[address].pool == (stage, MODEL)
             and s.extensions["dflow"].workers[address].state == "ready"
-            and address not in controller.switcher.switching
+            and address not in s.plugins["dflow-elastic"].actuator.switching
         )
     )
 
@@ -333,14 +334,16 @@ async def test_a_pinned_task_follows_the_memory_when_its_worker_switches(
     rid = request_id(future.key)
     await until(lambda: f"decode-{rid}" in s.tasks)
     assert s.tasks[f"decode-{rid}"].worker_restrictions == {large}
-    await switch(s, large, "encoder")
-    await switch(s, spare, "vae")
+    await switch(c, s, large, "encoder")
+    await switch(c, s, spare, "vae")
 
     output = await future
     assert output.request == big
     assert ran_on(s, f"decode-{rid}") == spare
-    events = [d for _, kind, d in s.extensions["dflow"].events if kind == "repinned"]
-    assert events == [{"key": f"decode-{rid}", "workers": [spare]}]
+    events = [e for _, e in s.get_events("dflow") if e["action"] == "repinned"]
+    assert events == [
+        {"action": "repinned", "key": f"decode-{rid}", "workers": [spare]}
+    ]
 
 
 @gen_cluster(
@@ -362,10 +365,27 @@ async def test_a_pinned_task_fails_clearly_when_no_worker_left_can_hold_it(
 
     future = await in_thread(dflow.submit, c, request(2048, steps=8, seed=1))
     await until(lambda: f"decode-{request_id(future.key)}" in s.tasks)
-    await switch(s, large, "encoder")
+    await switch(c, s, large, "encoder")
 
     with pytest.raises(InvalidRequest, match=r"^height: the vae stage of pixart"):
         await future
     # the fleet serves on
     output = await (await in_thread(dflow.submit, c, request(1024, seed=3)))
     assert output.request == request(1024, seed=3)
+
+
+# -- a scheduler without dflow --------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[], timeout=60)
+async def test_submit_to_a_scheduler_without_dflow_says_how_to_install_it(
+    c, s, session_config
+):
+    """No partial install: the client names the preload instead."""
+    with pytest.raises(RuntimeError) as caught:
+        await in_thread(dflow.submit, c, request())
+    message = str(caught.value)
+    assert f"the scheduler at {s.address} does not run dflow" in message
+    assert "--preload dflow.preload" in message
+    assert "StageCluster" in message and "scheduler_kwargs" in message
+    assert "dflow" not in s.extensions and "dflow_admit" not in s.handlers

@@ -19,7 +19,8 @@ from distributed import Client
 
 from dflow.cli import worker
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
-from dflow.worker import StagePlugin, nanny_specs, stage_slots
+from dflow.worker import StagePlugin, stage_slots
+from dflow.worker_options import nanny_specs
 
 MODEL = "tiny-pixart"
 DASK_OPTIONS = (

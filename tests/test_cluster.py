@@ -6,6 +6,7 @@ shrink it under load, then remove every pool).
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 
@@ -17,7 +18,9 @@ from distributed import Client, get_task_stream
 import dflow
 from dflow.cluster import StageCluster
 from dflow.request import Request
-from dflow.testing import poll, wait_for_pools
+from dflow.testing import fleet_settled, move, poll, wait_for_pools
+from dflow.worker import StagePlugin, stage_slots
+from dflow.worker_options import nanny_specs
 
 MODEL = "tiny-pixart"
 
@@ -66,6 +69,34 @@ def client(cluster) -> Iterator[Client]:
     with Client(cluster) as client:
         wait_for_pools(client, {MODEL: ["encoder", "dit", "vae"]})
         yield client
+
+
+def test_workers_are_pinned_to_the_gpus_in_turn():
+    """StageCluster builds its workers with the CLI's worker options: each worker
+    process gets the next GPU first in ``CUDA_VISIBLE_DEVICES``."""
+
+    async def specs() -> dict[str, dict]:
+        cluster = StageCluster(
+            MODEL, {"encoder": 1, "dit": 2}, gpus=["0", "1"], asynchronous=True
+        )
+        try:
+            return {name: spec["options"] for name, spec in cluster.worker_spec.items()}
+        finally:
+            await cluster.close()
+
+    options = asyncio.run(specs())
+    assert {name: o["env"] for name, o in options.items()} == {
+        "encoder-0": {"CUDA_VISIBLE_DEVICES": "0,1"},
+        "dit-1": {"CUDA_VISIBLE_DEVICES": "1,0"},
+        "dit-2": {"CUDA_VISIBLE_DEVICES": "0,1"},
+    }
+    # the CLI's worker on GPU 1 of the same two
+    cli = nanny_specs("dit", MODEL, ["0", "1"])[1]
+    assert options["dit-1"]["nthreads"] == cli["nthreads"] == stage_slots("dit")
+    assert options["dit-1"]["env"] == cli["env"]
+    (plugin,) = options["dit-1"]["plugins"]
+    assert isinstance(plugin, StagePlugin)
+    assert (plugin.stage, plugin.model, plugin.gpu_type) == ("dit", MODEL, "auto")
 
 
 def test_one_pool_per_stage_serves(cluster, client):
@@ -128,6 +159,33 @@ def test_scaling_a_stage_down_under_load_loses_no_request(cluster, client):
     ids = {f.key.partition("-")[2] for f in futures}
     completions = client.run_on_scheduler(denoise_completions, ids=ids)
     assert sorted(completions.values()) == [1] * len(burst)
+
+
+def test_a_role_switch_moves_a_worker_between_the_clusters_pools(cluster, client):
+    """Pool membership has one source, the scheduler's: a worker switched to the
+    DiT counts in the DiT pool when the cluster scales, not in the pool it was
+    started for."""
+    move(client, "vae-2", "dit", MODEL, "test: switch a VAE worker to the DiT")
+    poll(
+        lambda: (
+            fleet_settled(client) and ready_workers(client, "dit") == ["dit-1", "vae-2"]
+        ),
+        120,
+        "vae-2 serving the DiT",
+    )
+    assert cluster.stage_workers("dit") == ["dit-1", "vae-2"]
+    assert cluster.stage_workers("vae") == []
+
+    cluster.scale(1, stage="vae")  # the emptied pool gets a new worker
+    assert cluster.stage_workers("vae") == ["vae-4"]
+    wait_for_pools(client, {MODEL: ["encoder", "dit", "dit", "vae"]})
+    assert ready_workers(client, "vae") == ["vae-4"]
+    cluster.scale(1, stage="dit")  # two DiT workers as the scheduler counts them
+    assert cluster.stage_workers("dit") == ["dit-1"]
+    poll(lambda: ready_workers(client, "dit") == ["dit-1"], 60, "vae-2 to leave")
+    assert "vae-2" not in cluster.worker_spec
+    output = dflow.submit(client, requests(1, start=200)[0]).result()
+    assert output.images[0].size == (64, 64)
 
 
 def test_scale_needs_a_stage_except_to_zero(cluster, client):

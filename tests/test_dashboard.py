@@ -19,7 +19,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,10 @@ from distributed.utils_test import gen_test
 from dflow import client as dflow_client
 from dflow import presets
 from dflow.dashboards import components, pages
-from dflow.plugins.extension import DflowExtension, WorkerRecord
+from dflow.plugins.extension import Decision, DflowExtension, WorkerRecord
+from dflow.plugins.predictions import Predictions
 from dflow.plugins.telemetry import Sample, StageRecord, Telemetry
+from dflow.pools import Pool
 from dflow.request import Request
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
 
@@ -87,18 +88,10 @@ class FakePredictor:
         return self.Prediction({"encoder": 0.01, "dit": 0.5, "vae": 0.1}[stage])
 
 
-class FakeElastic:
-    def __init__(self) -> None:
-        self.log: deque[dict[str, Any]] = deque(maxlen=100)
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return list(self.log)
-
-
 def fill(scheduler: Scheduler, now: float) -> None:
     """Ten minutes of fleet samples, stage records, decisions and two workers."""
     extension = scheduler.extensions["dflow"]
-    telemetry = extension.telemetry
+    telemetry = scheduler.plugins["dflow-telemetry"]
     telemetry.samples.clear()
     for i in range(700):
         t = now - 700 + i
@@ -121,30 +114,22 @@ def fill(scheduler: Scheduler, now: float) -> None:
         telemetry.records.append(
             StageRecord(now, "k", "r", stage, MODEL, "w", "cpu", 0.2, 0.0, 0, {})
         )
-        telemetry.service[stage, MODEL] = 0.2
+        telemetry.service[Pool(stage, MODEL)] = 0.2
         # the predictor prices the pool's recent requests on its workers' GPUs
-        telemetry.recent[stage, MODEL].append({"tokens": 64})
-    telemetry.predictor = FakePredictor()
-    elastic = FakeElastic()
-    elastic.log.append(
-        {
-            "time": now - 60,
-            "worker": "encoder-7",
-            "source": ["encoder", MODEL],
-            "target": ["dit", MODEL],
-            "reason": "dit backlog 12 s > horizon",
-        }
+        telemetry.recent[Pool(stage, MODEL)].append({"tokens": 64})
+    telemetry.predictions.use(FakePredictor())
+    extension.record_decision(
+        Decision(
+            now - 60,
+            "encoder-7",
+            Pool("encoder", MODEL),
+            Pool("dit", MODEL),
+            "dit backlog 12 s > horizon",
+        )
     )
-    elastic.log.append(
-        {
-            "time": now - 30,
-            "worker": "dit-9",
-            "source": ["dit", MODEL],
-            "target": None,
-            "reason": "retired",
-        }
+    extension.record_decision(
+        Decision(now - 30, "dit-9", Pool("dit", MODEL), None, "retired")
     )
-    extension.elastic = elastic
     extension.workers["tcp://127.0.0.1:1"] = WorkerRecord(
         "tcp://127.0.0.1:1", "dit-1", "ready", "dit", MODEL, "h200", "cuda:0", 2**30
     )
@@ -171,7 +156,7 @@ async def test_components_show_the_extension() -> None:
     async with Scheduler(host="127.0.0.1", dashboard=False) as scheduler:
         # dflow's extension and telemetry, without the preload's other parts
         extension = DflowExtension()
-        for plugin in (extension, Telemetry(extension)):
+        for plugin in (extension, Telemetry(extension, Predictions())):
             await plugin.start(scheduler)
             scheduler.add_plugin(plugin)
         now = time.time()

@@ -7,9 +7,7 @@ from __future__ import annotations
 import copy
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Iterator
-from typing import Any
 
 import prometheus_client
 import pytest
@@ -24,14 +22,17 @@ from distributed.utils_test import gen_test
 from dflow import client as dflow_client
 from dflow import presets
 from dflow.dashboards import metrics
-from dflow.dashboards.metrics import (
+from dflow.dashboards.metrics import DflowMetricCollector, latency_family
+from dflow.plugins.extension import (
     LATENCY_BUCKETS,
-    DflowMetricCollector,
+    Decision,
+    DflowExtension,
     LatencyHistogram,
-    LogCursor,
+    WorkerRecord,
 )
-from dflow.plugins.extension import DflowExtension, WorkerRecord
+from dflow.plugins.predictions import Predictions
 from dflow.plugins.telemetry import Telemetry
+from dflow.pools import Pool
 from dflow.request import Request
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
 
@@ -58,25 +59,12 @@ def labels(**values: str) -> frozenset[tuple[str, str]]:
 # -- bookkeeping --------------------------------------------------------------------
 
 
-def test_log_cursor_reads_each_entry_once() -> None:
-    log: deque[tuple[float, str]] = deque(maxlen=3)
-    cursor = LogCursor(lambda entry: entry[0])
-    assert cursor.read(log) == []
-    log.extend([(1.0, "a"), (2.0, "b")])
-    assert cursor.read(log) == [(1.0, "a"), (2.0, "b")]
-    assert cursor.read(log) == []
-    log.append((2.0, "b"))  # an equal entry at the same time is another entry
-    assert cursor.read(log) == [(2.0, "b")]
-    log.extend([(3.0, "c"), (4.0, "d")])  # the log drops its oldest entries
-    assert cursor.read(log) == [(3.0, "c"), (4.0, "d")]
-
-
 def test_latency_histogram_is_cumulative_per_model() -> None:
     histogram = LatencyHistogram((0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 30.0):
         histogram.observe("a", seconds)
     histogram.observe("b", 2.0)
-    family = histogram.family("latency", "help")
+    family = latency_family(histogram, "latency", "help")
     values = {
         (s.name, s.labels["model"], s.labels.get("le")): s.value for s in family.samples
     }
@@ -125,23 +113,19 @@ def test_register_joins_collectors_built_before(monkeypatch: pytest.MonkeyPatch)
 # -- several schedulers in one process ----------------------------------------------
 
 
-class FakeElastic:
-    def __init__(self, maxlen: int) -> None:
-        self.log: deque[dict[str, Any]] = deque(maxlen=maxlen)
-
-    def decisions(self) -> list[dict[str, Any]]:
-        return list(self.log)
-
-    def move(self, worker: str, source: str | None, target: str | None) -> None:
-        self.log.append(
-            {
-                "time": time.time(),
-                "worker": worker,
-                "source": [source, MODEL] if source else None,
-                "target": [target, MODEL] if target else None,
-                "reason": "test",
-            }
+def move(
+    extension: DflowExtension, worker: str, source: str | None, target: str | None
+) -> None:
+    """A controller decision, as the controller records it."""
+    extension.record_decision(
+        Decision(
+            time.time(),
+            worker,
+            Pool(source, MODEL) if source else None,
+            Pool(target, MODEL) if target else None,
+            "test",
         )
+    )
 
 
 @pytest.fixture
@@ -153,14 +137,15 @@ def keep_dflow_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(utils_test, "original_config", config)
 
 
-async def dflow_scheduler() -> tuple[Scheduler, DflowExtension]:
+async def dflow_scheduler() -> tuple[Scheduler, DflowExtension, Telemetry]:
     """A scheduler with dflow's extension and telemetry (not the whole preload)."""
     scheduler = await Scheduler(host="127.0.0.1", dashboard_address="127.0.0.1:0")
     extension = DflowExtension()
-    for plugin in (extension, Telemetry(extension)):
+    telemetry = Telemetry(extension, Predictions())
+    for plugin in (extension, telemetry):
         await plugin.start(scheduler)
         scheduler.add_plugin(plugin)
-    return scheduler, extension
+    return scheduler, extension, telemetry
 
 
 async def scrape(scheduler: Scheduler) -> tuple[set[str], Samples]:
@@ -173,21 +158,21 @@ async def scrape(scheduler: Scheduler) -> tuple[set[str], Samples]:
 @gen_test(timeout=60)
 async def test_each_scheduler_serves_its_own_metrics() -> None:
     metrics.register()
-    a, extension_a = await dflow_scheduler()
-    b, extension_b = await dflow_scheduler()
+    a, extension_a, telemetry_a = await dflow_scheduler()
+    # b keeps its last two decisions only
+    with dask.config.set({"dflow.scheduler.history": 2}):
+        b, extension_b, _ = await dflow_scheduler()
     try:
         extension_a.counts[MODEL, "submitted"] += 3
         extension_a.counts[MODEL, "completed"] += 2
         for seconds in (0.04, 0.3):
-            extension_a.latencies.append((time.time(), MODEL, seconds))
+            extension_a.latency_histogram.observe(MODEL, seconds)
         extension_a.workers["tcp://127.0.0.1:1"] = WorkerRecord(
             "tcp://127.0.0.1:1", "dit-0", "ready", "dit", MODEL, "h200"
         )
-        extension_a.telemetry.service["dit", MODEL] = 0.5
-        elastic = FakeElastic(maxlen=2)
-        elastic.move("encoder-0", "encoder", "dit")
-        elastic.move("dit-1", "dit", None)
-        extension_b.elastic = elastic
+        telemetry_a.service[Pool("dit", MODEL)] = 0.5
+        move(extension_b, "encoder-0", "encoder", "dit")
+        move(extension_b, "dit-1", "dit", None)
 
         names, samples = await scrape(a)
         assert {
@@ -222,7 +207,8 @@ async def test_each_scheduler_serves_its_own_metrics() -> None:
         assert samples_b[moves, labels(source_stage="dit", target_stage="none")] == 1
 
         # counters keep counting what the bounded decision log has dropped
-        elastic.move("encoder-2", "encoder", "dit")
+        move(extension_b, "encoder-2", "encoder", "dit")
+        assert len(extension_b.decisions) == 2
         _, samples_b = await scrape(b)
         assert samples_b[moves, labels(source_stage="encoder", target_stage="dit")] == 2
         assert await scrape(a) == (names, samples)
@@ -238,7 +224,7 @@ async def test_each_scheduler_serves_its_own_metrics() -> None:
     ]
     assert len(collectors) == 1
 
-    fresh, _ = await dflow_scheduler()
+    fresh, _, _ = await dflow_scheduler()
     try:
         names, samples = await scrape(fresh)
         assert "dflow_requests_submitted" in names

@@ -18,7 +18,7 @@ gives up goes straight to the model short of replicas, keeping its old model
 loaded until then. A move pays what a replica restart pays: the replica drains
 (its queued requests go back to the other replicas, the running one finishes),
 unloads, and loads the new model's whole pipeline. The actuator is the elastic
-controller's :class:`~dflow.plugins.elastic.RoleSwitcher`, so baseline and
+controller's :class:`~dflow.plugins.actuators.RoleSwitcher`, so baseline and
 dflow pay the very same switch.
 
 It runs on the scheduler, as a :class:`~distributed.diagnostics.plugin.SchedulerPlugin`,
@@ -29,7 +29,6 @@ Delays and periods are in emulated seconds, times ``scale``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -39,7 +38,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from dflow.plugins.extension import _pool_of
+from dflow.pools import Pool, task_pool
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +121,6 @@ class ReplicaAutoscaler(SchedulerPlugin):
         self.up_since: dict[str, float] = {}
         self.down_since: dict[str, float] = {}
         self.decisions: list[ReplicaMove] = []
-        self._tasks: set[asyncio.Task] = set()
         self._pc: Any = None
 
     async def start(self, scheduler: Any) -> None:
@@ -135,12 +133,10 @@ class ReplicaAutoscaler(SchedulerPlugin):
     async def close(self) -> None:
         if self._pc is not None:
             self._pc.stop()
-        for task in self._tasks:
-            task.cancel()
 
     @property
     def switcher(self) -> Any:
-        return self.scheduler.plugins["dflow-elastic"].switcher
+        return self.scheduler.plugins["dflow-elastic"].actuator
 
     def replicas(self) -> dict[str, list[str]]:
         """Workers per model: serving it, loading it, or switching to it."""
@@ -156,7 +152,7 @@ class ReplicaAutoscaler(SchedulerPlugin):
     def ongoing(self) -> Counter[str]:
         counts: Counter[str] = Counter()
         for ts in self.scheduler.tasks.values():
-            pool = _pool_of(ts)
+            pool = task_pool(ts.annotations)
             if pool is not None and pool[0] == "all" and ts.state in ONGOING:
                 counts[pool[1]] += 1
         return counts
@@ -228,11 +224,7 @@ class ReplicaAutoscaler(SchedulerPlugin):
                     target,
                     reason,
                 )
-                task = asyncio.ensure_future(
-                    self.switcher.switch(worker, ("all", target))
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self.switcher.start(worker, Pool("all", target))
             self.up_since.pop(target, None)
         for model in list(self.down_since):
             if model not in spare:

@@ -519,25 +519,14 @@ async def _install(
     recorder: Recorder,
     autoscaler: Any,
 ) -> None:
-    """dflow's scheduler plugins (as ``dflow.preload`` installs them, with the
-    fleet's predictor), the recorder, and the replica autoscaler if any."""
-    from dflow.plugins.elastic import ElasticController
-    from dflow.plugins.extension import DflowExtension
-    from dflow.plugins.telemetry import Telemetry
+    """dflow (:func:`~dflow.plugins.install.install`, with the fleet's
+    predictor), the recorder, and the replica autoscaler if any."""
+    from dflow.plugins.install import install
 
-    extension = DflowExtension()
-    plugins = [
-        extension,
-        Telemetry(extension),
-        ElasticController(extension, predictor=predictor),
-        recorder,
-    ]
-    if autoscaler is not None:
-        plugins.append(autoscaler)
-    for plugin in plugins:
+    await install(scheduler, predictor=predictor)
+    for plugin in [recorder] if autoscaler is None else [recorder, autoscaler]:
         scheduler.add_plugin(plugin)
         await plugin.start(scheduler)
-    extension.telemetry.predictor = predictor
 
 
 # -- one mode -----------------------------------------------------------------------
@@ -758,7 +747,8 @@ def run_mode(
                 finals[keys[key]] = value
         extension = cluster.scheduler.extensions["dflow"]
         decisions = [
-            {**d, "time": (d["time"] - start) / scale} for d in controller.decisions()
+            {**d, "time": (d["time"] - start) / scale}
+            for d in extension.recent_decisions()
         ]
         if autoscaler is not None:
             decisions += [

@@ -112,8 +112,8 @@ def _controller_stats(dask_scheduler: Any = None) -> dict[str, Any]:
     return {
         "planning_seconds": controller.planning_seconds(),
         "planning_cpu_seconds": controller.planning_seconds(cpu=True),
-        "decisions": len(controller.decisions()),
-        "predictor": controller.predictor is not None,
+        "decisions": len(dask_scheduler.extensions["dflow"].decisions),
+        "predictor": controller.predictions.predictor is not None,
         "workers": len(dask_scheduler.workers),
         "last_plan": controller.last_plan.get("reason"),
     }

@@ -1,0 +1,194 @@
+"""Admission: which requests enter, and on which workers their stages may run.
+
+``dflow.submit`` asks the scheduler's ``dflow_admit`` handler before it sends a
+graph. :class:`Admission` waits for workers of every model (else
+:class:`~dflow.errors.ModelNotServed`), routes each stage to the workers with
+the memory for the request's predicted peak (:class:`MemoryRouting`; else
+:class:`~dflow.errors.InvalidRequest` naming the field to shrink), and holds
+each model under ``dflow.admission.max-outstanding`` requests in flight (else
+:class:`~dflow.errors.Overloaded`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import dask.config
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
+
+import dflow.config  # noqa: F401
+from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
+from dflow.plugins.extension import DflowExtension
+from dflow.plugins.predictions import Predictions
+from dflow.pools import MONOLITHIC, STAGES, Pool
+
+GIB = 2**30
+
+
+class MemoryRouting:
+    """The workers of a pool with the memory a request needs."""
+
+    def __init__(self, extension: DflowExtension, predictions: Predictions):
+        self.extension = extension
+        self.predictions = predictions
+
+    def capable(self, pool: Pool, features: dict[str, Any]) -> list[str] | None:
+        """Addresses of the workers of ``pool`` with memory for a request of
+        ``features`` at its predicted peak (``None``: all of them, or no
+        prediction to go by). Raises :class:`~dflow.errors.InvalidRequest` when
+        no worker of the pool has enough."""
+        members = self.extension.members(pool)
+        # one prediction per GPU type: a fleet has a few types and many workers
+        try:
+            peaks = {
+                gpu_type: self.predictions.peak_bytes(pool, gpu_type, features)
+                for gpu_type in {r.gpu_type for r in members}
+            }
+        except LookupError:
+            return None
+        capable, needs = [], []
+        for record in members:
+            peak = peaks[record.gpu_type]
+            if peak is None or peak <= record.memory:
+                capable.append(record.address)
+            else:
+                needs.append((peak, record.memory))
+        if not needs:
+            return None
+        if not capable:
+            peak, largest = max(needs)
+            size = f"{features.get('height')}x{features.get('width')}"
+            # a video's frames weigh as much as its pixels: name what can shrink
+            field, advice = "height", "use a smaller size"
+            if features.get("frames", 1) > 1:
+                size += f"x{features['frames']} frames"
+                field, advice = "num_frames", "use fewer frames or a smaller size"
+            raise InvalidRequest(
+                field,
+                f"the {pool.stage} stage of {pool.model} needs {peak / GIB:.1f} GiB "
+                f"at {size}; its largest worker has {largest / GIB:.1f} GiB: {advice}",
+            )
+        return capable
+
+
+class Admission(SchedulerPlugin):
+    """The ``dflow_admit`` handler: requests in, or a refusal with its reason."""
+
+    name = "dflow-admission"
+
+    def __init__(self, extension: DflowExtension, routing: MemoryRouting):
+        self.extension = extension
+        self.routing = routing
+
+    async def start(self, scheduler: Scheduler) -> None:
+        scheduler.handlers["dflow_admit"] = self.admit
+
+    async def admit(self, **kwargs: Any) -> dict[str, Any]:
+        """Handler of :meth:`admit_requests`: refusals come back as data, so the
+        client raises them and the scheduler's log stays quiet."""
+        try:
+            return {"admitted": await self.admit_requests(**kwargs)}
+        except (InvalidRequest, ModelNotServed, Overloaded) as error:
+            return {
+                "error": type(error).__name__,
+                "field": getattr(error, "field", None),
+                "message": str(error),
+            }
+
+    async def admit_requests(
+        self,
+        requests: list[dict[str, Any]],
+        mode: str | None = None,
+        model_timeout: float = 0.0,
+        admission_timeout: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Admit requests before their graph is sent.
+
+        Waits up to ``model_timeout`` for workers of every model, restricts
+        stages to the workers that can hold them and waits up to
+        ``admission_timeout`` for room under ``dflow.admission.max-outstanding``.
+
+        Returns, per request: its mode and, per stage, the workers it must run
+        on (``None``: any worker of the pool).
+        """
+        deadline = time.monotonic() + model_timeout
+        models = {r["model"] for r in requests}
+        while True:
+            pools = self.extension.pools()
+            missing = sorted(m for m in models if not _serves(pools.get(m, {}), mode))
+            if not missing:
+                break
+            if time.monotonic() >= deadline:
+                served = ", ".join(sorted(pools)) or "none"
+                wanted = f" in {mode} mode" if mode else ""
+                raise ModelNotServed(
+                    f"no workers serve model {missing[0]!r}{wanted} (served: {served}); "
+                    f"start them with `dflow-worker SCHEDULER --stage dit --model "
+                    f"{missing[0]}` (and encoder, vae), or `--stage all`"
+                )
+            await asyncio.sleep(0.1)
+        admitted = []
+        for request in requests:
+            request_mode = mode or _mode(pools[request["model"]])
+            stages = STAGES if request_mode == "disaggregated" else (MONOLITHIC,)
+            admitted.append(
+                {
+                    "mode": request_mode,
+                    "workers": {
+                        stage: self.routing.capable(
+                            Pool(stage, request["model"]), request["features"]
+                        )
+                        for stage in stages
+                    },
+                }
+            )
+        await self._reserve(Counter(r["model"] for r in requests), admission_timeout)
+        return admitted
+
+    async def _reserve(self, counts: Counter[str], timeout: float) -> None:
+        limit = dask.config.get("dflow.admission.max-outstanding")
+        if limit is None:
+            return
+        reserved = self.extension.reserved
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = Counter(r.model for r in self.extension.in_flight())
+            over = [
+                m
+                for m, n in counts.items()
+                if pending[m] + reserved[m] + n > _limit(limit, m)
+            ]
+            if not over:
+                break
+            if time.monotonic() >= deadline:
+                model = over[0]
+                raise Overloaded(
+                    f"model {model!r} has {pending[model] + reserved[model]} "
+                    f"requests in flight and {counts[model]} more were submitted; the "
+                    f"limit is {_limit(limit, model)} (dflow.admission.max-outstanding): "
+                    "retry later"
+                )
+            await asyncio.sleep(0.05)
+        self.extension.reserve(counts)
+
+
+def _mode(stages: dict[str, Any]) -> str:
+    if all(stage in stages for stage in STAGES):
+        return "disaggregated"
+    return "monolithic"
+
+
+def _serves(stages: dict[str, Any], mode: str | None) -> bool:
+    if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
+        return True
+    return mode in (None, "monolithic") and MONOLITHIC in stages
+
+
+def _limit(limit: int | dict[str, int], model: str) -> int:
+    if isinstance(limit, dict):
+        return limit.get(model, limit.get("default", 2**62))
+    return int(limit)

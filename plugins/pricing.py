@@ -1,0 +1,482 @@
+"""Observing and pricing: the fleet and its load as the planner takes them.
+
+The elastic controller reads the scheduler into an :class:`Observation` (plain
+data: workers, and per pool the work owed, arrivals and observed times), then
+everything here is a pure function of it: the planner's view of each worker
+(:func:`planner_workers`, :func:`dwelling`, :func:`barring`, :func:`timing`),
+what each pool costs (:func:`price_pools`), the demand on it (:func:`demands`),
+the plan (:func:`plan_pools`, around :func:`dflow.planner.plan`) and the
+workers a growing cluster should give each pool (:func:`pool_targets`). No
+scheduler: the controller passes its :class:`Settings` and its :class:`Memory`
+of past moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+
+import dflow.config  # noqa: F401
+from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
+from dflow.pools import MONOLITHIC, Pool
+from dflow.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The controller's settings (``dflow.elastic``, ``dflow.planner``,
+    ``dflow.telemetry``), in seconds."""
+
+    horizon: float
+    cooldown: float
+    dwell: float
+    default_switch: float
+    window: float
+    target_utilization: float
+
+    @classmethod
+    def from_config(cls) -> Settings:
+        return cls(
+            horizon=parse_timedelta(dask.config.get("dflow.planner.horizon")),
+            cooldown=parse_timedelta(dask.config.get("dflow.planner.cooldown")),
+            dwell=float(dask.config.get("dflow.elastic.dwell")),
+            default_switch=parse_timedelta(
+                dask.config.get("dflow.elastic.default-switch")
+            ),
+            window=parse_timedelta(dask.config.get("dflow.telemetry.window")),
+            target_utilization=float(
+                dask.config.get("dflow.elastic.target-utilization")
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker as the controller sees it."""
+
+    address: str
+    name: str
+    state: str  # loading | ready | draining | failed
+    pool: Pool | None
+    gpu_type: str
+    memory: int
+    #: tasks are placed on it (running or queued)
+    busy: bool = False
+    #: seconds its longest-running task has run (``None``: none runs)
+    running_s: float | None = None
+    #: the pool the actuator is moving it to (``None``: it stays)
+    moving_to: Pool | None = None
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """A pool's load as the controller sees it."""
+
+    #: stage tasks that requests in flight still owe
+    owed: int = 0
+    #: features of the newest owed task, and of the latest finished one
+    newest: Mapping[str, Any] | None = None
+    recent: Mapping[str, Any] | None = None
+    #: observed seconds per request (telemetry's moving average)
+    observed_s: float | None = None
+    #: stage tasks arriving per second over the telemetry window, and over the
+    #: planning horizon (at least the window)
+    rate: float = 0.0
+    long_rate: float = 0.0
+    #: stage tasks waiting for a worker of the pool
+    waiting: int = 0
+    #: bytes of the pool's weights on a device
+    weight_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The fleet and its load at ``now``."""
+
+    now: float
+    workers: tuple[WorkerView, ...]
+    pools: Mapping[Pool, PoolView]
+    #: measured seconds to load and warm a pool, per (pool, GPU type)
+    load_seconds: Mapping[tuple[Pool, str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the controller remembers of its moves."""
+
+    #: time of each worker's last move (address -> time)
+    moved: Mapping[str, float] = field(default_factory=dict)
+    #: when each moved worker should serve its new pool
+    ready_at: Mapping[str, float] = field(default_factory=dict)
+    #: until when a move from a source to a target pool bars the way back
+    flows: Mapping[tuple[Pool, Pool], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """A plan and what it was made of."""
+
+    #: ``None``: no fleet, or a served pool's demand cannot be priced yet
+    plan: Plan | None
+    #: for status and dashboards: time, utilization per pool, bottleneck,
+    #: feasible, reason
+    summary: dict[str, Any]
+    #: the planner's view of each worker (by address) and each pool's cost
+    workers: Mapping[str, PlannerWorker] = field(default_factory=dict)
+    costs: Mapping[Pool, PoolCost] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a pool's requests cost: seconds per request on the reference GPU
+    type (0: unknown yet), and the planner's cost of hosting the pool."""
+
+    seconds: float
+    cost: PoolCost
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def planner_workers(
+    observation: Observation, moved: Mapping[str, float]
+) -> list[PlannerWorker]:
+    """The fleet as the planner sees it: a worker loading or being moved stays
+    put (its cooldown starts now), a failed one serves no pool; ``moved`` is
+    the time of each worker's last move."""
+    now = observation.now
+    workers = []
+    for view in observation.workers:
+        pool = view.moving_to or view.pool
+        if view.state == "failed":
+            pool = None
+        settling = view.state != "ready" or view.moving_to is not None
+        workers.append(
+            PlannerWorker(
+                name=view.address,
+                gpu_type=view.gpu_type,
+                memory_bytes=view.memory,
+                pool=pool,
+                busy=view.busy,
+                last_move=now if settling else moved.get(view.address),
+            )
+        )
+    return workers
+
+
+def dwelling(
+    worker: PlannerWorker, prices: Mapping[Pool, Price], settings: Settings
+) -> PlannerWorker:
+    """``worker`` with its cooldown stretched to ``dwell`` of its pool's
+    requests: a worker that moved serves its new pool at least that many
+    requests' time before it may move again, so pools of long requests (a
+    video on a slow card takes minutes) do not trade workers back and forth
+    faster than either can use them."""
+    if worker.last_move is None or worker.pool is None or worker.pool not in prices:
+        return worker
+    price = prices[worker.pool]
+    speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+    dwell = settings.dwell * price.seconds / speed
+    if dwell <= settings.cooldown:
+        return worker
+    return dataclasses.replace(
+        worker, last_move=worker.last_move + dwell - settings.cooldown
+    )
+
+
+def barring(
+    worker: PlannerWorker, flows: Mapping[tuple[Pool, Pool], float], now: float
+) -> PlannerWorker:
+    """``worker`` barred from the pools that gave its pool a worker whose move
+    has not taken effect yet (``flows``: until when each move from a source to
+    a target pool is settling). The mover itself is in cooldown, but its new
+    pool's other workers are not: without this, a swing of demand shorter than
+    the requests sends one worker there and, a plan later, another back, each
+    paying a drain and a load before it serves. Once the mover serves, the way
+    back opens: a real reversal is followed without waiting out a cooldown."""
+    if worker.pool is None:
+        return worker
+    barred = frozenset(
+        source
+        for (source, target), until in flows.items()
+        if target == worker.pool and now < until
+    )
+    return dataclasses.replace(worker, barred=barred) if barred else worker
+
+
+def timing(
+    worker: PlannerWorker,
+    view: WorkerView,
+    prices: Mapping[Pool, Price],
+    ready_at: Mapping[str, float],
+    now: float,
+) -> PlannerWorker:
+    """``worker`` with how long a move would take it: a worker still moving
+    serves its new pool only once its drain and load are done (``ready_in``,
+    as the plan that moved it priced them: ``ready_at``); a busy worker must
+    first finish its running task (``drain_seconds``: that task's predicted
+    time on the worker less the time it has run; a whole task when it has not
+    started). So the planner weighs a move's gain against the drain as well as
+    the load, and, the step after, sees the mover as the plan that moved it did."""
+    if worker.pool is None:
+        return worker
+    if view.state != "ready" or view.moving_to is not None:
+        ready_in = ready_at.get(worker.name, now) - now
+        return dataclasses.replace(worker, ready_in=max(0.0, ready_in))
+    price = prices.get(worker.pool)
+    if not view.busy or price is None or not price.seconds:
+        return worker
+    speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+    service = price.seconds / speed
+    if view.running_s is None:
+        return dataclasses.replace(worker, drain_seconds=service)
+    return dataclasses.replace(worker, drain_seconds=max(0.0, service - view.running_s))
+
+
+def reference_type(workers: Collection[WorkerView]) -> str:
+    """The GPU type most workers have: demand is priced in its seconds."""
+    counts = Counter(w.gpu_type for w in workers)
+    return counts.most_common(1)[0][0] if counts else "cpu"
+
+
+# -- pools ----------------------------------------------------------------------------------
+
+
+def service(
+    pool: Pool,
+    view: PoolView,
+    gpu_type: str,
+    features: Mapping[str, Any] | None,
+    predictor: Predictor | None,
+) -> float | None:
+    """Predicted seconds of one task of ``pool`` on ``gpu_type``: the predictor
+    where a profile covers the pool, else the observed average."""
+    if predictor is not None and features:
+        try:
+            return predictor.predict(pool.model, pool.stage, gpu_type, features).seconds
+        except LookupError:
+            pass
+    return view.observed_s
+
+
+def price(
+    pool: Pool,
+    view: PoolView,
+    reference: str,
+    gpu_types: Collection[str],
+    predictor: Predictor | None,
+    load_seconds: Mapping[tuple[Pool, str], float],
+    default_switch: float,
+) -> Price:
+    """Service time on the reference GPU type, speeds, memory and switch time of
+    ``pool``, priced by the features of the newest task it owes (else of its
+    latest finished one): the work ahead is priced by its own requests, so a
+    new mix is priced as itself before its first task finishes."""
+    features = view.newest if view.newest is not None else view.recent
+    base = service(pool, view, reference, features, predictor)
+    speeds = {}
+    for gpu_type in gpu_types:
+        seconds = service(pool, view, gpu_type, features, predictor) if base else None
+        speeds[gpu_type] = base / seconds if base and seconds else 1.0
+    memory = view.weight_bytes
+    if predictor is not None and features:
+        try:
+            peak = predictor.predict(
+                pool.model, pool.stage, reference, features
+            ).peak_bytes
+        except LookupError:
+            peak = None
+        memory = max(memory, peak or 0)
+    known = [s for (p, _), s in load_seconds.items() if p == pool]
+    switch = {
+        g: load_seconds.get((pool, g), max(known, default=default_switch))
+        for g in gpu_types
+    }
+    return Price(
+        seconds=base or 0.0,
+        cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
+    )
+
+
+def price_pools(
+    observation: Observation,
+    pools: Collection[Pool],
+    reference: str,
+    gpu_types: Collection[str],
+    predictor: Predictor | None,
+    settings: Settings,
+) -> dict[Pool, Price]:
+    """:func:`price` of each of ``pools``."""
+    return {
+        pool: price(
+            pool,
+            observation.pools.get(pool, PoolView()),
+            reference,
+            gpu_types,
+            predictor,
+            observation.load_seconds,
+            settings.default_switch,
+        )
+        for pool in pools
+    }
+
+
+def forecast_rate(view: PoolView, settings: Settings) -> float:
+    """Tasks of a pool arriving per second, the forecast for the horizon.
+
+    Counted over the planning horizon (at least the telemetry window): over a
+    short window the randomness of arrivals swings demand, and moves workers.
+    Unless the last window's count is one the longer window's rate makes
+    unlikely, more than two standard deviations of a Poisson count away from
+    it: then the load has shifted (a phase of a moving mix began or ended),
+    and the recent rate is the better forecast; a long window alone would
+    take half the horizon to see a shift. (At a cold start both read low,
+    which the backlog makes up for.)
+    """
+    short = settings.window
+    if max(short, settings.horizon) <= short:
+        return view.rate
+    expected = view.long_rate * short
+    if abs(view.rate * short - expected) > 2 * math.sqrt(max(expected, 1.0)):
+        return view.rate
+    return view.long_rate
+
+
+def demands(
+    observation: Observation, prices: Mapping[Pool, Price], settings: Settings
+) -> dict[Pool, Demand]:
+    """Arrivals times service, plus the work owed by requests in flight, per pool."""
+    result = {}
+    for pool, pool_price in prices.items():
+        view = observation.pools.get(pool, PoolView())
+        result[pool] = Demand(
+            rate=forecast_rate(view, settings) * pool_price.seconds,
+            backlog=view.owed * pool_price.seconds,
+        )
+    return result
+
+
+def unpriced(
+    observation: Observation, served: Collection[Pool], prices: Mapping[Pool, Price]
+) -> list[Pool]:
+    """Served pools that owe work they cannot price (no profile covers them and
+    none of their tasks has finished): their demand is unknown, not none."""
+    return sorted(
+        p
+        for p in served
+        if observation.pools.get(p, PoolView()).owed and not prices[p].seconds
+    )
+
+
+def plan_pools(
+    observation: Observation,
+    predictor: Predictor | None,
+    memory: Memory,
+    settings: Settings,
+) -> PlanStep:
+    """Observe -> price -> plan: the planner's plan for the observed fleet and
+    demand, every pool priced on every GPU type of the fleet."""
+    now = observation.now
+    workers = planner_workers(observation, memory.moved)
+    if not workers:
+        return PlanStep(None, {})
+    served = {w.pool for w in workers if w.pool is not None}
+    # pools nobody serves enter the plan only while they have work
+    pools = served | {
+        p
+        for p, view in observation.pools.items()
+        if p.stage != MONOLITHIC and (view.rate or view.waiting)
+    }
+    prices = price_pools(
+        observation,
+        pools,
+        reference_type(observation.workers),
+        {w.gpu_type for w in workers},
+        predictor,
+        settings,
+    )
+    waiting_for = unpriced(observation, served, prices)
+    if waiting_for:
+        reason = "no move: waiting for a first service time of " + ", ".join(
+            f"{p.stage} of {p.model}" for p in waiting_for
+        )
+        summary = {
+            "time": now,
+            "utilization": {},
+            "bottleneck": None,
+            "feasible": True,
+            "reason": reason,
+        }
+        return PlanStep(None, summary)
+    views = {w.address: w for w in observation.workers}
+    workers = [
+        barring(
+            timing(
+                dwelling(w, prices, settings),
+                views[w.name],
+                prices,
+                memory.ready_at,
+                now,
+            ),
+            memory.flows,
+            now,
+        )
+        for w in workers
+    ]
+    costs = {pool: p.cost for pool, p in prices.items()}
+    # below the target utilization every pool keeps up: no move pays then
+    result = plan(
+        workers,
+        demands(observation, prices, settings),
+        costs,
+        now=now,
+        horizon=settings.horizon,
+        cooldown=settings.cooldown,
+        target_utilization=settings.target_utilization,
+    )
+    summary = {
+        "time": now,
+        "utilization": {str(p): u for p, u in result.utilization.items()},
+        "bottleneck": list(result.bottleneck) if result.bottleneck else None,
+        "feasible": result.feasible,
+        "reason": result.reason,
+    }
+    return PlanStep(result, summary, {w.name: w for w in workers}, costs)
+
+
+def target_sizes(
+    observation: Observation,
+    predictor: Predictor | None,
+    settings: Settings,
+    utilization: float | None = None,
+) -> dict[Pool, int]:
+    """Observe -> price -> size: workers each pool needs at ``utilization``
+    (default the target utilization) over the horizon, every pool priced on
+    the reference GPU type."""
+    reference = reference_type(observation.workers)
+    prices = price_pools(
+        observation, observation.pools, reference, {reference}, predictor, settings
+    )
+    return pool_targets(
+        demands(observation, prices, settings),
+        settings.horizon,
+        settings.target_utilization if utilization is None else utilization,
+    )
+
+
+def pool_targets(
+    demands: Mapping[Pool, Demand], horizon: float, utilization: float
+) -> dict[Pool, int]:
+    """Workers each pool needs to run at ``utilization`` over the horizon."""
+    targets = {}
+    for pool, demand in demands.items():
+        load = demand.rate * horizon + demand.backlog
+        targets[pool] = math.ceil(load / (horizon * utilization)) if load else 0
+    return targets

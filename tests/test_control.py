@@ -1,0 +1,486 @@
+"""The elastic controller's pipeline without a scheduler: observations priced and
+planned by pure functions (:mod:`dflow.plugins.pricing`), pools as one value
+(:mod:`dflow.pools`), and the ``scale-pools`` actuator's sizing. The
+``switch-roles`` actuator, which needs workers, is tested with the scheduler's
+handlers on emulated workers at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import dask.config
+from distributed import utils_test
+from distributed.utils_test import gen_cluster
+
+import dflow
+from dflow.planner import Demand, Move, Plan
+from dflow.plugins.actuators import ClusterScaler
+from dflow.plugins.pricing import (
+    Memory,
+    Observation,
+    PoolView,
+    Settings,
+    WorkerView,
+    barring,
+    demands,
+    dwelling,
+    forecast_rate,
+    plan_pools,
+    planner_workers,
+    pool_targets,
+    price,
+    target_sizes,
+    timing,
+)
+from dflow.pools import Pool, stage_resources, task_pool, task_resources
+from dflow.predictor import Prediction
+from dflow.request import Request
+from dflow.testing import wait_for_pools
+from dflow.worker import StagePlugin
+
+MODEL = "m"
+ENC, DIT, VAE = Pool("encoder", MODEL), Pool("dit", MODEL), Pool("vae", MODEL)
+SETTINGS = Settings(
+    horizon=30.0,
+    cooldown=60.0,
+    dwell=2.0,
+    default_switch=10.0,
+    window=30.0,
+    target_utilization=0.8,
+)
+DIT_HEAVY = {"steps": 50, "height": 1024, "width": 1024}
+
+
+class StageCosts:
+    """A predictor of fixed shape: seconds per stage and GPU type, the DiT's per
+    step; ``peak`` bytes of every call."""
+
+    def __init__(self, covers: tuple[str, ...] = ("encoder", "dit", "vae")):
+        self.covers = covers
+        self.base = {"encoder": 0.04, "dit": 0.04, "vae": 0.08}
+        self.speed = {"h200": 1.0, "l4": 0.25}
+
+    def predict(
+        self, model: str, stage: str, gpu_type: str, features: dict[str, Any]
+    ) -> Prediction:
+        if stage not in self.covers or gpu_type not in self.speed:
+            raise LookupError(f"no profile of {stage} on {gpu_type}")
+        seconds = self.base[stage] * (features["steps"] if stage == "dit" else 1)
+        return Prediction(seconds / self.speed[gpu_type], 2**30)
+
+
+def worker(name: str, pool: Pool | None, **fields: Any) -> WorkerView:
+    return WorkerView(
+        address=f"tcp://{name}",
+        name=name,
+        state=fields.pop("state", "ready"),
+        pool=pool,
+        gpu_type=fields.pop("gpu_type", "h200"),
+        memory=fields.pop("memory", 2**34),
+        **fields,
+    )
+
+
+def fleet(*pools: Pool, **views: PoolView) -> Observation:
+    return Observation(
+        now=1000.0,
+        workers=tuple(worker(f"w{i}", p) for i, p in enumerate(pools)),
+        pools={Pool.parse(k.replace("_", ":")): v for k, v in views.items()},
+    )
+
+
+# -- pools ----------------------------------------------------------------------------
+
+
+def test_a_pool_has_one_string_form():
+    pool = Pool("dit", "tiny-flux")
+    assert str(pool) == pool.resource == "dit:tiny-flux"
+    assert Pool.parse("dit:tiny-flux") == pool
+    stage, model = pool
+    assert (stage, model) == ("dit", "tiny-flux")
+    assert sorted([VAE, DIT, ENC]) == [DIT, ENC, VAE]
+    assert {pool: 1}[Pool.parse(str(pool))] == 1
+    assert stage_resources(pool, 8) == {"dit": 8, "dit:tiny-flux": 8}
+    assert task_resources(pool) == {"dit": 1, "dit:tiny-flux": 1}
+    assert task_pool({"dflow": {"stage": "dit", "model": "tiny-flux"}}) == pool
+    assert task_pool({"other": 1}) is None
+    for text in ("dit/tiny-flux", "dit:", "gpu:tiny-flux", "tiny-flux"):
+        with pytest.raises(ValueError, match="'stage:model'"):
+            Pool.parse(text)
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+def test_planner_workers_keep_settling_workers_in_place():
+    observation = Observation(
+        now=1000.0,
+        workers=(
+            worker("ready", DIT),
+            worker("loading", DIT, state="loading"),
+            worker("moving", ENC, moving_to=DIT, busy=True),
+            worker("failed", VAE, state="failed"),
+        ),
+        pools={},
+    )
+    workers = {w.name: w for w in planner_workers(observation, {"tcp://ready": 900})}
+    assert workers["tcp://ready"].last_move == 900
+    assert workers["tcp://loading"].last_move == 1000
+    # a worker on its way counts in the pool it goes to, and stays put meanwhile
+    assert workers["tcp://moving"].pool == DIT
+    assert workers["tcp://moving"].last_move == 1000 and workers["tcp://moving"].busy
+    assert workers["tcp://failed"].pool is None
+
+
+def test_timing_dwelling_and_barring():
+    prices = {
+        DIT: price(
+            DIT,
+            PoolView(newest=DIT_HEAVY),
+            "h200",
+            ["h200", "l4"],
+            StageCosts(),
+            {},
+            10.0,
+        )
+    }
+    assert prices[DIT].seconds == pytest.approx(2.0)
+    (busy,) = planner_workers(
+        Observation(1000.0, (worker("a", DIT, busy=True, running_s=0.5),), {}), {}
+    )
+    # the running task has 1.5 of its 2 s left
+    assert timing(
+        busy, worker("a", DIT, busy=True, running_s=0.5), prices, {}, 1000.0
+    ).drain_seconds == pytest.approx(1.5)
+    # a whole task when none runs yet (placed, not started)
+    assert timing(
+        busy, worker("a", DIT, busy=True), prices, {}, 1000.0
+    ).drain_seconds == pytest.approx(2.0)
+    # a moving worker serves once its drain and load are done
+    moving = worker("a", ENC, moving_to=DIT)
+    (planned,) = planner_workers(Observation(1000.0, (moving,), {}), {})
+    assert timing(planned, moving, prices, {"tcp://a": 1007.0}, 1000.0).ready_in == 7.0
+
+    # a moved worker stays dwell x 2 s = 4 s: below the 60 s cooldown, unchanged
+    moved = dataclasses.replace(busy, last_move=990.0)
+    assert dwelling(moved, prices, SETTINGS).last_move == 990.0
+    # on an L4 (4x slower) a 200-step request takes 32 s: dwell 64 s > 60 s
+    slow = {
+        DIT: price(
+            DIT,
+            PoolView(newest={**DIT_HEAVY, "steps": 200}),
+            "h200",
+            ["l4"],
+            StageCosts(),
+            {},
+            10.0,
+        )
+    }
+    on_l4 = dataclasses.replace(moved, gpu_type="l4")
+    assert dwelling(on_l4, slow, SETTINGS).last_move == pytest.approx(994.0)
+
+    # the encoder gave the DiT a worker that is not serving yet: the DiT's
+    # other workers may not go back to the encoder until then
+    flows = {(ENC, DIT): 1005.0}
+    assert barring(busy, flows, 1000.0).barred == frozenset({ENC})
+    assert barring(busy, flows, 1006.0).barred == frozenset()
+
+
+# -- pricing ----------------------------------------------------------------------------
+
+
+def test_a_pool_is_priced_by_the_work_it_owes():
+    costs = StageCosts()
+    view = PoolView(
+        owed=3, newest=DIT_HEAVY, recent={**DIT_HEAVY, "steps": 1}, observed_s=9.0
+    )
+    priced = price(DIT, view, "h200", ["h200", "l4"], costs, {(DIT, "l4"): 4.0}, 10.0)
+    # the newest owed task's features, not the last finished one's nor the average
+    assert priced.seconds == pytest.approx(2.0)
+    assert priced.cost.speeds == {"h200": 1.0, "l4": pytest.approx(0.25)}
+    assert priced.cost.memory_bytes == 2**30
+    # measured load time where known, else the slowest known, else the default
+    assert priced.cost.switch_seconds == {"h200": 4.0, "l4": 4.0}
+    assert price(DIT, view, "h200", ["h200"], costs, {}, 10.0).cost.switch_seconds == {
+        "h200": 10.0
+    }
+    # nothing owed: the last finished task's features
+    idle = PoolView(recent={**DIT_HEAVY, "steps": 1}, observed_s=9.0)
+    assert price(DIT, idle, "h200", ["h200"], costs, {}, 10.0).seconds == pytest.approx(
+        0.04
+    )
+    # no profile covers the pool: the observed average, speeds unknown (1)
+    uncovered = StageCosts(covers=("encoder", "vae"))
+    priced = price(DIT, view, "h200", ["h200", "l4"], uncovered, {}, 10.0)
+    assert priced.seconds == 9.0 and priced.cost.speeds == {"h200": 1.0, "l4": 1.0}
+    assert price(DIT, view, "h200", ["h200"], None, {}, 10.0).seconds == 9.0
+    # neither: unknown, 0
+    assert (
+        price(
+            DIT, PoolView(owed=3, newest=DIT_HEAVY), "h200", ["h200"], None, {}, 10.0
+        ).seconds
+        == 0.0
+    )
+
+
+def test_forecast_takes_the_recent_rate_only_after_a_shift():
+    settings = dataclasses.replace(SETTINGS, window=10.0, horizon=40.0)
+    # 10 arrivals in the window against 12 expected: noise, the long rate
+    assert forecast_rate(PoolView(rate=1.0, long_rate=1.2), settings) == 1.2
+    # 30 against 12: a shift, the recent rate
+    assert forecast_rate(PoolView(rate=3.0, long_rate=1.2), settings) == 3.0
+    # a window as long as the horizon: the window's rate
+    short = dataclasses.replace(SETTINGS, horizon=10.0, window=30.0)
+    assert forecast_rate(PoolView(rate=3.0, long_rate=1.0), short) == 3.0
+
+
+def test_demand_and_targets():
+    observation = fleet(DIT, dit_m=PoolView(owed=4, rate=0.5, long_rate=0.5))
+    prices = {
+        DIT: price(
+            DIT, PoolView(newest=DIT_HEAVY), "h200", ["h200"], StageCosts(), {}, 10.0
+        )
+    }
+    (demand,) = demands(observation, prices, SETTINGS).values()
+    assert demand.rate == pytest.approx(1.0) and demand.backlog == pytest.approx(8.0)
+    # (1 x 30 + 8) / (30 x 0.5) = 2.53: three workers; no load: none
+    assert pool_targets({DIT: demand}, 30.0, 0.5) == {DIT: 3}
+    assert pool_targets({DIT: Demand(0.0, 0.0)}, 30.0, 0.5) == {DIT: 0}
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def test_a_dit_heavy_backlog_moves_an_encoder_worker_to_the_dit():
+    observation = fleet(
+        ENC,
+        ENC,
+        DIT,
+        VAE,
+        encoder_m=PoolView(owed=1, newest=DIT_HEAVY),
+        dit_m=PoolView(owed=20, newest=DIT_HEAVY),
+        vae_m=PoolView(owed=20, newest=DIT_HEAVY),
+    )
+    step = plan_pools(observation, StageCosts(), Memory(), SETTINGS)
+    assert step.plan is not None
+    assert [(m.source, m.target) for m in step.plan.moves] == [(ENC, DIT)]
+    assert "dit of m utilization" in step.plan.moves[0].reason
+    assert step.summary["bottleneck"] == ["dit", MODEL]
+    assert set(step.summary["utilization"]) == {"encoder:m", "dit:m", "vae:m"}
+    # a step later the mover is on its way: it counts in the DiT, and the
+    # encoder's last worker stays
+    (move,) = step.plan.moves
+    moving = dataclasses.replace(
+        observation,
+        workers=tuple(
+            dataclasses.replace(w, moving_to=DIT) if w.address == move.worker else w
+            for w in observation.workers
+        ),
+    )
+    memory = Memory(
+        moved={move.worker: 1000.0},
+        ready_at={move.worker: 1010.0},
+        flows={(ENC, DIT): 1010.0},
+    )
+    after = plan_pools(moving, StageCosts(), memory, SETTINGS).plan
+    assert after is not None and after.moves == []
+    # a growing cluster would give the DiT 20 x 2 s / (30 s x 0.8): two workers
+    assert target_sizes(observation, StageCosts(), SETTINGS)[DIT] == 2
+
+
+def test_a_pool_not_priced_yet_keeps_its_workers():
+    """Until its first task finishes, a pool no profile covers has no price: its
+    demand is unknown, not zero. Long denoises behind fast encodes (the encoder
+    priced, the DiT not yet) must not send DiT workers to the encoder; once the
+    DiT is priced, its backlog keeps them."""
+    views = {
+        "encoder_m": PoolView(owed=8, newest=DIT_HEAVY),
+        "dit_m": PoolView(owed=8, newest=DIT_HEAVY),
+        "vae_m": PoolView(owed=8, newest=DIT_HEAVY),
+    }
+    costs = StageCosts(covers=("encoder", "vae"))
+    step = plan_pools(fleet(ENC, DIT, DIT, VAE, **views), costs, Memory(), SETTINGS)
+    assert step.plan is None
+    assert step.summary["reason"] == (
+        "no move: waiting for a first service time of dit of m"
+    )
+    views["dit_m"] = PoolView(owed=8, newest=DIT_HEAVY, observed_s=1.5)
+    step = plan_pools(fleet(ENC, DIT, DIT, VAE, **views), costs, Memory(), SETTINGS)
+    assert step.plan is not None and step.plan.moves == []
+
+
+def test_unserved_pools_enter_the_plan_only_with_work():
+    quiet = fleet(ENC, DIT, VAE, all_m=PoolView(), encoder_x=PoolView())
+    assert set(
+        plan_pools(quiet, StageCosts(), Memory(), SETTINGS).summary["utilization"]
+    ) == {"encoder:m", "dit:m", "vae:m"}
+    # tasks wait for a pool of another model nobody serves
+    busy = fleet(ENC, DIT, VAE, encoder_x=PoolView(waiting=2, newest=DIT_HEAVY))
+    assert (
+        "encoder:x"
+        in plan_pools(busy, StageCosts(), Memory(), SETTINGS).summary["utilization"]
+    )
+
+
+# -- the scale-pools actuator ----------------------------------------------------------------
+
+
+def test_cluster_scaler_grows_at_once_and_shrinks_after_its_wait():
+    scaler = ClusterScaler(minimum=1, maximum=3, wait=3600.0)
+    assert scaler.act(None, {DIT: 2, ENC: 0, Pool("all", MODEL): 4}) == []
+    assert scaler.sizes == {DIT: 2, ENC: 1}  # at least the minimum; no monolithic
+    scaler.act(None, {DIT: 5, ENC: 0})
+    assert scaler.sizes[DIT] == 3  # at most the maximum
+    scaler.act(None, {DIT: 1, ENC: 0})
+    assert scaler.sizes[DIT] == 3  # the largest target of the last hour
+    eager = ClusterScaler(minimum=0, maximum=None, wait=0.0)
+    eager.act(None, {DIT: 4})
+    time.sleep(0.01)
+    eager.act(None, {DIT: 0})
+    assert eager.sizes == {DIT: 0}
+
+
+# -- the switch-roles actuator and the controller's handlers, on emulated workers ----------
+
+
+EMULATED = "pixart-sigma-1024"
+CONFIG = {
+    "dflow.elastic.enabled": False,
+    "dflow.runtime.backend": "emulated",
+    "dflow.emulation.time-scale": 0.1,
+    "dflow.emulation.load-bandwidth": "1000GiB",
+}
+
+
+@pytest.fixture
+def session_config(monkeypatch):
+    """dflow's session config inside gen_cluster, which resets dask config to a
+    copy taken before dflow's defaults were set."""
+    config = copy.deepcopy(utils_test.original_config)
+    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
+    monkeypatch.setattr(utils_test, "original_config", config)
+
+
+def emulated_workers(*stages: str) -> list[tuple[str, int, dict]]:
+    return [
+        ("127.0.0.1", 1, {"plugins": {StagePlugin(stage, EMULATED, "h200")}})
+        for stage in stages
+    ]
+
+
+async def until(condition: Callable[[], Any], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=emulated_workers("encoder", "encoder", "dit", "vae"),
+    scheduler_kwargs={"preload": ["dflow.preload"]},
+    config=CONFIG,
+    timeout=180,
+)
+async def test_role_switcher_moves_workers_and_the_pools_follow(
+    c, s, *workers, session_config
+):
+    await asyncio.to_thread(
+        wait_for_pools, c, {EMULATED: ["encoder", "encoder", "dit", "vae"]}
+    )
+    extension, controller = s.extensions["dflow"], s.plugins["dflow-elastic"]
+    await until(lambda: controller.predictions.predictor is not None)
+    spare = workers[1]
+    assert await c.scheduler.dflow_elastic() == {
+        "enabled": False,
+        "actuator": "switch-roles",
+        "switching": {},
+    }
+
+    # a dry run plans without moving anyone
+    request = Request(model=EMULATED, prompt="a fox", steps=200)
+    futures = await asyncio.to_thread(
+        dflow.map, c, [request.replace(seed=i) for i in range(12)]
+    )
+    await until(lambda: len(extension.in_flight()) == 12)
+    dry = await c.scheduler.dflow_plan()
+    assert {
+        "source": f"encoder:{EMULATED}",
+        "target": f"dit:{EMULATED}",
+    }.items() <= dry["moves"][0].items()
+    assert not extension.decisions and not controller.actuator.switching
+    assert list(dry["bottleneck"]) == ["dit", EMULATED]
+    targets = await c.scheduler.dflow_pool_targets(utilization=0.5)
+    assert targets[f"dit:{EMULATED}"] >= 2
+    await c.cancel(futures)
+    await until(lambda: not extension.in_flight() and not s.tasks)
+
+    # the actuator applies a plan's moves; the pools and the resources follow
+    plan = Plan(
+        moves=[
+            Move(
+                spare.address, Pool("encoder", EMULATED), Pool("dit", EMULATED), "test"
+            )
+        ],
+        assignment={},
+        utilization={},
+        bottleneck=None,
+        feasible=True,
+        reason="test",
+    )
+    moves = controller.actuator.act(plan, {})
+    assert [m.worker for m in moves] == [spare.address]
+    assert controller.actuator.switching == {spare.address: Pool("dit", EMULATED)}
+    await until(
+        lambda: (
+            extension.workers[spare.address].pool == ("dit", EMULATED)
+            and extension.workers[spare.address].state == "ready"
+            and not controller.actuator.switching
+        )
+    )
+    assert s.workers[spare.address].resources[f"dit:{EMULATED}"] == 1
+    assert not s.workers[spare.address].resources.get(f"encoder:{EMULATED}")
+    members = await c.scheduler.dflow_pool_members()
+    assert sorted(members[f"dit:{EMULATED}"]) == sorted(
+        str(w.name) for w in (workers[1], workers[2])
+    )
+    pools = await c.scheduler.dflow_pools()
+    assert pools[EMULATED]["dit"] == {"ready": 2, "loading": 0, "slots": 2}
+    events = [e for _, e in s.get_events("dflow") if e["address"] == spare.address]
+    assert [e["action"] for e in events][-3:] == [
+        "worker-draining",
+        "worker-loading",
+        "worker-ready",
+    ]
+    assert events[-1]["pool"] == f"dit:{EMULATED}"
+    assert events[-1]["previous"] == f"dit:{EMULATED}"
+
+    # an operator's move goes through a handler and is a decision
+    await c.scheduler.dflow_move(
+        worker=str(spare.name), pool=f"encoder:{EMULATED}", reason="operator: back"
+    )
+    await until(
+        lambda: (
+            extension.workers[spare.address].pool == ("encoder", EMULATED)
+            and extension.workers[spare.address].state == "ready"
+        )
+    )
+    (decision,) = await c.scheduler.dflow_decisions()
+    assert decision["worker"] == str(spare.name)
+    assert list(decision["source"]) == ["dit", EMULATED]
+    assert list(decision["target"]) == ["encoder", EMULATED]
+    assert extension.decision_counts["dit", "encoder"] == 1
+
+    # under scale-pools nobody switches roles
+    settings = await c.scheduler.dflow_elastic(actuator="scale-pools", minimum=1)
+    assert settings["actuator"] == "scale-pools"
+    with pytest.raises(ValueError, match="needs the switch-roles actuator"):
+        await c.scheduler.dflow_move(worker=spare.address, pool=f"dit:{EMULATED}")
+    await c.scheduler.dflow_elastic(actuator="switch-roles")
