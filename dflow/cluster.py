@@ -132,7 +132,11 @@ class StageCluster(SpecCluster):
 
     async def _start(self) -> None:
         await super()._start()
-        if dask.config.get("dflow.elastic.actuator") == "scale-pools":
+        if dask.config.get("dflow.elastic.enabled") and (
+            dask.config.get("dflow.elastic.actuator") == "scale-pools"
+        ):
+            # the pools follow the load by growing: scale them to the sizes
+            # the controller gives (its config's bounds)
             self.adapt(minimum=None, wait=None)
 
     def _stage_spec(

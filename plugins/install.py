@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ async def install(
         scheduler.add_plugin(plugin)
         if running:
             await plugin.start(scheduler)
-    scheduler.handlers["dflow_status"] = lambda: status(extension, telemetry)
+    scheduler.handlers["dflow_status"] = functools.partial(status, extension, telemetry)
     if predictor is None:
         seed_predictor(predictions)
     logger.info("dflow installed on the scheduler")

@@ -484,3 +484,22 @@ async def test_role_switcher_moves_workers_and_the_pools_follow(
     with pytest.raises(ValueError, match="needs the switch-roles actuator"):
         await c.scheduler.dflow_move(worker=spare.address, pool=f"dit:{EMULATED}")
     await c.scheduler.dflow_elastic(actuator="switch-roles")
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[],
+    scheduler_kwargs={"preload": ["dflow.preload"]},
+    config={"dflow.elastic.actuator": "scale-pools", "dflow.elastic.enabled": False},
+    timeout=60,
+)
+async def test_the_actuator_is_chosen_by_config(c, s, session_config):
+    settings = await c.scheduler.dflow_elastic()
+    assert settings["actuator"] == "scale-pools"
+    assert await c.scheduler.dflow_pool_sizes() == {}
+    with pytest.raises(ValueError, match="needs the switch-roles actuator"):
+        await c.scheduler.dflow_move(worker="any", pool=f"dit:{EMULATED}")
+    # one step sizes every pool to at least its minimum
+    scaler = s.plugins["dflow-elastic"].actuator
+    scaler.act(None, {Pool("dit", EMULATED): 0})
+    assert await c.scheduler.dflow_pool_sizes() == {f"dit:{EMULATED}": 1}
