@@ -1,1 +1,2 @@
-"""dflow's scheduler side; :func:`dflow.plugins.install.install` puts it on a scheduler."""
+"""dflow's scheduler side: :func:`dflow.plugins.install.install` puts it on a
+scheduler."""

@@ -17,7 +17,7 @@ on the scheduler's ``"dflow"`` topic (``Scheduler.log_event``); the other
 plugins react to them through ``SchedulerPlugin.log_event`` and clients read
 them with ``Client.get_events("dflow")``. Admission, task policing, telemetry and
 the elastic controller are separate plugins that receive this extension
-(:func:`dflow.plugins.install` wires them).
+(:func:`~dflow.plugins.install.install` wires them).
 """
 
 from __future__ import annotations

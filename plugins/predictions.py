@@ -1,10 +1,10 @@
 """The scheduler's stage-cost predictor, shared by admission, telemetry and the
 elastic controller.
 
-:class:`Predictions` holds the :class:`~dflow.predictor.Predictor` (or none yet:
-:func:`dflow.plugins.install` seeds the default one on a thread, and until then
-pools are priced by their observed times and admission routes no request by
-memory). Each plugin that needs predictions receives this one object.
+:class:`Predictions` holds the :class:`~dflow.predictor.Predictor`, or none yet:
+:func:`~dflow.plugins.install.install` seeds the default one on a thread, and
+until then pools are priced by their observed times and admission routes no
+request by memory. Each plugin that needs predictions receives this one object.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``dflow.status``: the fleet per stage and the controller's recent decisions.
 
 A read-only view over dflow's extension and telemetry, served by the
-scheduler's ``dflow_status`` handler (:func:`dflow.plugins.install` registers it).
+scheduler's ``dflow_status`` handler (:func:`~dflow.plugins.install.install`
+registers it).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_a_pool_has_one_string_form():
             Pool.parse(text)
 
 
-# -- workers ----------------------------------------------------------------------------
+# -- workers ---------------------------------------------------------------------------
 
 
 def test_planner_workers_keep_settling_workers_in_place():
@@ -193,7 +193,7 @@ def test_timing_dwelling_and_barring():
     assert barring(busy, flows, 1006.0).barred == frozenset()
 
 
-# -- pricing ----------------------------------------------------------------------------
+# -- pricing ---------------------------------------------------------------------------
 
 
 def test_a_pool_is_priced_by_the_work_it_owes():
@@ -255,7 +255,7 @@ def test_demand_and_targets():
     assert pool_targets({DIT: Demand(0.0, 0.0)}, 30.0, 0.5) == {DIT: 0}
 
 
-# -- planning -----------------------------------------------------------------------------
+# -- planning --------------------------------------------------------------------------
 
 
 def test_a_dit_heavy_backlog_moves_an_encoder_worker_to_the_dit():
@@ -329,7 +329,7 @@ def test_unserved_pools_enter_the_plan_only_with_work():
     )
 
 
-# -- the scale-pools actuator ----------------------------------------------------------------
+# -- the scale-pools actuator ----------------------------------------------------------
 
 
 def test_cluster_scaler_grows_at_once_and_shrinks_after_its_wait():
@@ -347,7 +347,7 @@ def test_cluster_scaler_grows_at_once_and_shrinks_after_its_wait():
     assert eager.sizes == {DIT: 0}
 
 
-# -- the switch-roles actuator and the controller's handlers, on emulated workers ----------
+# -- the switch-roles actuator and the controller's handlers, on emulated workers ------
 
 
 EMULATED = "pixart-sigma-1024"

@@ -263,7 +263,7 @@ class Fleet:
         ]
 
 
-# -- role switching on real worker processes -----------------------------------------------
+# -- role switching on real worker processes -------------------------------------------
 
 TINY = "tiny-pixart"
 #: Real processes: a 3 s cooldown, the controller off (tests switch workers)
@@ -457,7 +457,7 @@ class TestSwitching:
         )
 
 
-# -- the controller on an emulated fleet -----------------------------------------------------
+# -- the controller on an emulated fleet -----------------------------------------------
 
 EMULATED = "pixart-sigma-1024"
 #: Wall seconds per emulated second
@@ -710,7 +710,7 @@ class TestController:
         to_dit = fleet.moves(fleet.decisions()[before:], "vae", "dit")
         assert to_dit and to_dit[0]["time"] < first, fleet.decisions()[before:]
 
-    # -- the cloud actuator: pools that grow (last: it retires workers) -----------------
+    # -- the cloud actuator: pools that grow (last: it retires workers) ----------------
 
     def test_pool_adaptive_grows_and_shrinks_the_dit_pool(
         self, emulated_fleet, record_property
