@@ -13,16 +13,16 @@ runs on a machine with torch alone plus those wheels. Sections, in priority orde
     the ``nn.Linear`` layers diffusers' ``TorchAoConfig`` would quantize), each
     one's output error against bf16 on the same inputs, and whether each quantized
     expert runs within a 24 GiB memory cap.
-``small``
-    The Wan VAE (``AutoencoderKLWan``, Wan 2.1's): the image-to-video condition's
-    encode (the image and 80 zero frames, as ``WanImageToVideoPipeline.prepare_latents``
-    builds it) and an 81-frame decode; UMT5-XXL on 512 tokens; the GPU's ceilings
-    (bf16, int8 and fp8 matrix rates, device copy, host-to-device copies).
 ``offload``
     The monolithic baseline on a 24 GiB card: an expert under diffusers' block-level
     group offload with CUDA streams, capped by ``torch.cuda.set_per_process_memory_fraction``,
     in bf16 and int8, and the two-expert sequence the A14B pipeline runs across its
     boundary step.
+``small``
+    The Wan VAE (``AutoencoderKLWan``, Wan 2.1's): the image-to-video condition's
+    encode (the image and 80 zero frames, as ``WanImageToVideoPipeline.prepare_latents``
+    builds it) and an 81-frame decode; UMT5-XXL on 512 tokens; the GPU's ceilings
+    (bf16, int8 and fp8 matrix rates, device copy, host-to-device copies).
 ``batch``
     One DiT step at batch 1, 2, 4, 8: PixArt-Sigma 1024px (CFG), Flux.1-dev 512px
     and 1024px, Wan 2.1 T2V 1.3B 480x832x81 (CFG), bf16.
@@ -62,7 +62,7 @@ import yaml
 
 MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
 GIB = 2**30
-SECTIONS = ("wan22", "small", "offload", "batch", "compiled")
+SECTIONS = ("wan22", "offload", "small", "batch", "compiled")
 #: The memory of the seed's cards (NVIDIA A10 24 GB)
 CAP_GIB = 24.0
 #: Wan 2.2 A14B expert, from Wan-AI/Wan2.2-I2V-A14B-Diffusers transformer/config.json
@@ -303,9 +303,11 @@ def set_cap(gib: float | None) -> None:
 # -- building -------------------------------------------------------------------------
 
 
-def build(cls: Any, config: dict[str, Any], dtype: Any = None) -> Any:
-    """A model of ``cls`` with seeded random weights, built on the device in
-    ``dtype``, keeping the modules diffusers keeps in float32 in float32."""
+def build(
+    cls: Any, config: dict[str, Any], dtype: Any = None, on: str | None = None
+) -> Any:
+    """A model of ``cls`` with seeded random weights, built on the device (or ``on``)
+    in ``dtype``, keeping the modules diffusers keeps in float32 in float32."""
     import torch
 
     dtype = dtype or torch.bfloat16
@@ -313,7 +315,7 @@ def build(cls: Any, config: dict[str, Any], dtype: Any = None) -> Any:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device()):
+        with torch.device(on or device()):
             if hasattr(cls, "config_class") and hasattr(cls.config_class, "model_type"):
                 model = cls(cls.config_class(**config))  # transformers
             else:
@@ -720,17 +722,18 @@ def section_offload(rec: Recorder, shapes: Shapes, repeats: int) -> None:
         gc.collect()
         release_pinned()
 
-    # pinned host memory is rounded up to powers of two (a bf16 expert takes 40 GiB
-    # of it), so at most two int8 experts, or one bf16, are on the host at once
-    for kind in ("bf16", "int8-weight-only"):
-        if rec.fits(f"offload {kind}", 35 + (1 + repeats) * 4.5):
-            rec.attempt(f"offload {kind}", lambda kind=kind: one(kind))
-        if kind == "bf16":
-            free()
-    # the seed's baseline swaps int8 experts; bf16 ones where int8 did not offload
-    kind = "int8-weight-only" if experts else "bf16"
-    if rec.fits(f"offload swap {kind}", 35 * (1 + (kind not in experts)) + 4 * 4.5):
-        rec.attempt(f"offload swap {kind}", lambda: swap(kind))
+    # The seed's baseline first: int8 experts, block-offloaded, swapped at the
+    # boundary step. Pinned host memory is rounded up to powers of two (a bf16
+    # expert takes 40 GiB of it), so two int8 experts or one bf16 are on the host
+    # at once.
+    int8 = "int8-weight-only"
+    if rec.fits(f"offload {int8}", 35 + (1 + repeats) * 4.5):
+        rec.attempt(f"offload {int8}", lambda: one(int8))
+    if int8 in experts and rec.fits(f"offload swap {int8}", 35 + 4 * 4.5):
+        rec.attempt(f"offload swap {int8}", lambda: swap(int8))
+    free()
+    if rec.fits("offload bf16", 35 + (1 + repeats) * 4.5):
+        rec.attempt("offload bf16", lambda: one("bf16"))
     free()
 
 
@@ -1006,6 +1009,45 @@ def run_section(
     sections[name](rec, shapes, repeats)
 
 
+def weight_counts() -> dict[str, float]:
+    """Bytes of one Wan 2.2 A14B expert, counted on the meta device (no GPU): in bf16,
+    with torchao's int8 weight-only layout (int8 data, a bf16 scale and an int64 zero
+    point per output row), and the pinned host memory group offload takes for each
+    (torch's host allocator rounds every tensor up to a power of two)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    model = build(WanTransformer3DModel, WAN22_EXPERT, on="meta")
+    keep = model._keep_in_fp32_modules
+    linears = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not any(f"{k}." in f"{name}." for k in keep)
+    }
+
+    def pinned(size: int) -> int:
+        return 1 << (size - 1).bit_length()
+
+    totals = dict.fromkeys(("bf16", "int8", "bf16_pinned", "int8_pinned"), 0)
+    for name, parameter in model.named_parameters():
+        size = parameter.numel() * parameter.element_size()
+        totals["bf16"] += size
+        totals["bf16_pinned"] += pinned(size)
+        if name.endswith(".weight") and name[: -len(".weight")] in linears:
+            rows = parameter.shape[0]
+            parts = [parameter.numel(), rows * 2, rows * 8]
+        else:
+            parts = [size]
+        totals["int8"] += sum(parts)
+        totals["int8_pinned"] += sum(pinned(part) for part in parts)
+    count = sum(p.numel() for p in model.parameters())
+    return {
+        "parameters_billion": count / 1e9,
+        **{f"{k}_gib": v / GIB for k, v in totals.items()},
+    }
+
+
 # -- the driver: sections in processes, then the profile files --------------------------
 
 
@@ -1212,9 +1254,17 @@ def main() -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="tiny configs (a CPU dry run)"
     )
+    parser.add_argument(
+        "--weights",
+        action="store_true",
+        help="print one expert's weight and pinned-host bytes (meta device, no GPU)",
+    )
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.weights:
+        print(json.dumps(weight_counts(), indent=1))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     if args.section:
         run_section(args.section, args.out, args.deadline, args.tiny, args.repeats)
