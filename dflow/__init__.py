@@ -25,6 +25,7 @@ _PUBLIC = {
     "map": "dflow.client",
     "status": "dflow.client",
     "models": "dflow.client",
+    "progress": "dflow.events",
     "StageRuntime": "dflow.runtime",
 }
 

@@ -1,5 +1,6 @@
 """Command lines: ``dflow worker`` (also ``dflow-worker`` and ``dask dflow worker``),
-``dflow demo``, ``dflow bench``, ``dflow profile``.
+``dflow demo``, ``dflow bench``, ``dflow profile``, ``dflow serve`` (the HTTP
+gateway).
 
 The worker command takes ``dask worker``'s own options (reused from distributed's
 click command, so they stay in step with it) plus dflow's: the stage and model
@@ -168,3 +169,60 @@ dflow.add_command(worker)
 dflow.add_command(demo)
 dflow.add_command(profile)
 dflow.add_command(bench)
+
+
+@click.command(name="serve")
+@click.argument("scheduler")
+@click.option("--host", default=None, help="Address to listen on [dflow.gateway.host].")
+@click.option(
+    "--port", default=None, type=int, help="Port to listen on [dflow.gateway.port]."
+)
+@click.option(
+    "--api-keys",
+    "api_keys",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="File of bearer API keys, one a line (also $DFLOW_API_KEYS).",
+)
+@click.option("--ssl-certfile", default=None, help="Serve HTTPS with this certificate.")
+@click.option("--ssl-keyfile", default=None, help="The key of --ssl-certfile.")
+@click.option("--tls-ca-file", default=None, help="CA of the scheduler's TLS link.")
+@click.option("--tls-cert", default=None, help="Client certificate for the scheduler.")
+@click.option("--tls-key", default=None, help="Key of --tls-cert.")
+def serve(
+    scheduler,
+    host,
+    port,
+    api_keys,
+    ssl_certfile,
+    ssl_keyfile,
+    tls_ca_file,
+    tls_cert,
+    tls_key,
+):
+    """Serve the OpenAI-compatible HTTP API of the dflow cluster at SCHEDULER."""
+    from distributed.security import Security
+
+    from dflow.gateway.server import serve as run_gateway
+
+    security = None
+    if tls_ca_file or tls_cert or tls_key:
+        security = Security(
+            tls_ca_file=tls_ca_file,
+            tls_client_cert=tls_cert,
+            tls_client_key=tls_key,
+            require_encryption=True,
+        )
+    run_gateway(
+        scheduler,
+        host=host,
+        port=port,
+        api_keys_file=api_keys,
+        security=security,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        announce=lambda url: click.echo(url, err=True),
+    )
+
+
+dflow.add_command(serve)

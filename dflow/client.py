@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import dask.config
+from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import parse_timedelta
 from distributed import Client, Future
@@ -163,6 +164,8 @@ def map(
         for stage, workers in admission["workers"].items():
             prefix, function = STAGE_TASKS[stage]
             key = f"{prefix}-{request_id}"
+            if stage == "encoder":
+                key = encoding_key(request)
             task = (
                 (function, request)
                 if previous is None
@@ -189,6 +192,17 @@ def map(
         final_keys.append(previous)
     graph = HighLevelGraph(layers, dependencies)
     return client.get(graph, final_keys, sync=False)
+
+
+def encoding_key(request: Request) -> str:
+    """The key of a request's encode task: equal for requests whose text
+    encodings are equal (model, prompt, negative prompt, and whether guidance
+    encodes the negative prompt), so requests in flight together run the encoder
+    once (a graph's key already on the scheduler is reused, not run again)."""
+    token = tokenize(
+        request.model, request.prompt, request.negative_prompt, request.features["cfg"]
+    )
+    return f"encode-{token}"
 
 
 def status(client: Client) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Starts a local cluster with one worker per stage on a tiny model (CPU here, a
 GPU if present), generates a few prompts through the disaggregated path with a
 progress bar, writes the images (or GIFs for video models) to a folder, prints
-per-stage times and the dashboard address, and shuts the cluster down.
+per-stage times and the dashboard address, and shuts the cluster down. With
+``--serve`` it serves the cluster's HTTP API instead, until interrupted.
 """
 
 from __future__ import annotations
@@ -65,8 +66,17 @@ def _layout(text: str) -> dict[str, int]:
 @click.option(
     "--dashboard-address", default=":8787", show_default=True, help="Dask dashboard."
 )
-def demo(model, prompts, out, layout, steps, dashboard_address):
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Instead of generating, serve the cluster's OpenAI-compatible HTTP API "
+    "(the dflow.gateway config: 127.0.0.1:8000) until interrupted.",
+)
+def demo(model, prompts, out, layout, steps, dashboard_address, serve):
     """Generate a few prompts on a local disaggregated cluster."""
+    if serve:
+        _serve(model, _layout(layout), dashboard_address)
+        return
     requests = [
         Request(model=model, prompt=PROMPTS[i % len(PROMPTS)], steps=steps, seed=i)
         for i in range(prompts)
@@ -105,3 +115,28 @@ def demo(model, prompts, out, layout, steps, dashboard_address):
                     f"   max {max(times) * 1000:8.1f} ms"
                 )
         click.echo(f"dashboard was at {cluster.dashboard_link}")
+
+
+def _serve(model: str, layout: dict[str, int], dashboard_address: str) -> None:
+    """The local cluster behind the HTTP gateway, until interrupted."""
+    from dflow.gateway.server import serve
+
+    def announce(url: str) -> None:
+        click.echo(f"\n{url}  (the OpenAI base URL; Ctrl-C stops)")
+        click.echo(
+            f"  curl {url}/images/generations -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model}", "prompt": "a red fox"}}\''
+        )
+
+    with (
+        dask.config.set({"dflow.client.model-timeout": "300s"}),
+        StageCluster(
+            model,
+            layout,
+            dashboard_address=dashboard_address,
+            silence_logs=logging.WARNING,
+            worker_options={"silence_logs": logging.WARNING},
+        ) as cluster,
+    ):
+        click.echo(f"dashboard: {cluster.dashboard_link}  (dflow page: /dflow)")
+        serve(cluster.scheduler_address, announce=announce)

@@ -12,12 +12,13 @@ torch) is imported only where a task runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from distributed import Reschedule, get_worker
 from distributed.worker import thread_state
 
-from dflow import prompts
+from dflow import events, prompts
 from dflow.output import Output
 from dflow.request import Request
 
@@ -56,6 +57,19 @@ def _still_wanted() -> bool:
     return task is not None and task.state == "executing"
 
 
+def _stop_check(request: Request) -> Callable[[], bool]:
+    """The ``should_stop`` of a denoising loop, called after each step: reports
+    the step as a progress event (:mod:`dflow.events`) and says whether the
+    scheduler still wants the task."""
+    report = events.step_reporter(request.steps or 0)
+
+    def should_stop() -> bool:
+        report()
+        return not _still_wanted()
+
+    return should_stop
+
+
 def _validated(request: Request) -> Request:
     """``request``, validated again where the model is: a client without the
     model's tokenizer cannot count the prompt's tokens, and one with stale specs
@@ -85,7 +99,7 @@ def encode(request: Request) -> dict[str, Any]:
 
 def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
     latents = _runtime(request, "dit").denoise(
-        request, embeddings, should_stop=lambda: not _still_wanted()
+        request, embeddings, should_stop=_stop_check(request)
     )
     _report(latents["timings"], "denoise")
     return latents
@@ -99,7 +113,7 @@ def decode(request: Request, latents: dict[str, Any]) -> Output:
 
 def generate(request: Request) -> Output:
     output = _runtime(request, "all").generate(
-        _validated(request), should_stop=lambda: not _still_wanted()
+        _validated(request), should_stop=_stop_check(request)
     )
     _report(output.timings, "generate")
     return output

@@ -39,6 +39,7 @@ from distributed.client import FutureCancelledError
 from distributed.utils_test import gen_cluster
 
 import dflow
+from dflow.client import encoding_key
 from dflow.errors import InvalidRequest, Overloaded
 from dflow.request import Request
 from dflow.testing import wait_for_pools
@@ -102,8 +103,9 @@ def request(size: int = 256, steps: int = 1, seed: int = 0) -> Request:
 
 
 def long_request(seed: int = 0) -> Request:
-    """Denoises for about a minute: it is cancelled, never waited for."""
-    return request(2048, steps=200, seed=seed)
+    """Denoises for about a minute: it is cancelled, never waited for. Its own
+    prompt, so it shares no encode task with the short requests."""
+    return request(2048, steps=200, seed=seed).replace(prompt="a lighthouse at night")
 
 
 def in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -195,7 +197,7 @@ async def test_a_deadline_cancels_the_chain_and_frees_it(
     late = await in_thread(dflow.submit, c, long_request(1), deadline="1.5s")
     prompt = await in_thread(dflow.submit, c, request(seed=2), deadline="60s")
     rid = request_id(late.key)
-    keys = {f"{prefix}-{rid}" for prefix in ("encode", "denoise", "decode")}
+    keys = {encoding_key(long_request(1)), f"denoise-{rid}", f"decode-{rid}"}
     await until(lambda: f"denoise-{rid}" in executing(workers))
 
     with pytest.raises(FutureCancelledError) as caught:

@@ -57,6 +57,7 @@ from distributed.utils_test import gen_cluster
 
 import dflow
 from dflow import catalog, prompts, runtime
+from dflow.client import encoding_key
 from dflow.errors import InvalidRequest, ModelNotServed
 from dflow.request import Request
 from dflow.spec import canonical_name
@@ -312,7 +313,7 @@ async def test_a_request_is_three_annotated_restricted_tasks(
     request = long_request()
     future = await in_thread(dflow.submit, c, request)
     rid = request_id(future.key)
-    keys = [f"{prefix}-{rid}" for prefix in ("encode", "denoise", "decode")]
+    keys = [encoding_key(request), f"denoise-{rid}", f"decode-{rid}"]
     assert future.key == keys[-1]
     await until(lambda: all(k in s.tasks for k in keys))
 
@@ -461,19 +462,25 @@ def test_stages_run_on_their_workers_and_pass_data_worker_to_worker(serving):
         outputs = client.gather(futures)
     assert [o.request for o in outputs] == requests
 
-    ran_on = {r["key"]: r["worker"] for r in stream.data if request_id(r["key"]) in ids}
+    # the requests share a prompt, so one encode task serves them all
+    encodings = {encoding_key(r) for r in requests}
+    ours_or_encoding = lambda key: request_id(key) in ids or key in encodings  # noqa: E731
+    ran_on = {r["key"]: r["worker"] for r in stream.data if ours_or_encoding(r["key"])}
     fetched = client.run(incoming_transfers)
-    for rid in ids:
+    for future, request in zip(futures, requests, strict=True):
+        rid, encoding = request_id(future.key), encoding_key(request)
         encoder, dit, vae = (
-            ran_on[f"{p}-{rid}"] for p in ("encode", "denoise", "decode")
+            ran_on[encoding],
+            ran_on[f"denoise-{rid}"],
+            ran_on[f"decode-{rid}"],
         )
         assert (stages[encoder], stages[dit], stages[vae]) == ("encoder", "dit", "vae")
-        assert (f"encode-{rid}", encoder) in fetched[dit]
+        assert (encoding, encoder) in fetched[dit]
         assert (f"denoise-{rid}", dit) in fetched[vae]
     # Every hop went stage to stage: nothing else moved between workers.
     for address, transfers in fetched.items():
         for key, source in transfers:
-            if request_id(key) not in ids:
+            if not ours_or_encoding(key):
                 continue
             hop = (stages[source], key.partition("-")[0], stages[address])
             assert hop in {("encoder", "encode", "dit"), ("dit", "denoise", "vae")}
