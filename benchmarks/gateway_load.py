@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +48,8 @@ from distributed import Client, get_task_stream
 import dflow
 from dflow.bench.harness import revision
 from dflow.testing import (
-    ServiceProcess,
-    child_environment,
-    poll,
+    gateway_process,
     scheduler_process,
-    stop,
     wait_for_pools,
     worker_processes,
 )
@@ -69,32 +62,6 @@ PROMPTS = (
     "an astronaut riding a horse on mars",
     "a watercolor of a quiet harbor",
 )
-
-
-@contextlib.contextmanager
-def gateway(address: str, env: dict[str, str], folder: Path) -> Iterator[str]:
-    """``dflow serve`` on a free port; yields the API's base URL."""
-    log = folder / "gateway.log"
-    command = [str(Path(sys.executable).with_name("dflow")), "serve", address]
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=child_environment(env),
-        )
-    process = ServiceProcess("gateway", popen, log)
-    try:
-
-        def started() -> re.Match | None:
-            if not process.alive():
-                sys.exit(f"the gateway exited:\n{process.tail()}")
-            return re.search(r"dflow gateway: (\S+)", process.tail(100))
-
-        yield poll(started, timeout=300, what="the gateway to start").group(1)
-    finally:
-        stop([process])
 
 
 def body(model: str, prompt: str, seed: int, size: int) -> dict[str, Any]:
@@ -240,7 +207,7 @@ def main() -> None:
         Client(address) as client,
     ):
         wait_for_pools(client, {args.model: STAGES}, processes=workers)
-        with gateway(address, gateway_env, Path(folder)) as url:
+        with gateway_process(address, env=gateway_env, log_dir=folder) as (url, _):
             # warm up both paths (connections, tokenizers, first calls)
             overhead(client, url, args.model, args.size, 3)
             phases: dict[str, Any] = {

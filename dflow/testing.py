@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ from dflow.spec import canonical_name
 __all__ = [
     "SchedulerAddress",
     "ServiceProcess",
+    "gateway_process",
     "scheduler_process",
     "stop",
     "wait_for_pools",
@@ -352,6 +354,52 @@ def worker_processes(
             yield processes
         finally:
             stop(processes)
+
+
+@contextlib.contextmanager
+def gateway_process(
+    address: str,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+    timeout: float = 300.0,
+) -> Iterator[tuple[str, ServiceProcess]]:
+    """Run ``dflow serve`` (the HTTP gateway) on 127.0.0.1 and a free port;
+    yields the API's base URL (``http://127.0.0.1:PORT/v1``) and the process.
+
+    Parameters
+    ----------
+    args
+        More ``dflow serve`` options (``--api-keys``, TLS).
+    env
+        Environment variables on top of this process's (``DASK_DFLOW__GATEWAY__...``).
+    timeout
+        Seconds to wait for it to listen.
+    """
+    with _log_folder(log_dir) as folder:
+        command = [
+            str(Path(sys.executable).with_name("dflow")),
+            "serve",
+            address,
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            *args,
+        ]
+        process = _start("gateway", command, folder / "gateway.log", env)
+        try:
+
+            def listening() -> re.Match | None:
+                if not process.alive():
+                    raise RuntimeError(f"the gateway exited\n{describe([process])}")
+                return re.search(r"dflow gateway: (\S+)", process.tail(100))
+
+            found = poll(listening, timeout, "the gateway to listen")
+            yield found.group(1), process
+        finally:
+            stop([process])
 
 
 def poll(

@@ -17,8 +17,6 @@ import io
 import json
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +37,9 @@ from dflow.events import TOPIC, request_id
 from dflow.gateway.jobs import JobStore
 from dflow.testing import (
     ServiceProcess,
-    child_environment,
+    gateway_process,
     poll,
     scheduler_process,
-    stop,
     wait_for_pools,
     worker_processes,
 )
@@ -115,55 +112,29 @@ def keys_file(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def gateway_process(
-    cluster: Client, keys_file: Path, env: dict[str, str], log: Path
-) -> Iterator[tuple[str, ServiceProcess]]:
-    """``dflow serve`` on a free port; yields its base URL and process."""
-    command = [
-        str(Path(sys.executable).with_name("dflow")),
-        "serve",
+def serving(
+    cluster: Client, keys_file: Path, env: dict[str, str], log_dir: Path
+) -> Iterator[str]:
+    """``dflow serve`` of the module's cluster; yields its base URL."""
+    with gateway_process(
         cluster.scheduler.address,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--api-keys",
-        str(keys_file),
-    ]
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=child_environment(env),
-        )
-    process = ServiceProcess("gateway", popen, log)
-    try:
-        found = poll(
-            lambda: (
-                re.search(r"dflow gateway: (\S+)", process.tail(200))
-                or (None if process.alive() else pytest.fail(process.tail()))
-            ),
-            timeout=PATIENCE,
-            what="the gateway to start",
-        )
-        yield found.group(1), process
-    finally:
-        stop([process])
+        args=["--api-keys", str(keys_file)],
+        env=env,
+        log_dir=log_dir,
+        timeout=PATIENCE,
+    ) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
 def gateway(cluster, keys_file, tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with gateway_process(cluster, keys_file, GATEWAY_ENV, log) as (url, _):
+    with serving(cluster, keys_file, GATEWAY_ENV, tmp_path_factory.mktemp("gw")) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def strict(cluster, keys_file, tmp_path_factory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("strict") / "gateway.log"
-    with gateway_process(cluster, keys_file, STRICT_ENV, log) as (url, _):
+    with serving(cluster, keys_file, STRICT_ENV, tmp_path_factory.mktemp("st")) as url:
         yield url
 
 
@@ -369,32 +340,27 @@ def test_video_progress_goes_step_by_step(gateway):
 def test_two_gateways_serve_one_job_and_a_restart_loses_none(
     cluster, gateway, keys_file, tmp_path
 ):
-    with gateway_process(cluster, keys_file, GATEWAY_ENV, tmp_path / "a.log") as (
-        first,
-        _,
-    ):
-        created = api(first).videos.create(
-            model=VIDEO,
-            prompt="a cat on a beach",
-            size="32x32",
-            extra_body={"num_frames": 5, "num_inference_steps": 2},
-        )
-        # the other gateway sees the job as it runs
-        assert api(gateway).videos.retrieve(created.id).id == created.id
-    # the gateway that took the job is gone; a new one serves it
-    with gateway_process(cluster, keys_file, GATEWAY_ENV, tmp_path / "b.log") as (
-        restarted,
-        _,
-    ):
+    small = {"size": "32x32", "extra_body": {"num_frames": 5, "num_inference_steps": 2}}
+    with serving(cluster, keys_file, GATEWAY_ENV, tmp_path / "first") as first:
+        created = [
+            api(first).videos.create(model=VIDEO, prompt=prompt, **small)
+            for prompt in ("a cat on a beach", "a dog on a beach")
+        ]
+        # the other gateway sees the jobs as they run
+        assert api(gateway).videos.retrieve(created[0].id).id == created[0].id
+    # the gateway that took the jobs is gone; a new one serves them
+    with serving(cluster, keys_file, GATEWAY_ENV, tmp_path / "again") as restarted:
         client = api(restarted)
-        done = client.videos.poll(created.id)
-        assert (done.status, done.progress) == ("completed", 100)
-        with av.open(io.BytesIO(client.videos.download_content(done.id).read())) as mp4:
+        for job in created:
+            done = client.videos.poll(job.id)
+            assert (done.status, done.progress) == ("completed", 100)
+        content = client.videos.download_content(created[0].id).read()
+        with av.open(io.BytesIO(content)) as mp4:
             assert sum(1 for _ in mp4.decode(video=0)) == 5
         # every job, in pages of one, newest first
         listed = [v.id for v in client.videos.list(limit=1)]
-        assert listed[0] == created.id
-        assert len(listed) == len(set(listed)) >= 2
+        assert listed[:2] == [created[1].id, created[0].id]
+        assert len(listed) == len(set(listed))
         ascending = [v.id for v in client.videos.list(limit=100, order="asc")]
         assert ascending == listed[::-1]
 

@@ -6,13 +6,16 @@ with dflow's preload and dashboard (HTTPS through
 ``distributed.scheduler.dashboard.tls.*``), and one ``dflow-worker`` per stage of
 tiny Flux with the same certificate flags, so stage inputs also move worker to
 worker over TLS. A client with a certificate of the CA runs requests; clients
-without one, or with one of another CA, cannot connect.
+without one, or with one of another CA, cannot connect. Last, ``dflow serve``
+reaches the scheduler over TLS and serves HTTPS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import shutil
 import ssl
 import subprocess
@@ -34,7 +37,12 @@ from distributed.security import Security
 import dflow
 from dflow.request import Request
 from dflow.spec import STAGES
-from dflow.testing import scheduler_process, wait_for_pools, worker_processes
+from dflow.testing import (
+    gateway_process,
+    scheduler_process,
+    wait_for_pools,
+    worker_processes,
+)
 
 # functions sent to the scheduler are pickled by value: it cannot import tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -242,3 +250,25 @@ def test_clients_without_a_valid_certificate_cannot_connect(cluster, certificate
         c for c in cluster.client.run_on_scheduler(client_ids) if c != "fire-and-forget"
     ]
     assert others == [cluster.client.id]
+
+
+def test_the_gateway_serves_https_and_reaches_the_scheduler_over_tls(
+    cluster, certificates, tmp_path
+):
+    """``dflow serve`` with the cluster's certificate flags reaches the scheduler
+    over TLS and, with ``--ssl-certfile``/``--ssl-keyfile``, answers HTTPS only."""
+    certs = certificates["cluster"]
+    args = [*certs.flags(), "--ssl-certfile", str(certs.cert)]
+    args += ["--ssl-keyfile", str(certs.key)]
+    with gateway_process(cluster.address, args=args, log_dir=tmp_path) as (url, _):
+        assert url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        request = urllib.request.Request(
+            f"{url}/images/generations",
+            data=json.dumps({"model": MODEL, "prompt": "a fox", "seed": 1}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, context=context, timeout=300) as answer:
+            assert len(json.load(answer)["data"]) == 1
+        with pytest.raises((urllib.error.URLError, OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"{url.replace('https', 'http')}/models", timeout=60)

@@ -253,6 +253,8 @@ async def create_video(request: Request, gw: Gw) -> Response:
         "seed": job.seed,
         "request": request_id(output.key),
         "created_at": int(time.time()),
+        # the list's order: created_at counts whole seconds
+        "created": time.time(),
         "completed_at": None,
         "expires_at": None,
     }
@@ -296,7 +298,7 @@ async def list_videos(
     last id of the previous page)."""
     records = sorted(
         await gw.store.records("video_"),
-        key=lambda r: (r["created_at"], r["id"]),
+        key=lambda r: (r["created"], r["id"]),
         reverse=order == "desc",
     )
     if after is not None:
