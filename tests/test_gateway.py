@@ -205,7 +205,9 @@ def test_images_as_b64_share_one_encoding_and_match_generate(cluster, gateway):
             seed=seed,
         )
         alone = np.asarray(dflow.generate(request).images[0].convert("RGB"))
-        np.testing.assert_array_equal(image, alone)
+        # batched encodes are exact; the VAE may have decoded the two in one
+        # batch, which rounds differently (as test_serving documents)
+        assert np.abs(image.astype(int) - alone).max() <= 1
 
 
 def test_requests_in_flight_together_share_encodings(cluster):
@@ -220,9 +222,10 @@ def test_requests_in_flight_together_share_encodings(cluster):
         outputs = cluster.gather(dflow.map(cluster, requests))
     assert (ran(stream, "denoise-"), ran(stream, "encode-")) == (3, 2)
     for request, output in zip(requests, outputs, strict=True):
-        np.testing.assert_array_equal(
-            np.asarray(output.images[0]), np.asarray(dflow.generate(request).images[0])
-        )
+        alone = np.asarray(dflow.generate(request).images[0]).astype(int)
+        # batched encodes are exact; batched decodes round differently
+        bound = 0 if output.timings["decode_batch"] == 1 else 1
+        assert np.abs(np.asarray(output.images[0]) - alone).max() <= bound
 
 
 def test_images_as_urls_served_by_the_gateway(gateway):
