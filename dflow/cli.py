@@ -221,7 +221,7 @@ def serve(
         security=security,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
-        announce=lambda url: click.echo(url, err=True),
+        announce=lambda url: click.echo(f"dflow gateway: {url}", err=True),
     )
 
 

@@ -122,7 +122,7 @@ def _serve(model: str, layout: dict[str, int], dashboard_address: str) -> None:
     from dflow.gateway.server import serve
 
     def announce(url: str) -> None:
-        click.echo(f"\n{url}  (the OpenAI base URL; Ctrl-C stops)")
+        click.echo(f"\ndflow gateway: {url}  (the OpenAI base URL; Ctrl-C stops)")
         click.echo(
             f"  curl {url}/images/generations -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{model}", "prompt": "a red fox"}}\''

@@ -29,14 +29,15 @@ def serve(
     security: Security | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
-    announce: Callable[[str], Any] = print,
+    announce: Callable[[str], Any] | None = None,
 ) -> None:
     """Serve the gateway of the cluster at ``scheduler`` until interrupted.
 
     Options left as ``None`` take the ``dflow.gateway`` config. ``security``
     secures the link to the scheduler (default: Dask's ``distributed.comm.tls``
     config); ``ssl_certfile`` and ``ssl_keyfile`` make the HTTP side HTTPS.
-    ``announce`` gets the API's base URL once the gateway listens.
+    ``announce`` gets the API's base URL once the gateway listens (default:
+    print ``dflow gateway: URL``).
     """
 
     def setting(value: Any, name: str) -> Any:
@@ -63,6 +64,7 @@ def serve(
         log_level="info",
     )
     scheme = "https" if ssl_certfile else "http"
+    announce = announce or (lambda url: print(f"dflow gateway: {url}", flush=True))
     asyncio.run(_serve(uvicorn.Server(config), scheme, announce))
 
 
@@ -77,7 +79,7 @@ async def _serve(
         raise SystemExit("the gateway did not start (see the log above)")
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    announce(f"dflow gateway: {scheme}://{shown}:{port}/v1")
+    announce(f"{scheme}://{shown}:{port}/v1")
     await task
 
 
