@@ -440,6 +440,7 @@ IMAGE_ERRORS = [
     ({"output_compression": 101}, "output_compression"),
     ({"negative_prompt": "blurry"}, "negative_prompt"),  # flux: guidance is embedded
     ({"prompt": " "}, "prompt"),
+    ({"prompt": "a fox " * 40}, "prompt"),  # over the text encoder's tokens
     ({"prompt": None}, "prompt"),
     ({"quality": "hd"}, "quality"),
     ({"model": VIDEO}, "model"),
