@@ -67,11 +67,15 @@ async def generate_images(request: Request, gw: Gw) -> Response:
     url = body.response_format == "url"
     # the VAE worker's own PNGs serve b64 PNG; anything else is encoded after
     direct = body.output_format == "png" and not url
-    requests = await gw.build(
-        model, fields, body, n=body.n, output_format="png" if direct else "pil"
+    requests, outputs = await gw.submit(
+        model,
+        fields,
+        body,
+        n=body.n,
+        deadline=gw.settings.timeout,
+        output_format="png" if direct else "pil",
     )
     first = requests[0]
-    outputs = await gw.submit(requests, body, deadline=gw.settings.timeout)
     if direct:
         images = outputs
     else:
@@ -235,8 +239,7 @@ async def create_video(request: Request, gw: Gw) -> Response:
                 "image-to-video model yet)",
             )
         extra["image"] = image
-    (job,) = await gw.build(model, fields, body, **extra)
-    (output,) = await gw.submit([job], body)
+    (job,), (output,) = await gw.submit(model, fields, body, **extra)
     key = f"video_{uuid.uuid4().hex}"
     result = gw.client.submit(
         media.encode_video, output, gw.settings.video_fps, key=key

@@ -111,20 +111,6 @@ class Gateway:
 
     # -- requests --------------------------------------------------------------------
 
-    async def build(
-        self, model: str, fields: dict[str, Any], body: Any, n: int = 1, **extra: Any
-    ) -> list[dflow.Request]:
-        """``n`` validated requests (:func:`params.build`); a model this process
-        does not know yet may be one the cluster serves from a folder: ask the
-        cluster once before answering 404."""
-        try:
-            return await self.run(params.build, model, fields, body, n, **extra)
-        except APIError as error:
-            if error.param != "model" or error.status != 404:
-                raise
-        await self.run(dflow.models, self.client)
-        return await self.run(params.build, model, fields, body, n, **extra)
-
     async def model_name(self, name: str | None, body: Any, video: bool) -> str:
         """The model a body names, checked to make videos (``video``) or images;
         without a name, the cluster's only model of that kind."""
@@ -153,18 +139,38 @@ class Gateway:
         return name
 
     async def makes_video(self, model: str, body: Any) -> bool:
-        """Whether ``model`` is a video model (404 if it is unknown)."""
+        """Whether ``model`` makes videos; 404 if neither this process nor the
+        cluster knows it (asked once: it may serve a folder only it has)."""
         if model not in self._video:
-            (probe,) = await self.build(model, {"prompt": "probe"}, body)
-            self._video[model] = probe.spec.video
+            probe = {"prompt": "probe"}
+            try:
+                (request,) = await self.run(params.build, model, probe, body)
+            except APIError as error:
+                if error.param != "model" or error.status != 404:
+                    raise
+                await self.run(dflow.models, self.client)
+                (request,) = await self.run(params.build, model, probe, body)
+            self._video[model] = request.spec.video
         return self._video[model]
 
     async def submit(
-        self, requests: list[dflow.Request], body: Any, deadline: float | None = None
-    ) -> list[Future]:
-        """``dflow.map``, its refusals as HTTP errors."""
+        self,
+        model: str,
+        fields: dict[str, Any],
+        body: Any,
+        n: int = 1,
+        deadline: float | None = None,
+        **extra: Any,
+    ) -> tuple[list[dflow.Request], list[Future]]:
+        """Build ``n`` requests (:func:`params.build`) and ``dflow.map`` them, in
+        one trip to a thread; dflow's refusals come back as HTTP errors."""
+
+        def build_and_map() -> tuple[list[dflow.Request], list[Future]]:
+            requests = params.build(model, fields, body, n, **extra)
+            return requests, dflow.map(self.client, requests, deadline=deadline)
+
         try:
-            return await self.run(dflow.map, self.client, requests, deadline=deadline)
+            return await self.run(build_and_map)
         except Overloaded as error:
             raise APIError(
                 429,
@@ -174,7 +180,7 @@ class Gateway:
                 headers={"Retry-After": str(self.settings.retry_after)},
             ) from None
         except ModelNotServed as error:
-            raise await self.not_served(requests[0].model, error) from None
+            raise await self.not_served(model, error) from None
         except InvalidRequest as error:
             raise params.invalid(error, body) from None
         except ConnectionError as error:
