@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,12 +52,11 @@ import psutil
 
 import dask
 import dask.config
-import distributed
 from distributed import Client, as_completed
 
 import dflow
 from dflow import testing
-from dflow.bench.harness import revision
+from dflow.bench.env import machine
 from dflow.cluster import StageCluster
 from dflow.pools import Pool
 from dflow.request import Request
@@ -499,15 +497,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="benchmarks/results", type=Path)
     args = parser.parse_args()
-    host = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "revision": revision(),
-        "loadavg_start": os.getloadavg(),
-    }
+    host = machine()
     results: dict[str, Any] = {
         "machine": (
             f"{host['cpus']} CPUs, load average {host['loadavg_start'][0]:.1f} at "

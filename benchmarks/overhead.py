@@ -44,7 +44,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,12 +57,11 @@ import psutil
 
 import dask
 import dask.config
-import distributed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 import dflow.client
-from dflow.bench.harness import revision
+from dflow.bench.env import machine
 from dflow.cluster import StageCluster
 from dflow.pools import Pool, task_resources
 from dflow.request import Request
@@ -347,15 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     model_chains = args.model_chains or (50 if args.quick else 300)
     repeats = args.repeats or (1 if args.quick else 3)
     sequential = args.sequential or (5 if args.quick else 20)
-    host = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "revision": revision(),
-        "loadavg_start": os.getloadavg(),
-    }
+    host = machine()
     # Every cluster stays up and the variants take turns, run by run, so that
     # they all see the same drift in the machine's load.
     variants: list[tuple[str, Client, Callable, Callable, dict[str, Any]]] = []

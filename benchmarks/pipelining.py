@@ -31,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ import dask.config
 import distributed
 from distributed import Client, get_task_stream, wait
 
-from dflow.bench.harness import revision
+from dflow.bench.env import machine
 from dflow.client import map as submit_many
 from dflow.cluster import StageCluster
 from dflow.request import Request
@@ -415,15 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     burst_size = args.requests or (20 if args.quick else 100)
     sequential = args.sequential or (3 if args.quick else 10)
     steps_values = [int(s) for s in args.steps.split(",")]
-    host = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "revision": revision(),
-        "loadavg_start": os.getloadavg(),
-    }
+    host = machine()
     layout = {"encoder": 1, "dit": args.dit_workers, "vae": 1}
     started = time.perf_counter()
     runs = []

@@ -25,7 +25,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -222,21 +221,6 @@ def gbps(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f}" if seconds > 0 else "-"
 
 
-def machine() -> dict[str, Any]:
-    from dflow.bench.harness import revision
-
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "revision": revision(),
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 def table(protocol: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"| tensor (CPU, loopback, {protocol}) | dtype | MB "
@@ -278,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 30)
     warmup = 2
+    from dflow.bench.env import machine
+
     host = machine()
     dtypes = ("float32",) if args.quick else DTYPES
     if args.protocol != "tcp":

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from dflow.bench import MODES
 from dflow.bench.baselines import apportion
-from dflow.bench.bounds import best_allocation, capacity, fluid_departures
-from dflow.bench.harness import (
-    MODES,
-    Outcome,
-    bound,
-    busy_fraction,
-    metrics,
-    percentiles,
-)
+from dflow.bench.metrics import Outcome, busy_fraction, metrics, percentiles
+from dflow.bench.physics import best_allocation, bound, capacity, fluid_departures
 
 DIT, ENC, VAE = ("dit", "m"), ("encoder", "m"), ("vae", "m")
 
@@ -134,7 +128,7 @@ def test_bench_cli_rejects_unknown_scenarios():
 def test_tiny_run_of_all_four_modes(tmp_path):
     """Steady Flux on four emulated 4090s, 400 emulated seconds at 1/100 of
     real time: every mode's metrics, the bounds and the plots come out."""
-    from dflow.bench.harness import quiet, run_scenario
+    from dflow.bench.report import quiet, run_scenario
     from dflow.bench.scenarios import Scenario
     from dflow.bench.workload import Arrivals, Phase, Template, Workload
 
@@ -192,7 +186,7 @@ def test_s2_offers_twice_what_the_static_partition_sustains():
     average mix, offered 2.0x what (a) sustains there."""
     import dask.config
 
-    from dflow.bench.harness import physics
+    from dflow.bench.physics import physics
     from dflow.bench.scenarios import S2_RATES, s2
 
     with dask.config.set({"dflow.runtime.backend": "emulated"}):

@@ -1,0 +1,23 @@
+"""``dflow bench``: one workload on one emulated fleet, served four ways.
+
+- :mod:`~dflow.bench.workload` and :mod:`~dflow.bench.scenarios`: the traces and
+  scenarios S1-S4;
+- :mod:`~dflow.bench.physics`: what the fleet can serve at best (pure);
+- :mod:`~dflow.bench.run`, :mod:`~dflow.bench.recorder` and
+  :mod:`~dflow.bench.baselines`: one mode on an in-process fleet;
+- :mod:`~dflow.bench.metrics`: what a run measured (pure);
+- :mod:`~dflow.bench.report`: a scenario end to end, ``results.json`` and the
+  table; :mod:`~dflow.bench.plots`: its figures;
+- :mod:`~dflow.bench.scale`: S4, 1,000 workers on one scheduler;
+- :mod:`~dflow.bench.chaos`: the chaos run; :mod:`~dflow.bench.env`: what a
+  benchmark ran on.
+"""
+
+from __future__ import annotations
+
+#: The label every figure of ``dflow bench`` carries
+LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
+#: The serving modes a scenario runs
+MODES = ("monolithic", "monolithic_autoscaled", "static", "elastic")
+#: The modes served by monolithic replicas
+MONOLITHIC = ("monolithic", "monolithic_autoscaled")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dflow.bench.harness import LABEL, MODES
+from dflow.bench import LABEL, MODES
 
 
 @click.command()
@@ -39,7 +39,7 @@ def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
     at a static ratio, and dflow's elastic pools. Writes OUT/results.json and
     PNG plots. Figures are emulated (cost model: H200 profile scaled by GPU
     type)."""
-    from dflow.bench import harness
+    from dflow.bench import report
 
     if name.upper() == "S4":
         from dflow.bench.scale import run_scale
@@ -71,11 +71,11 @@ def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
         if step > 0:
             bar.update(step)  # type: ignore[attr-defined]
 
-    with harness.quiet():
-        results = harness.run_scenario(
+    with report.quiet():
+        results = report.run_scenario(
             scenario, out, quick=quick, modes=modes or MODES, progress=progress
         )
     for bar in bars.values():
         bar.__exit__(None, None, None)  # type: ignore[attr-defined]
-    click.echo(harness.table(results))
+    click.echo(report.table(results))
     click.echo(f"results: {out / 'results.json'}")

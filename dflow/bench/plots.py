@@ -8,12 +8,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from dflow.bench.harness import ModeRun
+from dflow.bench import LABEL
+from dflow.bench.metrics import ModeRun, outcomes
 
 
 def _figure(count: int, title: str):
@@ -21,8 +20,6 @@ def _figure(count: int, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dflow.bench.harness import LABEL
 
     fig, axes = plt.subplots(
         count, 1, figsize=(10, 2.6 * count), sharex=True, squeeze=False
@@ -34,8 +31,6 @@ def _figure(count: int, title: str):
 def plot_load(runs: Mapping[str, ModeRun], path: Path, title: str) -> None:
     """Per mode: offered and completed requests per second (emulated), and the
     median latency of the requests arriving in each bin."""
-    from dflow.bench.harness import outcomes
-
     plt, fig, axes = _figure(len(runs), title)
     for ax, (mode, run) in zip(axes, runs.items()):
         requests = outcomes(run)

@@ -36,7 +36,8 @@ import psutil
 
 from distributed import Client
 
-from dflow.bench.harness import LABEL, write_results
+from dflow.bench import LABEL
+from dflow.bench.report import write_results
 
 FLUX = "flux.1-dev"
 PIXART = "pixart-sigma-1024"

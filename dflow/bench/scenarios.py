@@ -4,7 +4,7 @@ Each scenario fixes a fleet of emulated GPU types, a workload, how long it runs
 and how much it compresses time; ``--quick`` shortens it (fewer emulated
 seconds, more compression) so that it runs in a few minutes on two cores.
 Rates are chosen from the physical bounds the profile gives the fleet
-(:mod:`dflow.bench.bounds`), quoted next to each scenario.
+(:mod:`dflow.bench.physics`), quoted next to each scenario.
 """
 
 from __future__ import annotations

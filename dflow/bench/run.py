@@ -1,0 +1,271 @@
+"""Run one serving mode of a scenario on a fresh in-process emulated fleet.
+
+A scheduler and one in-process Dask worker per emulated GPU on one event loop
+(``StageCluster(processes=False)``, ``inproc://`` comms), so dozens of emulated
+GPUs fit two cores. Arrivals are paced at ``t x time-scale`` wall seconds, and
+every controller period is set in emulated seconds times the scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+from distributed import Client
+
+import dflow.client
+from dflow.bench import MONOLITHIC
+from dflow.bench.metrics import ModeRun
+from dflow.bench.physics import Allocation
+from dflow.bench.recorder import Recorder
+
+if TYPE_CHECKING:
+    from dflow.bench.scenarios import Scenario
+    from dflow.bench.workload import TraceEntry
+
+
+async def _install(
+    scheduler: Any,
+    predictor: Any,
+    recorder: Recorder,
+    autoscaler: Any,
+) -> None:
+    """dflow (:func:`~dflow.plugins.install.install`, with the fleet's
+    predictor), the recorder, and the replica autoscaler if any."""
+    from dflow.plugins.install import install
+
+    await install(scheduler, predictor=predictor)
+    for plugin in [recorder] if autoscaler is None else [recorder, autoscaler]:
+        scheduler.add_plugin(plugin)
+        await plugin.start(scheduler)
+
+
+def fleet_workers(
+    allocation: Allocation, monolithic: bool
+) -> list[tuple[str, str, str]]:
+    """``(stage, model, gpu_type)`` of each worker of an allocation."""
+    workers = []
+    for (stage, model), per_type in sorted(allocation.items()):
+        for gpu, count in sorted(per_type.items()):
+            workers += [(stage, model, gpu)] * count
+    return workers
+
+
+def fleet_predictor(cost: Any, gpu_types: Sequence[str], scale: float) -> Any:
+    """A predictor that prices every pool on every GPU type of the fleet as the
+    emulation charges it, in wall seconds at ``scale`` (as the controller
+    observes them): what a deployment profiled on its own GPU types knows.
+
+    Its online correction is off (``ewma_alpha=0``): it would learn Dask's
+    per-task CPU time divided by the time scale (25x at 0.04) and inflate the
+    sub-second encoder and VAE calls many times over; the controller trusts the
+    profile, which is what the emulation charges. (The predictor is built
+    before the run's config is set, so the alpha is passed, not configured.)"""
+    from dflow.predictor import Predictor
+
+    rows = []
+    for gpu in sorted(set(gpu_types)):
+        for row in cost.rows_for(gpu):
+            rows.append({**row, "seconds": row["seconds"] * scale})
+    return Predictor(rows, ewma_alpha=0.0)
+
+
+def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
+    """Dask config of one mode's run: the emulated backend and every controller
+    period in emulated seconds times the scale."""
+    s = scenario.controller
+    return {
+        "dflow.runtime.backend": "emulated",
+        "dflow.emulation.time-scale": scale,
+        # the elastic controller starts with the arrivals (run_mode)
+        "dflow.elastic.enabled": False,
+        "dflow.elastic.interval": s["interval"] * scale,
+        "dflow.elastic.default-switch": s["default-switch"] * scale,
+        "dflow.planner.horizon": s["horizon"] * scale,
+        "dflow.planner.cooldown": s["cooldown"] * scale,
+        "dflow.planner.hysteresis": s["hysteresis"],
+        "dflow.telemetry.window": s["window"] * scale,
+        "dflow.telemetry.max-records": 2000,
+        # the online correction would learn Dask's per-task CPU time divided by
+        # the time scale (25x at 0.04), inflating the sub-second encoder and
+        # VAE: the controller trusts the profile, which the emulation charges
+        "dflow.predictor.ewma-alpha": 0.0,
+        "dflow.predictor.refit-interval": 3600,
+        "dflow.client.model-timeout": "120s",
+        "dflow.scheduler.unserved-timeout": "3600s",
+    }
+
+
+def _wait_ready(cluster: Any, count: int, timeout: float) -> None:
+    extension = cluster.scheduler.extensions["dflow"]
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [r.state for r in list(extension.workers.values())]
+        if states.count("ready") >= count:
+            return
+        failed = [r for r in list(extension.workers.values()) if r.state == "failed"]
+        if failed:
+            raise RuntimeError(f"worker failed to load: {failed[0].error}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{states.count('ready')} of {count} workers ready")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def parallel_loads() -> Iterator[None]:
+    """Let the in-process workers' emulated loads overlap.
+
+    ``dflow.runtime`` builds one model at a time per process (diffusers' lazy
+    imports are not thread-safe). On GPUs every worker is its own process, so
+    loads overlap; an emulated adapter builds nothing, so its loads (sleeps)
+    may overlap here too, or every move of a fleet in one process would wait
+    for the others' loads.
+    """
+    from dflow import runtime
+
+    saved = runtime._loading
+    runtime._loading = contextlib.nullcontext()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        runtime._loading = saved
+
+
+def run_mode(
+    scenario: Scenario,
+    mode: str,
+    entries: Sequence[TraceEntry],
+    allocation: Allocation,
+    cost: Any,
+    *,
+    scale: float,
+    duration: float,
+    drain: float,
+    progress: Callable[[float], None] | None = None,
+) -> ModeRun:
+    """Serve ``entries`` on a fresh in-process fleet laid out as ``allocation``.
+
+    Arrivals are paced over ``duration`` emulated seconds; the run then waits up
+    to ``drain`` emulated seconds for requests in flight and cancels the rest.
+    ``progress`` hears the emulated seconds elapsed.
+    """
+    from dflow.bench.baselines import ReplicaAutoscaler
+    from dflow.cluster import StageCluster
+
+    monolithic = mode in MONOLITHIC
+    workers = fleet_workers(allocation, monolithic)
+    predictor = fleet_predictor(cost, list(scenario.fleet), scale)
+    recorder = Recorder(interval=max(0.05, scenario.sample_every * scale))
+    autoscaler = (
+        ReplicaAutoscaler(scale=scale, **scenario.autoscaler)
+        if mode == "monolithic_autoscaled"
+        else None
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(run_config(scenario, mode, scale)))
+        stack.enter_context(parallel_loads())
+        cluster = stack.enter_context(
+            StageCluster(
+                workers[0][1],
+                fleet=workers,
+                processes=False,
+                protocol="inproc",
+                host=None,
+                dashboard_address=None,
+                worker_options={"memory_limit": 0},
+                scheduler_options={"preload": [], "dashboard": False},
+            )
+        )
+        cluster.sync(_install, cluster.scheduler, predictor, recorder, autoscaler)
+        _wait_ready(cluster, len(workers), timeout=300)
+        client = stack.enter_context(Client(cluster))
+        mode_name = "monolithic" if monolithic else "disaggregated"
+        futures: dict[int, Any] = {}
+        keys: dict[Any, int] = {}
+        enabled: float | None = None
+        lock = threading.Lock()
+        ordered = sorted(range(len(entries)), key=lambda i: entries[i].t)
+        controller = cluster.scheduler.plugins["dflow-elastic"]
+        start = time.time()
+        position = 0
+        while position < len(ordered):
+            now = time.time()
+            if mode == "elastic" and not controller.enabled:
+                # from the first arrival: the controller prices a pool that has
+                # not finished a task yet from the tasks it owes (dcb7b67)
+                controller.enabled = True
+                enabled = (now - start) / scale
+            due = []
+            while position < len(ordered) and (
+                start + entries[ordered[position]].t * scale <= now
+            ):
+                due.append(ordered[position])
+                position += 1
+            if due:
+                submitted = dflow.client.map(
+                    client, [entries[i].request() for i in due], mode=mode_name
+                )
+                with lock:
+                    for i, future in zip(due, submitted):
+                        futures[i] = future
+                        keys[future.key] = i
+            if progress is not None:
+                progress((time.time() - start) / scale)
+            if position < len(ordered):
+                wait = start + entries[ordered[position]].t * scale - time.time()
+                time.sleep(min(max(wait, 0.0), 0.05))
+        # the arrivals are over: wait for what is in flight, up to the drain
+        end = start + duration * scale
+        while time.time() < end:
+            time.sleep(0.05)
+            if progress is not None:
+                progress((time.time() - start) / scale)
+        deadline = end + drain * scale
+        while time.time() < deadline:
+            if all(f.done() for f in futures.values()):
+                break
+            time.sleep(0.05)
+        stop = time.time()
+        client.cancel([f for f in futures.values() if not f.done()], force=True)
+        finals: dict[int, tuple[float, str] | None] = dict.fromkeys(range(len(entries)))
+        for key, value in list(recorder.finals.items()):
+            if key in keys:
+                finals[keys[key]] = value
+        extension = cluster.scheduler.extensions["dflow"]
+        decisions = [
+            {**d, "time": (d["time"] - start) / scale}
+            for d in extension.recent_decisions()
+        ]
+        if autoscaler is not None:
+            decisions += [
+                {**asdict(d), "time": (d.time - start) / scale}
+                for d in autoscaler.decisions
+            ]
+        roles = {
+            r.name: (r.gpu_type, "/".join(r.pool) if r.pool else None)
+            for r in extension.workers.values()
+        }
+        names = {r.address: r.name for r in extension.workers.values()}
+        tasks = [(s, m, names.get(w, w), a, b) for s, m, w, a, b in recorder.tasks]
+        planning = controller.planning_seconds()
+        futures.clear()
+    return ModeRun(
+        mode=mode,
+        start=start,
+        scale=scale,
+        stop=stop,
+        entries=list(entries),
+        finals=finals,
+        tasks=tasks,
+        samples=list(recorder.samples),
+        decisions=decisions,
+        workers=roles,
+        controller_start=enabled,
+        planning=planning,
+        plans=list(recorder.plans),
+    )
