@@ -15,6 +15,11 @@ Each process logs to a file (``ServiceProcess.log``); a process that fails to
 start or a pool that does not become ready raises with the tail of every log.
 Processes get this process's environment plus ``DASK_DFLOW__CACHE_DIR`` (so the
 workers find the presets this process built) and dflow's log level.
+
+Also what tests and benchmarks share besides clusters: an elastic fleet seen
+and steered through dflow's scheduler handlers, the equivalence requests and
+the pixels of dflow's and the stock pipeline's outputs, and the model folders
+tests run on (fixtures are in ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -44,10 +49,28 @@ import dflow.config  # noqa: F401
 from dflow.spec import canonical_name
 
 __all__ = [
+    "EQUIVALENCE_CASES",
+    "TINY_PRESETS",
     "SchedulerAddress",
     "ServiceProcess",
+    "controller_on",
+    "decisions",
+    "dflow_events",
+    "elastic",
+    "emulated_predictor",
+    "equivalence_request",
+    "external_model_paths",
+    "fleet_layout",
+    "fleet_settled",
+    "fleet_workers",
     "gateway_process",
+    "move",
+    "pixels",
+    "poll",
     "scheduler_process",
+    "set_layout",
+    "set_roles",
+    "stock_pixels",
     "stop",
     "wait_for_pools",
     "worker_processes",
@@ -622,3 +645,103 @@ def emulated_predictor(gpu_types: Iterable[str] = ("h200",)) -> Any:
 def _call(client: Client, handler: str, **kwargs: Any) -> Any:
     """The answer of one of dflow's scheduler handlers, called with ``kwargs``."""
     return client.sync(getattr(client.scheduler, handler), **kwargs)
+
+
+# -- pixels against stock diffusers; the tests' model folders ---------------------------
+
+#: Requests the equivalence checks run per model folder: one landscape and one
+#: portrait, with the model's default guidance (classifier-free guidance for
+#: PixArt and Wan) and with guidance 1.0 (no CFG); a seed above 2**63 checks
+#: that the full seed range reaches the noise.
+EQUIVALENCE_CASES: dict[str, dict[str, Any]] = {
+    "cfg": {"guidance_scale": None, "seed": 1234, "aspect": (4, 6)},
+    "no-cfg": {"guidance_scale": 1.0, "seed": 2**63 + 7, "aspect": (6, 4)},
+}
+
+
+def equivalence_request(folder: str, case: Mapping[str, Any], **changes: Any) -> Any:
+    """A small, fast :class:`dflow.Request` that still exercises every stage of
+    ``folder``'s model, shaped by one of :data:`EQUIVALENCE_CASES`."""
+    from dflow.catalog import resolve
+    from dflow.request import Request
+
+    spec = resolve(folder)
+    rows, columns = case["aspect"]
+    if spec.video:
+        # video models: fewer pixels, and two latent frames
+        rows, columns = rows // 2, columns // 2
+    fields = {
+        "model": folder,
+        "prompt": "a red bicycle leaning on a stone wall",
+        "negative_prompt": "blurry, low quality" if spec.negative_prompts else "",
+        "height": rows * spec.size_multiple,
+        "width": columns * spec.size_multiple,
+        "num_frames": spec.vae_scale_temporal + 1 if spec.video else None,
+        "steps": 3,
+        "guidance_scale": case["guidance_scale"],
+        "seed": case["seed"],
+    }
+    fields.update(changes)
+    return Request(**fields)
+
+
+def pixels(output: Any) -> Any:
+    """uint8 pixels of a :class:`dflow.Output`: (images, H, W, 3) or (frames, H, W, 3)."""
+    import numpy as np
+
+    if output.request.spec.video:
+        return output.frames
+    return np.stack([np.asarray(image.convert("RGB")) for image in output.images])
+
+
+def stock_pixels(pipe: Any, request: Any) -> Any:
+    """The stock diffusers pipeline's pixels for ``request``, in the layout of
+    :func:`pixels`."""
+    import numpy as np
+    import torch
+
+    from dflow import families
+
+    spec = request.spec
+    arguments = {
+        "prompt": request.prompt,
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "generator": torch.Generator("cpu").manual_seed(request.seed),
+        "max_sequence_length": spec.max_sequence_length,
+    }
+    if spec.negative_prompts:
+        arguments["negative_prompt"] = request.negative_prompt
+    # what dflow's adapter passes too (PixArt: no resolution binning)
+    arguments.update(families.of(spec).call_options)
+    if spec.video:
+        arguments.update(num_frames=request.num_frames, output_type="np")
+        (video,) = pipe(**arguments).frames
+        return (video * 255).round().astype(np.uint8)
+    images = pipe(**arguments).images
+    return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+
+#: The presets the tests build and run (real architectures, tiny random weights)
+TINY_PRESETS = ("tiny-flux", "tiny-pixart", "tiny-wan")
+#: The environment variable listing extra diffusers folders for the tests
+MODEL_PATHS_ENV = "DFLOW_TEST_MODEL_PATHS"
+
+
+def external_model_paths(config: Any) -> list[str]:
+    """Absolute paths of the diffusers folders given to pytest (``--model-path``,
+    repeatable) or in ``$DFLOW_TEST_MODEL_PATHS`` (separated by ``os.pathsep``)."""
+    import pytest
+
+    given = list(config.getoption("model_path"))
+    given += [p for p in os.environ.get(MODEL_PATHS_ENV, "").split(os.pathsep) if p]
+    paths = []
+    for path in given:
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise pytest.UsageError(
+                f"--model-path {path!r} is not a diffusers folder (no model_index.json)"
+            )
+        paths.append(str(Path(path).resolve()))
+    return list(dict.fromkeys(paths))

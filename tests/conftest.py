@@ -1,5 +1,7 @@
-"""Shared fixtures: an isolated preset cache, the tiny preset folders, and the
-``model_folder`` parametrization that external diffusers folders join.
+"""Shared fixtures: an isolated preset cache, the tiny preset folders, the
+``model_folder`` parametrization that external diffusers folders join, and dflow's
+config inside ``gen_test``/``gen_cluster``. Shared helpers that are not
+fixtures are in :mod:`dflow.testing`.
 
 Run the folder-parametrized tests on other diffusers folders with
 ``pytest --model-path PATH`` (repeatable) or ``DFLOW_TEST_MODEL_PATHS`` (paths
@@ -8,15 +10,15 @@ separated by ``os.pathsep``).
 
 from __future__ import annotations
 
-import os
+import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import dask.config
 
-TINY_PRESETS = ("tiny-flux", "tiny-pixart", "tiny-wan")
-MODEL_PATHS_ENV = "DFLOW_TEST_MODEL_PATHS"
+from dflow.testing import MODEL_PATHS_ENV, TINY_PRESETS, external_model_paths
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,20 +30,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="a diffusers folder to run the model_folder tests on, besides the tiny "
         f"presets (repeatable; also ${MODEL_PATHS_ENV}, separated by os.pathsep)",
     )
-
-
-def external_model_paths(config: pytest.Config) -> list[str]:
-    """Absolute paths of the diffusers folders given on the command line or in env."""
-    given = list(config.getoption("model_path"))
-    given += [p for p in os.environ.get(MODEL_PATHS_ENV, "").split(os.pathsep) if p]
-    paths = []
-    for path in given:
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise pytest.UsageError(
-                f"--model-path {path!r} is not a diffusers folder (no model_index.json)"
-            )
-        paths.append(str(Path(path).resolve()))
-    return list(dict.fromkeys(paths))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -97,6 +85,20 @@ def tiny_folders(dflow_cache_dir: str) -> dict[str, str]:
 def model_folder(request: pytest.FixtureRequest, tiny_folders: dict[str, str]) -> str:
     """A diffusers folder: each tiny preset's, then each ``--model-path``."""
     return tiny_folders.get(request.param, request.param)
+
+
+@pytest.fixture
+def keep_dflow_config(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """dflow's session config (its defaults, the tests' cache dir) inside
+    ``gen_test``/``gen_cluster``, which reset dask config to a copy taken when
+    ``distributed.utils_test`` was imported, before dflow's were set. Returns
+    that copy, for a test to change further."""
+    from distributed import utils_test
+
+    config = copy.deepcopy(utils_test.original_config)
+    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
+    monkeypatch.setattr(utils_test, "original_config", config)
+    return config
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -24,7 +24,6 @@ peak memory for admission.
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from collections.abc import Callable
 from importlib.resources import files
@@ -34,7 +33,6 @@ import pytest
 import yaml
 
 import dask.config
-from distributed import utils_test
 from distributed.client import FutureCancelledError
 from distributed.utils_test import gen_cluster
 
@@ -63,10 +61,9 @@ CONFIG = {
 
 
 @pytest.fixture
-def session_config(monkeypatch, tmp_path):
-    """dflow's session config (defaults, the tests' cache dir) inside gen_cluster,
-    which resets dask config to a copy taken before dflow's were set; plus a GPU
-    catalog with :data:`SMALL_GPU`."""
+def session_config(keep_dflow_config, tmp_path):
+    """dflow's session config inside gen_cluster (``keep_dflow_config``), plus a
+    GPU catalog with :data:`SMALL_GPU`."""
     catalog = yaml.safe_load(files("dflow.configs").joinpath("gpus.yaml").read_text())
     catalog["gpus"][SMALL_GPU] = {
         **catalog["gpus"]["l4"],
@@ -75,10 +72,7 @@ def session_config(monkeypatch, tmp_path):
     }
     path = tmp_path / "gpus.yaml"
     path.write_text(yaml.safe_dump(catalog))
-    config = copy.deepcopy(utils_test.original_config)
-    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
-    config["dflow"]["emulation"]["gpus"] = str(path)
-    monkeypatch.setattr(utils_test, "original_config", config)
+    keep_dflow_config["dflow"]["emulation"]["gpus"] = str(path)
 
 
 def stage_workers(*stages: str | tuple[str, str]) -> list[tuple[str, int, dict]]:

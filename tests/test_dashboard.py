@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import json
 import math
 import os
@@ -28,8 +27,7 @@ from bokeh.client import pull_session
 from bokeh.core.json_encoder import serialize_json
 from tornado.websocket import websocket_connect
 
-import dask.config
-from distributed import Client, Scheduler, utils_test, wait
+from distributed import Client, Scheduler, wait
 from distributed.utils_test import gen_test
 
 from dflow import client as dflow_client
@@ -139,15 +137,6 @@ def fill(scheduler: Scheduler, now: float) -> None:
     extension.workers["tcp://127.0.0.1:3"] = WorkerRecord(
         "tcp://127.0.0.1:3", "vae-2", "ready", "vae", MODEL, "cpu"
     )
-
-
-@pytest.fixture
-def keep_dflow_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gen_test resets dask config to a copy taken when ``distributed.utils_test``
-    was imported, before dflow's defaults were loaded: keep them."""
-    config = copy.deepcopy(utils_test.original_config)
-    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
-    monkeypatch.setattr(utils_test, "original_config", config)
 
 
 @pytest.mark.usefixtures("keep_dflow_config")

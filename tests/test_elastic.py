@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_equivalence import pixels
 
 import dask.config
 from distributed import Client, Future, wait
@@ -45,7 +44,7 @@ from dflow.cluster import StageCluster
 from dflow.plugins.install import install
 from dflow.pools import STAGES, TASK_PREFIXES, Pool
 from dflow.request import Request
-from dflow.testing import poll, wait_for_pools
+from dflow.testing import pixels, poll, wait_for_pools
 
 # fleets of workers, bursts of requests
 pytestmark = pytest.mark.slow

@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import TINY_PRESETS
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +40,7 @@ from dflow.errors import InvalidRequest
 from dflow.output import Output
 from dflow.request import MAX_SEED, OUTPUT_FORMATS, Request
 from dflow.spec import STAGES
-from dflow.testing import wait_for_pools
+from dflow.testing import TINY_PRESETS, wait_for_pools
 from dflow.worker import StagePlugin
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Request))

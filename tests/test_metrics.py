@@ -4,7 +4,6 @@ a real scheduler's ``/metrics``."""
 
 from __future__ import annotations
 
-import copy
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
 import dask.config
-from distributed import Client, Scheduler, utils_test, wait
+from distributed import Client, Scheduler, wait
 from distributed.http.scheduler.prometheus import core
 from distributed.utils_test import gen_test
 
@@ -126,15 +125,6 @@ def move(
             "test",
         )
     )
-
-
-@pytest.fixture
-def keep_dflow_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gen_test resets dask config to a copy taken when ``distributed.utils_test``
-    was imported, before dflow's defaults were loaded: keep them."""
-    config = copy.deepcopy(utils_test.original_config)
-    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
-    monkeypatch.setattr(utils_test, "original_config", config)
 
 
 async def dflow_scheduler() -> tuple[Scheduler, DflowExtension, Telemetry]:

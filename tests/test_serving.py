@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import re
 import shutil
@@ -40,8 +39,6 @@ import numpy as np
 import pytest
 import torch
 import tqdm
-from conftest import external_model_paths
-from test_equivalence import CASES, make_request, pixels, run_stock
 
 import dask.config
 from distributed import (
@@ -50,7 +47,6 @@ from distributed import (
     as_completed,
     get_task_stream,
     progress,
-    utils_test,
     wait,
 )
 from distributed.utils_test import gen_cluster
@@ -62,9 +58,14 @@ from dflow.errors import InvalidRequest, ModelNotServed
 from dflow.request import Request
 from dflow.spec import canonical_name
 from dflow.testing import (
+    EQUIVALENCE_CASES,
     ServiceProcess,
+    equivalence_request,
+    external_model_paths,
+    pixels,
     poll,
     scheduler_process,
+    stock_pixels,
     stop,
     wait_for_pools,
     worker_processes,
@@ -114,7 +115,7 @@ class Serving:
     def request(self, seed: int, **changes: Any) -> Request:
         """A small square request with the model's default guidance."""
         case = {"guidance_scale": None, "seed": seed, "aspect": (4, 4)}
-        return make_request(self.model, case, **changes)
+        return equivalence_request(self.model, case, **changes)
 
     def generate(self, request: Request) -> np.ndarray:
         """``dflow.generate``'s pixels, in this process."""
@@ -127,7 +128,7 @@ class Serving:
                 request.spec.source, dtype=torch.float32
             )
             self._stock.set_progress_bar_config(disable=True)
-        return run_stock(self._stock, request)
+        return stock_pixels(self._stock, request)
 
     def dit_processes(self) -> list[ServiceProcess]:
         return [p for p in self.workers if p.stage == "dit" and p.alive()]
@@ -260,19 +261,11 @@ API_CONFIG = {"dflow.elastic.enabled": False}
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """What gen_cluster needs to host dflow workers in this process.
-
-    - gen_cluster resets dask config to a copy taken when ``distributed.utils_test``
-      was imported, before dflow's defaults and the session cache dir were set:
-      keep them.
-    - The first tqdm bar, even a disabled one (diffusers pipelines make one per
-      call), starts tqdm's monitor thread, which lives on and fails gen_cluster's
-      thread-leak check: no monitor.
-    """
-    config = copy.deepcopy(utils_test.original_config)
-    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
-    monkeypatch.setattr(utils_test, "original_config", config)
+def in_process(keep_dflow_config, monkeypatch):
+    """What gen_cluster needs to host dflow workers in this process: dflow's
+    config (``keep_dflow_config``), and no tqdm monitor: the first tqdm bar, even
+    a disabled one (diffusers pipelines make one per call), starts tqdm's
+    monitor thread, which lives on and fails gen_cluster's thread-leak check."""
     monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
 
 
@@ -486,9 +479,11 @@ def test_stages_run_on_their_workers_and_pass_data_worker_to_worker(serving):
             assert hop in {("encoder", "encode", "dit"), ("dit", "denoise", "vae")}
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "case", list(EQUIVALENCE_CASES.values()), ids=list(EQUIVALENCE_CASES)
+)
 def test_output_equals_generate_and_stock_pipeline(serving, case, record_property):
-    request = make_request(serving.model, case)
+    request = equivalence_request(serving.model, case)
     output = dflow.submit(serving.client, request).result()
     assert output.request == request
     assert output.timings["encode_batch"] == output.timings["decode_batch"] == 1
