@@ -43,6 +43,9 @@ from dflow.request import Request
 from dflow.testing import wait_for_pools
 from dflow.worker import StagePlugin
 
+# emulated stage calls that sleep their profiled time (time-scale 1)
+pytestmark = pytest.mark.slow
+
 MODEL = "pixart-sigma-1024"
 STAGES = ("encoder", "dit", "vae")
 SCHEDULER = {"preload": ["dflow.preload"]}

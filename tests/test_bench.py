@@ -125,6 +125,7 @@ def test_bench_cli_rejects_unknown_scenarios():
     assert "unknown scenario" in result.output
 
 
+@pytest.mark.slow
 def test_tiny_run_of_all_four_modes(tmp_path):
     """Steady Flux on four emulated 4090s, 400 emulated seconds at 1/100 of
     real time: every mode's metrics, the bounds and the plots come out."""

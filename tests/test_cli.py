@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from distributed import Client
@@ -35,6 +36,7 @@ DASK_OPTIONS = (
 DFLOW_OPTIONS = ("--stage", "--model", "--gpu-type", "--gpus")
 
 
+@pytest.mark.slow
 def test_both_commands_show_dask_and_dflow_options():
     bin_dir = Path(sys.executable).parent
     commands = [
@@ -69,6 +71,7 @@ def test_stage_and_model_are_required():
     assert "Missing option '--stage'" in result.output
 
 
+@pytest.mark.slow
 def test_a_real_worker_takes_dask_options_and_reports_to_dflow(tmp_path, tiny_folders):
     scheduler_file = tmp_path / "scheduler.json"
     options = [

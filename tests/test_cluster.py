@@ -22,6 +22,9 @@ from dflow.testing import fleet_settled, move, poll, wait_for_pools
 from dflow.worker import StagePlugin, stage_slots
 from dflow.worker_options import nanny_specs
 
+# worker processes (Nanny)
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-pixart"
 
 

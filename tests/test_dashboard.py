@@ -253,6 +253,7 @@ def served(scheduler) -> Iterator[tuple[str, Client, list[str]]]:
         yield url, client, names
 
 
+@pytest.mark.slow
 def test_pages_on_a_fresh_scheduler(scheduler) -> None:
     """Every page answers and holds its plots, empty, before any worker or request."""
     _, url = scheduler
@@ -284,6 +285,7 @@ def run_requests(client: Client, n: int) -> None:
     assert all(f.status == "finished" for f in futures)
 
 
+@pytest.mark.slow
 def test_dflow_page_with_requests(served) -> None:
     url, client, _ = served
     run_requests(client, 6)
@@ -457,6 +459,7 @@ def shows_data(state: dict[str, Any] | None, workers: list[str]) -> bool:
     return all(w in state["cells"] for w in workers) and "ready" in state["cells"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (CI installs it)")
 def test_browser_shows_data_while_requests_run(served, tmp_path: Path) -> None:
     url, client, workers = served

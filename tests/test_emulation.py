@@ -65,6 +65,7 @@ def timed(call, scale: float = SCALE) -> tuple[float, object]:
         return (time.perf_counter() - start) / scale, result
 
 
+@pytest.mark.slow
 def test_flux_dit_time_matches_the_profile(anchors_only):
     request = Request(model=FLUX, prompt="a fox", steps=28, seed=0)
     anchor = 28 * 0.1722  # profiles/h200-stages.json: dit_step at 4096 tokens
@@ -80,6 +81,7 @@ def test_flux_dit_time_matches_the_profile(anchors_only):
     )
 
 
+@pytest.mark.slow
 def test_slower_gpu_takes_proportionally_longer():
     request = Request(model=FLUX, prompt="a fox", steps=8, seed=0)
     catalog = hardware.catalog()
@@ -98,6 +100,7 @@ def test_slower_gpu_takes_proportionally_longer():
     assert slow / fast == pytest.approx(expected, rel=0.05)
 
 
+@pytest.mark.slow
 def test_batch_8_encode_costs_the_batch_8_row(anchors_only):
     spec = resolve(FLUX)
     request = Request(model=FLUX, prompt="a fox", seed=0)
@@ -215,6 +218,7 @@ def test_monolithic_offload_reproduces_the_measured_flux_runs(h200_24gib):
     assert cost.placement(spec, STAGES, "h200-24gib", long).mode == "model-offload"
 
 
+@pytest.mark.slow
 def test_monolithic_flux_on_a_24_gib_card_pays_offload():
     request = Request(model=FLUX, prompt="a fox", seed=0)
     runtime = StageRuntime(FLUX, "all", gpu_type="rtx4090")
@@ -234,6 +238,7 @@ def test_monolithic_flux_on_a_24_gib_card_pays_offload():
     assert dit.seconds == pytest.approx(placement.stages["dit"].compute, rel=0.01)
 
 
+@pytest.mark.slow
 def test_load_time_is_paid_in_construction():
     spec = resolve(FLUX)
     cost_model()  # built once per process, before any load is timed

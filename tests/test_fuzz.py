@@ -269,6 +269,7 @@ def outcome(future) -> Output | BaseException:
         return error
 
 
+@pytest.mark.slow
 @cluster_randomness
 @fuzz_settings(examples=12)
 @given(fields=extreme_fields())
@@ -285,6 +286,7 @@ def test_submit_extreme_requests_give_outputs_or_clean_errors(client, fields):
     workers_serve(client)
 
 
+@pytest.mark.slow
 @cluster_randomness
 @fuzz_settings(examples=30)
 @given(mode=anything, deadline=anything)
@@ -314,6 +316,7 @@ TAMPERED = {
 }
 
 
+@pytest.mark.slow
 @cluster_randomness
 @fuzz_settings(examples=12)
 @given(

@@ -243,6 +243,7 @@ def served() -> Iterator[tuple[Client, str]]:
         yield client, f"http://127.0.0.1:{port}/metrics"
 
 
+@pytest.mark.slow
 def test_request_counters_match_the_requests(served) -> None:
     client, url = served
     requests = [Request(model=MODEL, prompt=f"a fox, {i}", seed=i) for i in range(6)]

@@ -44,6 +44,9 @@ from dflow.testing import (
     worker_processes,
 )
 
+# real scheduler and worker processes
+pytestmark = pytest.mark.slow
+
 # functions sent to the workers are pickled by value: worker processes cannot
 # import test modules
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -27,6 +27,9 @@ import dflow
 from dflow.request import Request
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
 
+# real scheduler and worker processes
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-pixart"
 ENV = {"DASK_DFLOW__ELASTIC__ENABLED": "False"}
 #: Seconds within which pending futures must raise after the scheduler dies

@@ -72,6 +72,9 @@ from dflow.testing import (
 )
 from dflow.worker import StagePlugin
 
+# real scheduler and worker processes
+pytestmark = pytest.mark.slow
+
 MODELS = ("tiny-pixart", "tiny-flux")
 #: The disaggregated cluster's workers; two DiT workers, so one can be killed
 LAYOUT = ("encoder", "dit", "dit", "vae")

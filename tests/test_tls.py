@@ -47,9 +47,13 @@ from dflow.testing import (
 # functions sent to the scheduler are pickled by value: it cannot import tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="needs the openssl command line"
-)
+pytestmark = [
+    # real scheduler and worker processes
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("openssl") is None, reason="needs the openssl command line"
+    ),
+]
 
 MODEL = "tiny-flux"
 
