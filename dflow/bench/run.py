@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -116,26 +116,6 @@ def _wait_ready(cluster: Any, count: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-@contextlib.contextmanager
-def parallel_loads() -> Iterator[None]:
-    """Let the in-process workers' emulated loads overlap.
-
-    ``dflow.runtime`` builds one model at a time per process (diffusers' lazy
-    imports are not thread-safe). On GPUs every worker is its own process, so
-    loads overlap; an emulated adapter builds nothing, so its loads (sleeps)
-    may overlap here too, or every move of a fleet in one process would wait
-    for the others' loads.
-    """
-    from dflow import runtime
-
-    saved = runtime._loading
-    runtime._loading = contextlib.nullcontext()  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        runtime._loading = saved
-
-
 def run_mode(
     scenario: Scenario,
     mode: str,
@@ -168,7 +148,6 @@ def run_mode(
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(dask.config.set(run_config(scenario, mode, scale)))
-        stack.enter_context(parallel_loads())
         cluster = stack.enter_context(
             StageCluster(
                 workers[0][1],
