@@ -241,7 +241,6 @@ json.dump(
 """
 
 
-@pytest.mark.slow
 def test_tokenizers_build_offline_and_alike_in_every_process(dflow_cache_dir):
     """Workers build their own tokenizers: with no hub, and all the same ids,
     whatever the process imported before (this one has torch, that one not)."""
