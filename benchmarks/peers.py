@@ -47,7 +47,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -63,11 +62,10 @@ import torch
 
 import dask
 import dask.config
-import distributed
 from distributed import Client, as_completed
 
 import dflow
-from dflow.bench.harness import revision
+from dflow.bench.env import machine
 from dflow.cluster import StageCluster
 from dflow.presets import folder as preset_folder
 from dflow.request import Request
@@ -835,16 +833,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error('needs Ray Serve: pip install -e ".[bench]"')
 
     host = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
+        **machine(),
         "ray": ray.__version__,
-        "revision": revision(),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "loadavg_start": os.getloadavg(),
     }
     folder = preset_folder(PRESET)
     bare = Bare(folder)
