@@ -21,14 +21,12 @@ import numpy as np
 import dask.config
 
 from dflow.errors import StageOutOfMemory
-from dflow.spec import STAGES
+from dflow.pools import MONOLITHIC, STAGES, Pool
 
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
     from dflow.bench.workload import TraceEntry
 
-#: (stage, model)
-Pool = tuple[str, str]
 #: {pool: {gpu type: workers}}
 Allocation = dict[Pool, dict[str, int]]
 
@@ -56,7 +54,7 @@ def request_seconds(
     stage, _ = pool
     spec, features = request.spec, request.features
     try:
-        if stage == "all":
+        if stage == MONOLITHIC:
             return cost.placement(spec, STAGES, gpu_type, features).seconds
         if stage == "dit":
             return cost.placement(spec, [stage], gpu_type, features).seconds
@@ -83,14 +81,14 @@ def pool_work(
     """Seconds per request of ``mix`` (``(request, weight)`` pairs, weights
     summing to 1) that each pool costs on each GPU type."""
     gpu_types = sorted(set(gpu_types))
-    stages = ("all",) if monolithic else STAGES
+    stages = (MONOLITHIC,) if monolithic else STAGES
     total = sum(w for _, w in mix)
     work: dict[Pool, dict[str, float]] = {}
     for request, weight in mix:
         if weight <= 0:
             continue
         for stage in stages:
-            pool = (stage, request.model)
+            pool = Pool(stage, request.model)
             entry = work.setdefault(pool, dict.fromkeys(gpu_types, 0.0))
             for gpu in gpu_types:
                 entry[gpu] += weight / total * request_seconds(cost, request, pool, gpu)
@@ -389,7 +387,7 @@ def physics(scenario: Scenario, cost: Any) -> Physics:
     result.reference_latency = reference_latency(cost, average, scenario.fleet)
     for request, _ in average:
         result.replica_seconds[request.model] = {
-            g: request_seconds(cost, request, ("all", request.model), g, 1)
+            g: request_seconds(cost, request, Pool(MONOLITHIC, request.model), g, 1)
             for g in scenario.fleet
         }
     return result
@@ -401,14 +399,17 @@ def reference_latency(
     """Per model, the latency of one request alone on the fleet's best deployment:
     the lesser of a monolithic replica and a stage per GPU, on the fastest type
     that holds it (the SLOs are multiples of it)."""
-
     latency: dict[str, float] = {}
     for request, _ in mix:
         mono = min(
-            request_seconds(cost, request, ("all", request.model), g, 1) for g in fleet
+            request_seconds(cost, request, Pool(MONOLITHIC, request.model), g, 1)
+            for g in fleet
         )
         split = sum(
-            min(request_seconds(cost, request, (s, request.model), g, 1) for g in fleet)
+            min(
+                request_seconds(cost, request, Pool(s, request.model), g, 1)
+                for g in fleet
+            )
             for s in STAGES
         )
         best = min(mono, split)
@@ -469,7 +470,7 @@ def static_monolithic_latencies(
     start, end = window
     latencies: list[tuple[str, float]] = []
     for model, seconds in p.replica_seconds.items():
-        replicas = allocation.get(("all", model), {})
+        replicas = allocation.get(Pool(MONOLITHIC, model), {})
         rate = sum(n / seconds[g] for g, n in replicas.items() if seconds[g] > 0)
         service = min((seconds[g] for g, n in replicas.items() if n), default=math.inf)
         times = sorted(e.t for e in entries if e.model == model)
