@@ -7,7 +7,6 @@ handlers on emulated workers at the end."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -15,8 +14,6 @@ from typing import Any
 
 import pytest
 
-import dask.config
-from distributed import utils_test
 from distributed.utils_test import gen_cluster
 
 import dflow
@@ -359,15 +356,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture
-def session_config(monkeypatch):
-    """dflow's session config inside gen_cluster, which resets dask config to a
-    copy taken before dflow's defaults were set."""
-    config = copy.deepcopy(utils_test.original_config)
-    config["dflow"] = copy.deepcopy(dask.config.get("dflow"))
-    monkeypatch.setattr(utils_test, "original_config", config)
-
-
 def emulated_workers(*stages: str) -> list[tuple[str, int, dict]]:
     return [
         ("127.0.0.1", 1, {"plugins": {StagePlugin(stage, EMULATED, "h200")}})
@@ -390,7 +378,7 @@ async def until(condition: Callable[[], Any], timeout: float = 60.0) -> None:
     timeout=180,
 )
 async def test_role_switcher_moves_workers_and_the_pools_follow(
-    c, s, *workers, session_config
+    c, s, *workers, keep_dflow_config
 ):
     await asyncio.to_thread(
         wait_for_pools, c, {EMULATED: ["encoder", "encoder", "dit", "vae"]}
@@ -493,7 +481,7 @@ async def test_role_switcher_moves_workers_and_the_pools_follow(
     config={"dflow.elastic.actuator": "scale-pools", "dflow.elastic.enabled": False},
     timeout=60,
 )
-async def test_the_actuator_is_chosen_by_config(c, s, session_config):
+async def test_the_actuator_is_chosen_by_config(c, s, keep_dflow_config):
     settings = await c.scheduler.dflow_elastic()
     assert settings["actuator"] == "scale-pools"
     assert await c.scheduler.dflow_pool_sizes() == {}
