@@ -45,6 +45,8 @@ from dflow.testing import (
 )
 
 pytestmark = [
+    # real scheduler, worker and gateway processes
+    pytest.mark.slow,
     # the openai client warns on every videos call that OpenAI's Sora API will close
     pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"),
     # the first test's setup starts the module's six worker processes
