@@ -205,7 +205,9 @@ class StagePlugin(WorkerPlugin):
         worker = self.worker
         if worker.nanny is not None:
             try:
-                await worker.rpc(worker.nanny).dflow_load_failed(message=message)
+                # the nanny's address (typed as the Nanny in distributed)
+                nanny = str(worker.nanny)
+                await worker.rpc(nanny).dflow_load_failed(message=message)
                 return
             except Exception:
                 logger.debug("The nanny is not a StageNanny", exc_info=True)
@@ -272,7 +274,10 @@ class StageNanny(Nanny):
         """Handler: the worker could not load its stage; close it for good."""
         self.load_error = message
         self.failed.set()
-        self._ongoing_background_tasks.call_soon(self.close, reason="dflow-load-failed")
+        self._ongoing_background_tasks.call_soon(self._close_for_good)
+
+    async def _close_for_good(self) -> None:
+        await self.close(reason="dflow-load-failed")
 
 
 async def run_nannies(
