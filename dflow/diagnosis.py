@@ -13,7 +13,7 @@ import os
 
 from dflow import presets
 
-#: What ``--model`` takes, for the messages
+#: What a model name can be, for the messages
 MODEL_FORMS = (
     "a dflow preset ({presets}), a local diffusers folder or a Hugging Face id "
     "already in the local cache"
@@ -39,13 +39,13 @@ def model_problem(model: str) -> str | None:
 def _unresolved(model: str, error: ValueError) -> str:
     forms = MODEL_FORMS.format(presets=", ".join(presets.names()))
     if _looks_like_path(model) and not os.path.exists(model):
-        return f"the folder {model} does not exist; --model takes {forms}"
+        return f"the folder {model} does not exist; a model is {forms}"
     if os.path.isdir(model) and not os.path.isfile(
         os.path.join(model, "model_index.json")
     ):
         return (
             f"{model} is not a diffusers folder (it has no model_index.json); "
-            f"--model takes {forms}"
+            f"a model is {forms}"
         )
     text = str(error).removeprefix("model: ")
     if "is not supported" in text:
@@ -53,9 +53,9 @@ def _unresolved(model: str, error: ValueError) -> str:
     if "/" in model:
         return (
             f"{model!r} is neither a folder here nor a Hugging Face id in the local "
-            f"cache (dflow never downloads); --model takes {forms}"
+            f"cache (dflow never downloads); a model is {forms}"
         )
-    return f"unknown model {model!r}; --model takes {forms}"
+    return f"unknown model {model!r}; a model is {forms}"
 
 
 def _looks_like_path(model: str) -> bool:
