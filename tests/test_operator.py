@@ -26,9 +26,9 @@ from distributed import Client
 from distributed.client import FutureCancelledError
 from distributed.utils_test import gen_test
 
-import dflow
 from dflow import logs
 from dflow.cli import dflow as dflow_group
+from dflow.client import RequestFuture
 from dflow.cluster import StageCluster
 from dflow.errors import StageLoadError
 from dflow.plugins.admission import Admission, MemoryRouting
@@ -185,8 +185,8 @@ def test_a_workers_life_in_its_log(tmp_path, tiny_folders):
         switch = f"Switching {record['name']} from dit:{MODEL} to vae:{MODEL}"
         poll(lambda: switch in address.process.tail(200), 30, "the switch's line")
 
-        request = dflow.Request(model=MODEL, prompt="a fox", steps=1000)
-        future = dflow.submit(client, request, mode="monolithic")
+        # dflow's output futures (the notebook test cancels one of dflow.map's)
+        future = RequestFuture(client.submit(time.sleep, 30).key, client)
         future.cancel()
         with pytest.raises(FutureCancelledError, match="reason: cancelled"):
             future.result(timeout=30)
@@ -406,3 +406,36 @@ def test_demo_is_quiet_and_keeps_its_dashboard_up(tmp_path):
     assert "warn" not in text.lower() and "\r" not in text, text
     assert "dashboard was at" not in text
     assert len(list((tmp_path / "out").glob("*.png"))) == 2
+
+
+# -- the examples notebook -------------------------------------------------------
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.mark.slow
+def test_the_examples_notebook_runs_against_a_local_cluster(tmp_path, tiny_folders):
+    """The README's notebook path: executed as Jupyter would, on the cluster it
+    starts (a cell that raises fails the test)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(EXAMPLES / "dflow.ipynb", as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=900,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute(env=child_environment())
+
+    def text(cell: int) -> str:
+        return "".join(o.get("text", "") for o in notebook.cells[cell].outputs)
+
+    cells = {c.source.partition("\n")[0]: i for i, c in enumerate(notebook.cells)}
+    assert "reason: cancelled" in text(
+        cells["slow = dflow.submit(client, request.replace(steps=500, seed=99))"]
+    )
+    assert "height" in text(cells["try:"])
+    status = text(cells["status = dflow.status(client)"])
+    assert "ready since" in status and "tiny-wan" in status
+    assert (tmp_path / "waves.gif").is_file()
