@@ -83,6 +83,12 @@ def configure() -> None:
     if "distributed.batched" not in configured:
         batched = logging.getLogger("distributed.batched")
         batched.setLevel(max(batched.getEffectiveLevel(), logging.WARNING))
+    quiet_dependencies()
+
+
+def quiet_dependencies() -> None:
+    """Drop the dependencies' records that say nothing to a dflow user (the
+    filters of ``_FILTERS``). Idempotent."""
     for name, record_filter in _FILTERS:
         target = logging.getLogger(name)
         if record_filter not in target.filters:
@@ -91,7 +97,9 @@ def configure() -> None:
 
 @contextlib.contextmanager
 def quiet_progress_bars() -> Iterator[None]:
-    """Silence diffusers' and transformers' load/save progress bars."""
+    """Silence diffusers' and transformers' load/save progress bars (and their
+    known noise, :func:`quiet_dependencies`, for good)."""
+    quiet_dependencies()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
