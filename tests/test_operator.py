@@ -433,7 +433,7 @@ def test_the_examples_notebook_runs_against_a_local_cluster(tmp_path, tiny_folde
 
     cells = {c.source.partition("\n")[0]: i for i, c in enumerate(notebook.cells)}
     assert "reason: cancelled" in text(
-        cells["slow = dflow.submit(client, request.replace(steps=500, seed=99))"]
+        cells["slow = dflow.submit(client, request.replace(steps=200, seed=99))"]
     )
     assert "height" in text(cells["try:"])
     status = text(cells["status = dflow.status(client)"])
