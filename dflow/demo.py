@@ -5,7 +5,8 @@ GPU if present), waits for its workers, generates a few prompts through the
 disaggregated path (with a progress bar on a terminal), writes the images (or
 GIFs for video models) to a folder and prints per-stage times. The dashboard
 address is printed while the dashboard is up: with ``--keep`` the cluster and
-its dashboard stay up until Ctrl-C.
+its dashboard stay up until Ctrl-C. With ``--serve`` it serves the cluster's
+HTTP API instead, until interrupted.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import click
 
-from distributed import Client, progress, wait
+from distributed import Client, wait
 
 from dflow.client import map as submit_many
 from dflow.cluster import StageCluster
 from dflow.diagnosis import model_problem
 from dflow.errors import StageLoadError
+from dflow.events import progress
 from dflow.request import Request
 
 PROMPTS = (
@@ -90,7 +92,13 @@ def _layout(text: str) -> dict[str, int]:
     is_flag=True,
     help="Keep the cluster and its dashboard up after the requests, until Ctrl-C.",
 )
-def demo(model, prompts, out, layout, steps, dashboard_address, keep):
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Instead of generating, serve the cluster's OpenAI-compatible HTTP API "
+    "(the dflow.gateway config: 127.0.0.1:8000) until interrupted.",
+)
+def demo(model, prompts, out, layout, steps, dashboard_address, keep, serve):
     """Generate a few prompts on a local disaggregated cluster."""
     problem = model_problem(model)
     if problem is not None:
@@ -103,23 +111,24 @@ def demo(model, prompts, out, layout, steps, dashboard_address, keep):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     start = time.perf_counter()
     try:
-        with (
-            StageCluster(
-                model,
-                _layout(layout),
-                dashboard_address=dashboard_address,
-                silence_logs=logging.WARNING,
-                worker_options={"silence_logs": logging.WARNING},
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with StageCluster(
+            model,
+            _layout(layout),
+            dashboard_address=dashboard_address,
+            silence_logs=logging.WARNING,
+            worker_options={"silence_logs": logging.WARNING},
+        ) as cluster:
             dashboard = _dflow_page(cluster.dashboard_link)
             click.echo(f"dashboard: {dashboard}")
             click.echo(f"loading {model} on {len(cluster.worker_spec)} workers ...")
             cluster.wait_until_ready(READY_TIMEOUT)
             ready = time.perf_counter()
             click.echo(f"workers ready in {ready - start:.1f}s")
-            _run(client, requests, Path(out), ready)
+            if serve:
+                _serve(cluster.scheduler_address, model)
+                return
+            with Client(cluster) as client:
+                _run(client, requests, Path(out), ready)
             if keep:
                 click.echo(
                     f"\nthe cluster and its dashboard stay up at {dashboard}; "
@@ -130,7 +139,7 @@ def demo(model, prompts, out, layout, steps, dashboard_address, keep):
     except StageLoadError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
-        if not keep:
+        if not (keep or serve):
             click.echo("interrupted", err=True)
             sys.exit(130)
 
@@ -138,8 +147,8 @@ def demo(model, prompts, out, layout, steps, dashboard_address, keep):
 def _run(client: Client, requests: list[Request], folder: Path, ready: float) -> None:
     """Generate ``requests``, write their outputs and print the stage times."""
     futures = submit_many(client, requests)
-    if sys.stdout.isatty():
-        progress(futures)
+    if sys.stderr.isatty():
+        progress(futures, client=client)  # denoising steps, on standard error
     else:
         wait(futures)  # no bar: its carriage returns would flood a log
     outputs = client.gather(futures)
@@ -162,3 +171,17 @@ def _run(client: Client, requests: list[Request], folder: Path, ready: float) ->
 def _dflow_page(dashboard_link: str) -> str:
     """The address of dflow's dashboard page, from the cluster's status page."""
     return dashboard_link.rsplit("/", 1)[0] + "/dflow"
+
+
+def _serve(scheduler_address: str, model: str) -> None:
+    """Serve the cluster's HTTP gateway until interrupted."""
+    from dflow.gateway.server import serve
+
+    def announce(url: str) -> None:
+        click.echo(f"\ndflow gateway: {url}  (the OpenAI base URL; Ctrl-C stops)")
+        click.echo(
+            f"  curl {url}/images/generations -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model}", "prompt": "a red fox"}}\''
+        )
+
+    serve(scheduler_address, announce=announce)
