@@ -221,7 +221,7 @@ dflow.add_command(profile)
 dflow.add_command(bench)
 
 
-@click.command(name="serve")
+@click.command(name="serve", short_help="Serve a cluster's OpenAI-compatible HTTP API.")
 @click.argument("scheduler")
 @click.option("--host", default=None, help="Address to listen on [dflow.gateway.host].")
 @click.option(
