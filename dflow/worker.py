@@ -270,10 +270,14 @@ class StageNanny(Nanny):
         self.failed = asyncio.Event()
         self.handlers["dflow_load_failed"] = self.load_failed
 
-    async def close(self, timeout: float = 30, reason: str = "nanny-close") -> Any:
+    async def close(
+        self, timeout: float | None = 30, reason: str = "nanny-close"
+    ) -> Any:
         # a worker process with torch loaded can take more than distributed's
         # default 4 s to exit on a busy host: wait, rather than kill it and warn
-        return await super().close(timeout=timeout, reason=reason)
+        return await super().close(
+            timeout=30 if timeout is None else timeout, reason=reason
+        )
 
     def load_failed(self, message: str) -> None:
         """Handler: the worker could not load its stage; close it for good."""
