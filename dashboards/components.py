@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, DataRange1d, FactorRange, HoverTool
-from bokeh.models.annotations import Title
+from bokeh.models.annotations import Label, Title
 from bokeh.models.widgets import (
     DataTable,
     DateFormatter,
@@ -330,6 +330,8 @@ class ServiceTimes(DashboardComponent):
         )
         self.pools = FactorRange(factors=[])
         self.title = Title(text=self.TITLE)
+        #: why predicted times are missing, if they are
+        self.note = Title(text="", text_font_style="italic", text_font_size="9pt")
         self.figure = figure(
             title=self.title,
             name="dflow-service-time",
@@ -355,6 +357,7 @@ class ServiceTimes(DashboardComponent):
         self.figure.add_tools(
             HoverTool(tooltips=[("pool", "@pool"), ("@kind", "@seconds{0.000} s")])
         )
+        self.figure.add_layout(self.note, "above")
         self.root = self.figure
 
     @without_property_validation
@@ -362,13 +365,17 @@ class ServiceTimes(DashboardComponent):
     def update(self) -> None:
         telemetry = telemetry_of(self.scheduler)
         data: dict[str, list] = {"x": [], "pool": [], "kind": [], "seconds": []}
+        gaps: list[str] = []
         if telemetry is not None:
             pools = sorted(
                 set(telemetry.pools()) | set(telemetry.service), key=stage_order
             )
             for pool in pools:
+                predicted = telemetry.predicted(pool)
+                if predicted is None:
+                    gaps.append(prediction_gap(telemetry, Pool(*pool)))
                 values = {
-                    "predicted": _nan_if_none(telemetry.predicted(pool)),
+                    "predicted": _nan_if_none(predicted),
                     "observed": _nan_if_none(telemetry.service.get(pool)),
                 }
                 for kind in self.KINDS:
@@ -382,9 +389,32 @@ class ServiceTimes(DashboardComponent):
         title = self.TITLE + (" (no predictor attached)" if without_predictor else "")
         if self.title.text != title:
             self.title.text = title
+        note = "No predicted time: " + "; ".join(dict.fromkeys(gaps)) if gaps else ""
+        if self.note.text != note:
+            self.note.text = note
         if list(self.pools.factors) != data["x"]:
             self.pools.factors = data["x"]
         update(self.source, data)
+
+
+def prediction_gap(telemetry: Telemetry, pool: Pool) -> str:
+    """Why the predictor has no service time for ``pool``, and what to do."""
+    predictor = telemetry.predictions.predictor
+    recent = telemetry.recent.get(pool)
+    gpu_types = telemetry.gpu_types(pool)
+    if predictor is None:
+        return "no predictor attached"
+    if not recent or not gpu_types:
+        return f"no requests of {pool} yet"
+    for gpu_type in gpu_types:
+        try:
+            predictor.predict(pool.model, pool.stage, gpu_type, recent[-1])
+        except LookupError:
+            return (
+                f"no profile of {pool.stage} of {pool.model} on {gpu_type} (run "
+                "dflow profile there, list the file in dflow.elastic.profiles)"
+            )
+    return f"no prediction for {pool}'s recent requests"
 
 
 class RebalancingTimeline(DashboardComponent):
@@ -441,6 +471,17 @@ class RebalancingTimeline(DashboardComponent):
             source=self.source,
         )
         self.figure.yaxis.axis_label = "pool"
+        #: shown until the first decision
+        self.empty = Label(
+            x=10,
+            y=10,
+            x_units="screen",
+            y_units="screen",
+            text="",
+            text_font_size="10pt",
+            text_color="#666666",
+        )
+        self.figure.add_layout(self.empty)
         self.figure.add_tools(
             HoverTool(
                 renderers=[targets],
@@ -503,11 +544,28 @@ class RebalancingTimeline(DashboardComponent):
             factors.append("none")
         if list(self.pools.factors) != factors:
             self.pools.factors = factors
+        empty = "" if decisions else self.empty_text()
+        if self.empty.text != empty:
+            self.empty.text = empty
         update(self.source, data)
+
+    def empty_text(self) -> str:
+        """What the timeline shows before the first decision."""
+        controller: Any = self.scheduler.plugins.get("dflow-elastic")
+        if controller is None or not controller.enabled:
+            return (
+                "No rebalancing decisions: the elastic controller is off "
+                "(dflow.elastic.enabled)"
+            )
+        return (
+            "No rebalancing decisions yet: the elastic controller moves a worker "
+            "when another pool needs it more"
+        )
 
 
 class StageWorkerTable(DashboardComponent):
-    """One row per worker: its pool, GPU type, state, memory in use, busy or idle.
+    """One row per worker: its pool, GPU type, state (and why it failed),
+    memory in use, busy or idle.
 
     Memory in use is the GPU's (NVML, when the worker reports it) or else the
     worker process's resident memory; device memory is what the worker reported
@@ -524,6 +582,7 @@ class StageWorkerTable(DashboardComponent):
         "tasks": "tasks",
         "memory": "memory in use",
         "device_memory": "device memory",
+        "reason": "why it failed",
         "address": "address",
     }
 
@@ -574,6 +633,7 @@ class StageWorkerTable(DashboardComponent):
             data["tasks"].append(tasks)
             data["memory"].append(_memory_in_use(ws))
             data["device_memory"].append(record.memory)
+            data["reason"].append(record.error if record.state == "failed" else "")
             data["address"].append(record.address)
         update(self.source, data)
 

@@ -96,8 +96,11 @@ class DflowMetricCollector(PrometheusCollector):
             "Requests submitted and not finished yet, per model",
             labels=["model"],
         )
-        for model, n in sorted(Counter(r.model for r in extension.in_flight()).items()):
-            in_flight.add_metric([model], n)
+        pending = Counter(r.model for r in extension.in_flight())
+        # every model served or seen has a sample: 0 when idle, not none
+        served = {pool.model for pool in extension.served()}
+        for model in sorted(served | set(models) | set(pending)):
+            in_flight.add_metric([model], pending[model])
         yield in_flight
         yield latency_family(
             extension.latency_histogram,

@@ -72,13 +72,22 @@ def dflow_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> Non
     def pair(left: type, right: type) -> Any:
         return row(plots[left].root, plots[right].root, sizing_mode="stretch_width")
 
+    # the decisions' table goes below the worker table, so the row of the
+    # rebalancing timeline is no taller than its neighbour
+    rebalancing = plots[RebalancingTimeline]
+    assert isinstance(rebalancing, RebalancingTimeline)
     doc.title = "Dask: dflow"
     doc.add_root(
         column(
             pair(StageWorkers, StageQueues),
             pair(Throughput, Latency),
-            pair(ServiceTimes, RebalancingTimeline),
+            row(
+                plots[ServiceTimes].root,
+                rebalancing.figure,
+                sizing_mode="stretch_width",
+            ),
             plots[StageWorkerTable].root,
+            rebalancing.table,
             sizing_mode="stretch_width",
             name="dflow",
         )

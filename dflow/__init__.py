@@ -17,6 +17,7 @@ _PUBLIC = {
     "ModelNotServed": "dflow.errors",
     "Overloaded": "dflow.errors",
     "StageOutOfMemory": "dflow.errors",
+    "StageLoadError": "dflow.errors",
     "Cancelled": "dflow.errors",
     "ModelSpec": "dflow.spec",
     "Output": "dflow.output",

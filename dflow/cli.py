@@ -9,20 +9,25 @@ to serve, the GPUs to use and the GPU type to publish.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import sys
 
 import click
 from tlz import valmap
 
+import dask.config
 from distributed.cli.dask_worker import _apportion_ports
 from distributed.cli.dask_worker import main as dask_worker_main
 from distributed.compatibility import asyncio_run
 from distributed.config import get_loop_factory
 from distributed.utils import import_term
 
+from dflow import logs
 from dflow.bench.cli import bench
 from dflow.demo import demo
+from dflow.diagnosis import model_problem
 from dflow.pools import WORKER_STAGES
 from dflow.profile import profile
 from dflow.worker import run_nannies
@@ -30,9 +35,30 @@ from dflow.worker_options import nanny_specs
 
 logger = logging.getLogger("dflow.worker")
 
+#: dask worker's help texts as they read for dflow-worker, which starts one
+#: worker per GPU (--gpus) where dask worker starts --nworkers
+_HELP = {
+    "nthreads": "Threads per worker process (default: the stage's task slots: 1 "
+    "for the DiT and monolithic stages, dflow.runtime.max-batch for the encoder "
+    "and the VAE).",
+    "nanny": "dflow workers always run under a Nanny; --no-nanny is refused.",
+}
+
+
+def _dflow_help(option: click.Parameter) -> click.Parameter:
+    """A copy of one of dask worker's options, its help speaking of dflow-worker."""
+    option = copy.copy(option)
+    if isinstance(option, click.Option):
+        text = _HELP.get(option.name or "", option.help or "")
+        option.help = text.replace("'--nworkers'", "--gpus").replace(
+            "--nworkers", "--gpus"
+        )
+    return option
+
+
 # dask worker's options, minus the ones a GPU-per-process worker decides itself
 _DASK_WORKER_OPTIONS = [
-    p
+    _dflow_help(p)
     for p in dask_worker_main.params
     if p.name not in ("n_workers", "version", "preload_argv")
 ]
@@ -98,13 +124,32 @@ def worker(
     preload_argv=(),
     **kwargs,
 ):
-    """Start dflow stage workers attached to SCHEDULER: one per GPU."""
+    """Start dflow stage workers attached to SCHEDULER: one per GPU.
+
+    A worker that cannot load or warm up its stage logs why; then every worker
+    stops and the command exits with status 1, for a supervisor to see.
+    """
     if not nanny:
-        logger.error("dflow workers run under a Nanny; --no-nanny is not supported")
-        sys.exit(1)
+        raise click.BadParameter(
+            "dflow workers always run under a Nanny", param_hint="--no-nanny"
+        )
+    if not (
+        scheduler
+        or kwargs.get("scheduler_file")
+        or dask.config.get("scheduler-address", None)
+    ):
+        raise click.UsageError(
+            "Missing the scheduler's address: give it first "
+            "(dflow-worker tcp://SCHEDULER:8786 --stage ... --model ...) or pass "
+            "--scheduler-file"
+        )
+    problem = model_problem(model)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--model")
+    logs.configure()
     if pid_file:
         with open(pid_file, "w") as f:
-            f.write(str(__import__("os").getpid()))
+            f.write(str(os.getpid()))
     if resources:
         pairs = resources.replace(",", " ").split()
         resources = valmap(float, dict(pair.split("=") for pair in pairs))
@@ -119,8 +164,10 @@ def worker(
         resources=resources,
     )
     if len(specs) > 1 and listen_address:
-        logger.error("--listen-address needs a single GPU (use --gpus)")
-        sys.exit(1)
+        raise click.BadParameter(
+            "it needs a single worker: pick one GPU with --gpus",
+            param_hint="--listen-address",
+        )
     ports = _apportion_ports(worker_port, nanny_port, len(specs), True)
     for spec, port_kwargs in zip(specs, ports):
         spec.update(port_kwargs)
@@ -134,7 +181,7 @@ def worker(
         if value is not None
     }
     try:
-        asyncio_run(
+        load_errors = asyncio_run(
             run_nannies(
                 scheduler,
                 specs,
@@ -151,6 +198,9 @@ def worker(
         )
     except TimeoutError:
         logger.info("Timed out starting worker")
+        sys.exit(1)
+    if load_errors:
+        # each worker logged its reason; a supervisor needs the status
         sys.exit(1)
 
 
@@ -171,7 +221,7 @@ dflow.add_command(profile)
 dflow.add_command(bench)
 
 
-@click.command(name="serve")
+@click.command(name="serve", short_help="Serve a cluster's OpenAI-compatible HTTP API.")
 @click.argument("scheduler")
 @click.option("--host", default=None, help="Address to listen on [dflow.gateway.host].")
 @click.option(

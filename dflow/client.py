@@ -191,7 +191,17 @@ def map(
         assert previous is not None
         final_keys.append(previous)
     graph = HighLevelGraph(layers, dependencies)
-    return client.get(graph, final_keys, sync=False)
+    futures = client.get(graph, final_keys, sync=False)
+    return [RequestFuture(future.key, client) for future in futures]
+
+
+class RequestFuture(Future):
+    """The output future of a request: a :class:`distributed.Future` whose
+    ``cancel()`` gives the reason ``cancelled`` (distributed's default reason
+    reads "unknown")."""
+
+    def cancel(self, reason: str | None = None, msg: str | None = None, **kwargs):
+        return super().cancel(reason=reason or "cancelled", msg=msg, **kwargs)
 
 
 def encoding_key(request: Request) -> str:

@@ -15,8 +15,10 @@ that has not reported yet was started for.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,13 +26,16 @@ from tornado.ioloop import PeriodicCallback
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed import Nanny, Scheduler, SpecCluster, Worker
+from distributed import Scheduler, SpecCluster, Worker
 from distributed.deploy.spec import NoOpAwaitable
 
 import dflow.config  # noqa: F401
+from dflow.diagnosis import model_problem
+from dflow.errors import StageLoadError
 from dflow.pools import WORKER_STAGES, Pool
 from dflow.spec import canonical_name
-from dflow.worker_options import stage_worker_options, visible_gpus
+from dflow.worker import StageNanny
+from dflow.worker_options import stage_worker_options, visible_gpus, worker_name
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +110,10 @@ class StageCluster(SpecCluster):
             fleet = [(s, self.model, None) for s, n in layout.items() for _ in range(n)]
         elif layout is not None:
             raise ValueError("pass layout or fleet, not both")
+        for worker_model in sorted({m for _, m, _ in fleet}):
+            problem = model_problem(worker_model)
+            if problem is not None:
+                raise ValueError(problem)
         workers = {}
         for stage, worker_model, worker_gpu in fleet:
             name, spec = self._stage_spec(
@@ -145,21 +154,17 @@ class StageCluster(SpecCluster):
         if stage not in WORKER_STAGES:
             raise ValueError(f"stage must be one of {', '.join(WORKER_STAGES)}")
         number = next(self._names)
-        name = f"{stage}-{number}"
+        index = number % len(self.gpus) if self.gpus else None
+        name = worker_name(None if index is None else self.gpus[index], number)
         gpu_type = gpu_type or self.gpu_type
         options = stage_worker_options(
-            stage,
-            model,
-            name=name,
-            gpu_type=gpu_type,
-            gpus=self.gpus,
-            index=number % len(self.gpus) if self.gpus else None,
+            stage, model, name=name, gpu_type=gpu_type, gpus=self.gpus, index=index
         )
         if not self.processes:
             del options["env"]  # workers in this process share its environment
         options.update(self._worker_options)
         return name, {
-            "cls": Nanny if self.processes else Worker,
+            "cls": StageNanny if self.processes else Worker,
             "options": options,
             "stage": stage,
             "model": model,
@@ -177,6 +182,36 @@ class StageCluster(SpecCluster):
             for name, spec in self.worker_spec.items()
             if joined.get(name, Pool(spec["stage"], spec["model"])) == pool
         ]
+
+    def wait_until_ready(self, timeout: float | None = None) -> Any:
+        """Wait until every worker of the cluster serves its pool.
+
+        Raises :class:`~dflow.errors.StageLoadError` as soon as a worker could
+        not load or warm up its stage (it exits), with its reason, and
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        return self.sync(self._wait_until_ready, timeout)
+
+    async def _wait_until_ready(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            extension = getattr(self.scheduler, "extensions", {}).get("dflow")
+            records = list(extension.workers.values()) if extension else []
+            ours = set(self.worker_spec)
+            failures = [
+                f"worker {r.name} {r.error}"
+                for r in (extension.failures if extension else [])
+                if r.name in ours
+            ]
+            if failures:
+                raise StageLoadError("; ".join(failures))
+            ready = {r.name for r in records if r.state == "ready"}
+            if ours <= ready:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                waiting = ", ".join(sorted(ours - ready))
+                raise TimeoutError(f"workers not ready within {timeout:g}s: {waiting}")
+            await asyncio.sleep(0.1)
 
     def _pools_of_workers(self) -> dict[str, Pool]:
         """Pool of each worker per the dflow extension of this cluster's

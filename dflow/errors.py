@@ -18,6 +18,11 @@ class ModelNotServed(LookupError):
     """No worker serves (or is loading) the stages a request of this model needs."""
 
 
+class StageLoadError(RuntimeError):
+    """A stage worker could not load or warm up its stage; the message names the
+    worker, the stage and the model, and says what to do."""
+
+
 class Overloaded(RuntimeError):
     """A model has as many requests in flight as ``dflow.admission.max-outstanding``
     allows, and no room freed up within ``dflow.admission.timeout``."""

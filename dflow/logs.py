@@ -1,14 +1,105 @@
-"""Quiet diffusers' and transformers' progress bars around loads and saves."""
+"""dflow's log output: its own records beside distributed's, and dependencies'
+noise quieted at its source.
+
+:func:`configure` runs in every process dflow starts (``dflow-worker``, its
+worker processes, a scheduler with dflow's preload): dflow's records then go
+where distributed's do, at distributed's level, so "stage dit of tiny-flux
+ready" shows next to "Start worker at". :func:`quiet_progress_bars` silences
+diffusers' and transformers' progress bars around loads and saves.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+
+
+class _DropRecords(logging.Filter):
+    """Drops the records ``matches`` picks; says why in its name."""
+
+    def __init__(self, name: str, matches) -> None:
+        super().__init__(name)
+        self.matches = matches
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.matches(record)
+
+
+def _closed_websocket_assertion(record: logging.LogRecord) -> bool:
+    """Bokeh's ``WSHandler.open`` reads the subprotocol of a websocket whose
+    browser already went away (an aborted page load): tornado asserts, and logs
+    the assertion as an uncaught exception of the dashboard."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, AssertionError):
+        return False
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and (
+        traceback.tb_frame.f_code.co_name == "selected_subprotocol"
+    )
+
+
+def _torchvision_fallback(record: logging.LogRecord) -> bool:
+    """transformers' notice that an image processor falls back to PIL without
+    torchvision: diffusers' Flux and Wan modules import image processors for
+    IP-adapter inputs, which dflow never uses."""
+    return "requires torchvision (not installed); falling back" in str(record.msg)
+
+
+#: (logger, filter) pairs :func:`configure` installs once per process
+_FILTERS = (
+    (
+        "tornado.application",
+        _DropRecords("aborted dashboard websocket", _closed_websocket_assertion),
+    ),
+    (
+        "transformers.utils.import_utils",
+        _DropRecords("unused image processors", _torchvision_fallback),
+    ),
+)
+
+
+def configure() -> None:
+    """Route dflow's log records like distributed's and quiet known noise.
+
+    dflow's ``logging.getLogger(__name__)`` loggers get distributed's handler
+    and level, unless the Dask config's ``distributed.logging`` names ``dflow``
+    (then distributed configured it already). ``distributed.batched`` goes to
+    WARNING unless configured: its INFO record of a closed connection carries a
+    traceback, which every worker printed when its scheduler stopped. Idempotent.
+    """
+    import dask.config
+
+    configured = dask.config.get("distributed.logging", {}) or {}
+    dflow_logger = logging.getLogger("dflow")
+    source = logging.getLogger("distributed")
+    if "dflow" not in configured and not dflow_logger.handlers and source.handlers:
+        for handler in source.handlers:
+            dflow_logger.addHandler(handler)
+        dflow_logger.setLevel(source.getEffectiveLevel())
+        dflow_logger.propagate = False
+    if "distributed.batched" not in configured:
+        batched = logging.getLogger("distributed.batched")
+        batched.setLevel(max(batched.getEffectiveLevel(), logging.WARNING))
+    quiet_dependencies()
+
+
+def quiet_dependencies() -> None:
+    """Drop the dependencies' records that say nothing to a dflow user (the
+    filters of ``_FILTERS``). Idempotent."""
+    for name, record_filter in _FILTERS:
+        target = logging.getLogger(name)
+        if record_filter not in target.filters:
+            target.addFilter(record_filter)
 
 
 @contextlib.contextmanager
 def quiet_progress_bars() -> Iterator[None]:
-    """Silence diffusers' and transformers' load/save progress bars."""
+    """Silence diffusers' and transformers' load/save progress bars (and their
+    known noise, :func:`quiet_dependencies`, for good)."""
+    quiet_dependencies()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from distributed.scheduler import Scheduler
 
-from dflow import dashboards
+from dflow import dashboards, logs
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.install import install
 
@@ -23,5 +23,6 @@ dashboards.register()
 
 
 async def dask_setup(scheduler: Scheduler) -> None:
+    logs.configure()
     if DflowExtension.name not in scheduler.plugins:
         await install(scheduler)

@@ -249,7 +249,9 @@ def _list(parse: Callable[[str], Any]) -> Callable[..., list | None]:
     return callback
 
 
-@click.command(name="profile")
+@click.command(
+    name="profile", short_help="Time a model's stages on this device for the planner."
+)
 @click.option("--model", required=True, help="Preset, diffusers folder or HF id.")
 @click.option(
     "--stage",
@@ -273,7 +275,12 @@ def _list(parse: Callable[[str], Any]) -> Callable[..., list | None]:
 )
 @click.option("--frames", callback=_list(int), help="Comma-separated video frames.")
 @click.option("--repeats", default=3, show_default=True, help="Timed calls per point.")
-@click.option("--gpu-type", default=None, help="GPU type to record (default: detect).")
+@click.option(
+    "--gpu-type",
+    default="auto",
+    show_default=True,
+    help="GPU type to record; 'auto' reads it from the device.",
+)
 @click.option("--device", default=None, help="Torch device (default: cuda if present).")
 def profile(
     model, stages, out, sizes, steps, batches, frames, repeats, gpu_type, device
@@ -287,7 +294,7 @@ def profile(
         batches=batches,
         frames=frames,
         repeats=repeats,
-        gpu_type=gpu_type,
+        gpu_type=None if gpu_type == "auto" else gpu_type,
         device=device,
         out=out,
     )

@@ -14,7 +14,7 @@ Start a ``dask scheduler`` with dflow's preload and ``dflow-worker`` processes o
 Each process logs to a file (``ServiceProcess.log``); a process that fails to
 start or a pool that does not become ready raises with the tail of every log.
 Processes get this process's environment plus ``DASK_DFLOW__CACHE_DIR`` (so the
-workers find the presets this process built) and dflow's log level.
+workers find the presets this process built).
 
 Also what tests and benchmarks share besides clusters: an elastic fleet seen
 and steered through dflow's scheduler handlers, the equivalence requests and
@@ -182,8 +182,6 @@ def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     cache_dir = dask.config.get("dflow.cache-dir", None)
     if cache_dir:
         environment["DASK_DFLOW__CACHE_DIR"] = str(cache_dir)
-    # dflow's own log lines ("Serving ...", load errors) next to distributed's
-    environment.setdefault("DASK_DISTRIBUTED__LOGGING__DFLOW", "info")
     environment.update(env or {})
     return environment
 

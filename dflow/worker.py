@@ -7,13 +7,20 @@ worker on a machine without GPUs; their options come from
 stage as Dask resources (``{"dit": 1, "dit:<model>": 1}``) and publishes its GPU
 type, memory and model to dflow's scheduler extension. Until then the worker has
 no stage resource, so no request waits on a cold load.
+
+A worker that cannot load or warm up its stage logs why in one line
+(:func:`dflow.diagnosis.load_failure`) and stops: its :class:`StageNanny` does not
+restart it, so ``dflow-worker`` exits non-zero and a supervisor (systemd,
+Kubernetes, dask-jobqueue) sees the failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
+import time
 from typing import Any
 
 import dask.config
@@ -22,11 +29,14 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import dflow.config  # noqa: F401
-from dflow import backend
+from dflow import backend, diagnosis, logs
 from dflow import runtime as runtimes
 from dflow.pools import WORKER_STAGES, Pool, stage_resources
 
 logger = logging.getLogger(__name__)
+
+#: Worker states in which it is closing: its process exits next
+CLOSING = (Status.closing, Status.closing_gracefully, Status.closed)
 
 
 def stage_slots(stage: str) -> int:
@@ -70,13 +80,16 @@ class StagePlugin(WorkerPlugin):
         from dflow.protocol import register_serializers
 
         register_serializers()
+        logs.configure()
         self.worker = worker
         self.ready = asyncio.Event()
         worker.handlers["dflow_drain"] = self.drain
         worker.handlers["dflow_assign"] = self.reassign
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
-        self._loading = asyncio.create_task(self.assign(self.stage, self.model))
+        self._loading = asyncio.create_task(
+            self.assign(self.stage, self.model, stop_on_failure=True)
+        )
 
     def _running(self, resource: str) -> list[str]:
         assert self.worker is not None
@@ -114,15 +127,30 @@ class StagePlugin(WorkerPlugin):
         if self.runtime is not None:
             old = self.runtime
             resource = Pool(old.stage, old.model).resource
+            start = time.monotonic()
             while self._running(resource):
                 await asyncio.sleep(0.05)
             runtimes.uninstall(old.model, old.stage)
             self.runtime = None
+            logger.info(
+                "Drained stage %s of %s in %.1fs; unloading it for stage %s of %s",
+                old.stage,
+                old.model,
+                time.monotonic() - start,
+                stage,
+                model,
+            )
             await asyncio.to_thread(old.close)
         await self.assign(stage, model)
 
-    async def assign(self, stage: str, model: str) -> None:
-        """Load ``stage`` of ``model``, warm it up, then advertise it."""
+    async def assign(
+        self, stage: str, model: str, *, stop_on_failure: bool = False
+    ) -> None:
+        """Load ``stage`` of ``model``, warm it up, then advertise it.
+
+        If that fails the worker reports ``failed`` with the reason, and with
+        ``stop_on_failure`` (its first stage) it closes, with its nanny.
+        """
         assert self.worker is not None and self.ready is not None
         worker = self.worker
         # setup() runs before the worker registers; the scheduler ignores reports
@@ -130,6 +158,7 @@ class StagePlugin(WorkerPlugin):
         while worker.status in (Status.init, Status.starting, Status.undefined):
             await asyncio.sleep(0.05)
         await self._report("loading", stage=stage, model=model)
+        warming = False
         try:
             runtime = await asyncio.to_thread(
                 runtimes.StageRuntime,
@@ -137,10 +166,15 @@ class StagePlugin(WorkerPlugin):
                 stage,
                 gpu_type=None if self.gpu_type == "auto" else self.gpu_type,
             )
+            warming = True
             warmup = await asyncio.to_thread(runtime.warmup)
         except Exception as error:
-            logger.exception("Could not load %s stage %s", model, stage)
-            await self._report("failed", stage=stage, model=model, error=repr(error))
+            message = diagnosis.load_failure(model, stage, error, warming)
+            logger.error("Worker %s %s", worker.name, message)
+            logger.debug("The failure's traceback", exc_info=True)
+            await self._report("failed", stage=stage, model=model, error=message)
+            if stop_on_failure:
+                await self._stop(message)
             return
         runtimes.install(runtime)
         self.runtime = runtime
@@ -157,12 +191,27 @@ class StagePlugin(WorkerPlugin):
         )
         self.ready.set()
         logger.info(
-            "Serving %s stage %s (load %.1fs, warm-up %.1fs)",
-            runtime.model,
+            "Stage %s of %s ready (load %.1fs, warm-up %.1fs)",
             stage,
+            runtime.model,
             runtime.load_seconds,
             warmup,
         )
+
+    async def _stop(self, message: str) -> None:
+        """Have this worker's :class:`StageNanny` close it and keep ``message``
+        as the reason; without one, close the worker (and a plain Nanny)."""
+        assert self.worker is not None
+        worker = self.worker
+        if worker.nanny is not None:
+            try:
+                # the nanny's address (typed as the Nanny in distributed)
+                nanny = str(worker.nanny)
+                await worker.rpc(nanny).dflow_load_failed(message=message)
+                return
+            except Exception:
+                logger.debug("The nanny is not a StageNanny", exc_info=True)
+        await worker.close(nanny=True, reason="dflow-load-failed")
 
     async def _report(self, state: str, **info: Any) -> None:
         """Tell dflow's scheduler extension what this worker is doing."""
@@ -190,18 +239,67 @@ class StagePlugin(WorkerPlugin):
             logger.warning("Scheduler has no dflow extension (%s)", error)
 
     async def teardown(self, worker: Worker) -> None:
-        if self.runtime is not None:
-            runtimes.uninstall(self.runtime.model, self.runtime.stage)
-            self.runtime.close()
+        runtime, self.runtime = self.runtime, None
+        if runtime is not None:
+            runtimes.uninstall(runtime.model, runtime.stage)
+        if worker.nanny is not None and worker.status in CLOSING:
+            # The worker process exits next and the OS takes its memory back.
+            # Collecting torch's heap object by object at interpreter exit
+            # takes seconds: past the Nanny's patience, which then kills the
+            # process with a warning. Leave the heap out of collections.
+            gc.freeze()
+        elif runtime is not None:
+            await asyncio.to_thread(runtime.close)
+
+
+class StageNanny(Nanny):
+    """A Nanny that stops, rather than restarts, a worker whose stage could not
+    load (its :class:`StagePlugin` says so through ``dflow_load_failed``).
+
+    Attributes
+    ----------
+    load_error
+        The worker's reason, once it could not load its stage.
+    failed
+        Set with ``load_error``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.load_error: str | None = None
+        self.failed = asyncio.Event()
+        self.handlers["dflow_load_failed"] = self.load_failed
+
+    async def close(
+        self, timeout: float | None = 30, reason: str = "nanny-close"
+    ) -> Any:
+        # a worker process with torch loaded can take more than distributed's
+        # default 4 s to exit on a busy host: wait, rather than kill it and warn
+        return await super().close(
+            timeout=30 if timeout is None else timeout, reason=reason
+        )
+
+    def load_failed(self, message: str) -> None:
+        """Handler: the worker could not load its stage; close it for good."""
+        self.load_error = message
+        self.failed.set()
+        self._ongoing_background_tasks.call_soon(self._close_for_good)
+
+    async def _close_for_good(self) -> None:
+        await self.close(reason="dflow-load-failed")
 
 
 async def run_nannies(
     scheduler: str | None, specs: list[dict[str, Any]], **kwargs: Any
-) -> None:
-    """Start one Nanny per spec and run until they finish or a signal arrives."""
+) -> list[str]:
+    """Start one :class:`StageNanny` per spec and run until they finish, a signal
+    arrives or a worker cannot load its stage (then every worker closes).
+
+    Returns the reasons of the workers that could not load their stage.
+    """
     from distributed._signals import wait_for_signals
 
-    nannies = [Nanny(scheduler, **spec, **kwargs) for spec in specs]
+    nannies = [StageNanny(scheduler, **spec, **kwargs) for spec in specs]
 
     async def finish() -> None:
         await asyncio.gather(*nannies)
@@ -213,11 +311,22 @@ async def run_nannies(
             *(n.close(timeout=10, reason=f"signal-{signum}") for n in nannies)
         )
 
-    done, pending = await asyncio.wait(
-        [asyncio.create_task(finish()), asyncio.create_task(close_on_signal())],
-        return_when=asyncio.FIRST_COMPLETED,
-    )
-    for task in pending:
+    async def close_on_failure() -> None:
+        await asyncio.wait(
+            [asyncio.create_task(n.failed.wait()) for n in nannies],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        await asyncio.gather(
+            *(n.close(timeout=10, reason="dflow-load-failed") for n in nannies)
+        )
+
+    tasks = [asyncio.create_task(f()) for f in (finish, close_on_signal)]
+    failure = asyncio.create_task(close_on_failure())
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    if failure.done() or any(n.failed.is_set() for n in nannies):
+        await failure
+    for task in (*pending, failure):
         task.cancel()
     for task in done:
         task.result()
+    return [n.load_error for n in nannies if n.load_error is not None]

@@ -42,11 +42,12 @@ def worker_environment(gpus: Sequence[str], index: int | None) -> dict[str, str]
     return {"CUDA_VISIBLE_DEVICES": cuda_visible_devices(gpus, index)}
 
 
-def worker_name(stage: str, gpu: str | None) -> str:
-    host = socket.gethostname()
-    if gpu is None:
-        return f"{stage}-{host}-cpu-{os.getpid()}"
-    return f"{stage}-{host}-gpu{gpu}"
+def worker_name(gpu: str | None, suffix: int | None = None) -> str:
+    """A worker's name: its host and GPU (``cpu`` without one), then ``suffix``
+    if given. Never its stage: a role switch changes that (the dashboard and
+    ``dflow.status`` show it)."""
+    name = f"{socket.gethostname()}-{'cpu' if gpu is None else f'gpu{gpu}'}"
+    return name if suffix is None else f"{name}-{suffix}"
 
 
 def stage_worker_options(
@@ -88,7 +89,8 @@ def nanny_specs(
         if name:
             label = name if len(placements) == 1 else f"{name}-{i}"
         else:
-            label = worker_name(stage, gpu)
+            # CPU workers of several dflow-worker processes share the host
+            label = worker_name(gpu, os.getpid() if gpu is None else None)
         options = stage_worker_options(
             stage,
             model,

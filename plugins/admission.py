@@ -123,13 +123,7 @@ class Admission(SchedulerPlugin):
             if not missing:
                 break
             if time.monotonic() >= deadline:
-                served = ", ".join(sorted(pools)) or "none"
-                wanted = f" in {mode} mode" if mode else ""
-                raise ModelNotServed(
-                    f"no workers serve model {missing[0]!r}{wanted} (served: {served}); "
-                    f"start them with `dflow-worker SCHEDULER --stage dit --model "
-                    f"{missing[0]}` (and encoder, vae), or `--stage all`"
-                )
+                raise ModelNotServed(self.not_served(missing[0], pools, mode))
             await asyncio.sleep(0.1)
         admitted = []
         for request in requests:
@@ -148,6 +142,46 @@ class Admission(SchedulerPlugin):
             )
         await self._reserve(Counter(r["model"] for r in requests), admission_timeout)
         return admitted
+
+    def not_served(
+        self, model: str, pools: dict[str, dict[str, Any]], mode: str | None
+    ) -> str:
+        """Why ``model`` is not served: the stages with workers and those
+        without (and why their last worker failed, if one did), and the
+        ``dflow-worker`` commands that would serve it."""
+        scheduler = self.extension.scheduler
+        address = getattr(scheduler, "address", None) or "SCHEDULER"
+        stages = pools.get(model, {})
+        if mode == "monolithic":
+            needed: tuple[str, ...] = (MONOLITHIC,)
+        else:
+            needed = STAGES
+        have = [s for s in (*STAGES, MONOLITHIC) if s in stages]
+        lacking = [s for s in needed if s not in stages]
+        if have:
+            text = (
+                f"model {model!r} has workers for stage {', '.join(have)} but none "
+                f"for {', '.join(lacking)}"
+            )
+        else:
+            others = ", ".join(sorted(pools)) or "none"
+            text = f"no worker serves model {model!r} (the cluster serves: {others})"
+        if mode:
+            text += f" ({mode} mode was asked for)"
+        failed = {r.stage: r.error for r in self.extension.failures if r.model == model}
+        reasons = [failed[s] for s in lacking if failed.get(s)]
+        if reasons:
+            text += "; the last worker that tried " + "; ".join(reasons)
+        commands = " and ".join(
+            f"`dflow-worker {address} --stage {s} --model {model}`" for s in lacking
+        )
+        text += f". Start {commands}"
+        if mode is None:
+            text += (
+                f", or serve it whole with `dflow-worker {address} --stage all "
+                f"--model {model}`"
+            )
+        return text
 
     async def _reserve(self, counts: Counter[str], timeout: float) -> None:
         limit = dask.config.get("dflow.admission.max-outstanding")

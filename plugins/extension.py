@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import dask.config
@@ -169,6 +169,10 @@ class DflowExtension(SchedulerPlugin):
         self.decisions: deque[Decision] = deque(maxlen=history)
         #: admission slots granted to clients whose graphs have not arrived yet
         self.reserved: Counter[str] = Counter()
+        #: workers that could not load a pool, newest last: kept after they
+        #: leave (a worker that fails its first load exits), for status and
+        #: for ModelNotServed to say why a pool has no workers
+        self.failures: deque[WorkerRecord] = deque(maxlen=history)
 
     # -- plugin hooks ----------------------------------------------------------------
 
@@ -277,6 +281,8 @@ class DflowExtension(SchedulerPlugin):
                 setattr(record, name, info[name])
         if spec is not None and model is not None:
             self.specs[model] = spec
+        if state == "failed":
+            self.failures.append(replace(record))
         self.event(
             f"worker-{state}",
             worker=record.name,

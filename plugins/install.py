@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import dask.config
 from distributed.core import Status
@@ -104,7 +104,13 @@ async def install(
         scheduler.add_plugin(plugin)
         if running:
             await plugin.start(scheduler)
-    scheduler.handlers["dflow_status"] = functools.partial(status, extension, telemetry)
+
+    # a named function: distributed logs each handler's __name__, which a
+    # functools.partial lacks (the call then fails)
+    def dflow_status() -> dict[str, Any]:
+        return status(extension, telemetry)
+
+    scheduler.handlers["dflow_status"] = dflow_status
     if predictor is None:
         seed_predictor(predictions)
     logger.info("dflow installed on the scheduler")

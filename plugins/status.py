@@ -1,40 +1,76 @@
-"""``dflow.status``: the fleet per stage and the controller's recent decisions.
+"""``dflow.status``: the fleet per stage, its workers and the controller's
+recent decisions.
 
 A read-only view over dflow's extension and telemetry, served by the
 scheduler's ``dflow_status`` handler (:func:`~dflow.plugins.install.install`
-registers it).
+registers it). Times are local and human-readable (``"2026-05-01 12:03:04"``),
+each with its epoch ``timestamp`` beside it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
-from dflow.plugins.extension import DflowExtension
+from dflow.plugins.extension import DflowExtension, WorkerRecord
 from dflow.plugins.telemetry import Telemetry
 from dflow.pools import WORKER_STAGES
 
-#: Decisions ``dflow.status`` reports, the newest
+#: Decisions and load failures ``dflow.status`` reports, the newest
 DECISIONS = 20
 
 
 def status(extension: DflowExtension, telemetry: Telemetry) -> dict[str, Any]:
     """Per stage: workers, queue, arrival rate, predicted and observed service
-    time; the elastic controller's recent decisions."""
+    time; every worker with its state (and the reason of a failed one); recent
+    load failures, including those of workers that left; the elastic
+    controller's recent decisions."""
     stages = {stage: stage_summary(extension, stage) for stage in WORKER_STAGES}
     for stage, summary in stages.items():
         summary.update(stage_rates(telemetry, stage))
-    return {"stages": stages, "decisions": extension.recent_decisions(DECISIONS)}
+    return {
+        "stages": stages,
+        "workers": [
+            worker_summary(r)
+            for r in sorted(extension.workers.values(), key=lambda r: r.name)
+        ],
+        "failures": [worker_summary(r) for r in list(extension.failures)[-DECISIONS:]],
+        "decisions": [
+            {**d, "time": readable(d["time"]), "timestamp": d["time"]}
+            for d in extension.recent_decisions(DECISIONS)
+        ],
+    }
+
+
+def readable(timestamp: float) -> str:
+    """An epoch time as local ``YYYY-MM-DD HH:MM:SS``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def worker_summary(record: WorkerRecord) -> dict[str, Any]:
+    """One worker as ``dflow.status`` lists it: what it serves, its state since
+    when, and why it failed (``reason``: ``None`` unless it did)."""
+    return {
+        "name": record.name,
+        "address": record.address,
+        "stage": record.stage,
+        "model": record.model,
+        "state": record.state,
+        "gpu_type": record.gpu_type,
+        "since": readable(record.since),
+        "timestamp": record.since,
+        "reason": record.error if record.state == "failed" else None,
+    }
 
 
 def stage_summary(extension: DflowExtension, stage: str) -> dict[str, Any]:
     """Workers and queued tasks of one stage, over all models."""
     scheduler = extension.scheduler
     assert scheduler is not None
-    workers = [
-        r for r in extension.workers.values() if r.stage == stage and r.state == "ready"
-    ]
+    records = [r for r in extension.workers.values() if r.stage == stage]
+    workers = [r for r in records if r.state == "ready"]
     queue = sum(
         1
         for ts in scheduler.unrunnable
@@ -46,11 +82,8 @@ def stage_summary(extension: DflowExtension, stage: str) -> dict[str, Any]:
             queue += len(ws.processing)
     return {
         "workers": len(workers),
-        "loading": sum(
-            1
-            for r in extension.workers.values()
-            if r.stage == stage and r.state == "loading"
-        ),
+        "loading": sum(1 for r in records if r.state == "loading"),
+        "failed": sum(1 for r in records if r.state == "failed"),
         "queue": queue,
         "arrival_rate": None,
         "predicted_s": None,

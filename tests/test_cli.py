@@ -108,7 +108,8 @@ def test_a_real_worker_takes_dask_options_and_reports_to_dflow(tmp_path, tiny_fo
         assert dit["resources"] == {"extra": 2, "dit": 1, f"dit:{MODEL}": 1}
 
         host = socket.gethostname()
-        default_name = f"vae-{host}-cpu-{default.pid}"
+        # host and CPU, no stage: a role switch would make a stage in it wrong
+        default_name = f"{host}-cpu-{default.pid}"
         vae = workers[default_name]
         slots = stage_slots("vae")
         assert vae["nthreads"] == slots
@@ -133,7 +134,7 @@ def test_one_nanny_per_gpu_with_its_gpu_first():
         {"CUDA_VISIBLE_DEVICES": "0,1"},
         {"CUDA_VISIBLE_DEVICES": "1,0"},
     ]
-    assert [s["name"] for s in specs] == [f"dit-{host}-gpu0", f"dit-{host}-gpu1"]
+    assert [s["name"] for s in specs] == [f"{host}-gpu0", f"{host}-gpu1"]
     for spec in specs:
         assert spec["nthreads"] == stage_slots("dit")
         (plugin,) = spec["plugins"]
@@ -154,7 +155,7 @@ def test_without_gpus_one_cpu_worker(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     (spec,) = nanny_specs("vae", MODEL, None, gpu_type="l4", resources={"extra": 1})
     assert spec["env"] == {}
-    assert spec["name"] == f"vae-{socket.gethostname()}-cpu-{os.getpid()}"
+    assert spec["name"] == f"{socket.gethostname()}-cpu-{os.getpid()}"
     # the VAE batches concurrent decodes: it runs several tasks at once
     assert spec["nthreads"] == stage_slots("vae") > 1
     assert spec["resources"] == {"extra": 1}

@@ -20,12 +20,14 @@ from dflow.cluster import StageCluster
 from dflow.request import Request
 from dflow.testing import fleet_settled, move, poll, wait_for_pools
 from dflow.worker import StagePlugin, stage_slots
-from dflow.worker_options import nanny_specs
+from dflow.worker_options import nanny_specs, worker_name
 
 # worker processes (Nanny)
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-pixart"
+#: The cluster's workers by number, as it names them: host and CPU, not stage
+W = [worker_name(None, number) for number in range(5)]
 
 
 def requests(count: int, start: int = 0, steps: int = 4) -> list[Request]:
@@ -88,25 +90,30 @@ def test_workers_are_pinned_to_the_gpus_in_turn():
             await cluster.close()
 
     options = asyncio.run(specs())
+    gpu0, gpu1, gpu0_again = (
+        worker_name("0", 0),
+        worker_name("1", 1),
+        worker_name("0", 2),
+    )
     assert {name: o["env"] for name, o in options.items()} == {
-        "encoder-0": {"CUDA_VISIBLE_DEVICES": "0,1"},
-        "dit-1": {"CUDA_VISIBLE_DEVICES": "1,0"},
-        "dit-2": {"CUDA_VISIBLE_DEVICES": "0,1"},
+        gpu0: {"CUDA_VISIBLE_DEVICES": "0,1"},
+        gpu1: {"CUDA_VISIBLE_DEVICES": "1,0"},
+        gpu0_again: {"CUDA_VISIBLE_DEVICES": "0,1"},
     }
     # the CLI's worker on GPU 1 of the same two
     cli = nanny_specs("dit", MODEL, ["0", "1"])[1]
-    assert options["dit-1"]["nthreads"] == cli["nthreads"] == stage_slots("dit")
-    assert options["dit-1"]["env"] == cli["env"]
-    (plugin,) = options["dit-1"]["plugins"]
+    assert options[gpu1]["nthreads"] == cli["nthreads"] == stage_slots("dit")
+    assert options[gpu1]["env"] == cli["env"]
+    (plugin,) = options[gpu1]["plugins"]
     assert isinstance(plugin, StagePlugin)
     assert (plugin.stage, plugin.model, plugin.gpu_type) == ("dit", MODEL, "auto")
 
 
 def test_one_pool_per_stage_serves(cluster, client):
     assert {s: cluster.stage_workers(s) for s in ("encoder", "dit", "vae", "all")} == {
-        "encoder": ["encoder-0"],
-        "dit": ["dit-1"],
-        "vae": ["vae-2"],
+        "encoder": [W[0]],
+        "dit": [W[1]],
+        "vae": [W[2]],
         "all": [],
     }
     for stage in ("encoder", "dit", "vae"):
@@ -117,10 +124,10 @@ def test_one_pool_per_stage_serves(cluster, client):
 
 def test_scaling_a_stage_up_adds_a_worker_that_serves(cluster, client):
     cluster.scale(2, stage="dit")
-    assert cluster.stage_workers("dit") == ["dit-1", "dit-3"]
+    assert cluster.stage_workers("dit") == [W[1], W[3]]
     wait_for_pools(client, {MODEL: ["encoder", "dit", "dit", "vae"]})
-    assert ready_workers(client, "dit") == ["dit-1", "dit-3"]
-    assert ready_workers(client, "encoder") == ["encoder-0"]
+    assert ready_workers(client, "dit") == [W[1], W[3]]
+    assert ready_workers(client, "encoder") == [W[0]]
 
     names = {
         address: info["name"]
@@ -131,14 +138,14 @@ def test_scaling_a_stage_up_adds_a_worker_that_serves(cluster, client):
     ran_denoise = {
         names[r["worker"]] for r in stream.data if r["key"].startswith("denoise-")
     }
-    assert ran_denoise == {"dit-1", "dit-3"}
+    assert ran_denoise == {W[1], W[3]}
 
 
 def test_scaling_a_stage_down_under_load_loses_no_request(cluster, client):
     (leaving,) = [
         address
         for address, info in client.scheduler_info(n_workers=-1)["workers"].items()
-        if info["name"] == "dit-3"
+        if info["name"] == W[3]
     ]
     burst = requests(12, start=100, steps=30)
     futures = dflow.map(client, burst)
@@ -146,11 +153,15 @@ def test_scaling_a_stage_down_under_load_loses_no_request(cluster, client):
     assert not all(f.done() for f in futures)
 
     cluster.scale(1, stage="dit")
-    assert cluster.stage_workers("dit") == ["dit-1"]
+    assert cluster.stage_workers("dit") == [W[1]]
 
     outputs = client.gather(futures)
     assert [o.request for o in outputs] == burst
-    poll(lambda: ready_workers(client, "dit") == ["dit-1"], 60, "dit-3 to leave")
+    poll(
+        lambda: ready_workers(client, "dit") == [W[1]],
+        60,
+        "the second DiT worker to leave",
+    )
     # it left through retirement, which hands its data over first ...
     retirements = [
         event
@@ -168,25 +179,23 @@ def test_a_role_switch_moves_a_worker_between_the_clusters_pools(cluster, client
     """Pool membership has one source, the scheduler's: a worker switched to the
     DiT counts in the DiT pool when the cluster scales, not in the pool it was
     started for."""
-    move(client, "vae-2", "dit", MODEL, "test: switch a VAE worker to the DiT")
+    move(client, W[2], "dit", MODEL, "test: switch a VAE worker to the DiT")
     poll(
-        lambda: (
-            fleet_settled(client) and ready_workers(client, "dit") == ["dit-1", "vae-2"]
-        ),
+        lambda: fleet_settled(client) and ready_workers(client, "dit") == [W[1], W[2]],
         120,
-        "vae-2 serving the DiT",
+        "the VAE worker serving the DiT",
     )
-    assert cluster.stage_workers("dit") == ["dit-1", "vae-2"]
+    assert cluster.stage_workers("dit") == [W[1], W[2]]
     assert cluster.stage_workers("vae") == []
 
     cluster.scale(1, stage="vae")  # the emptied pool gets a new worker
-    assert cluster.stage_workers("vae") == ["vae-4"]
+    assert cluster.stage_workers("vae") == [W[4]]
     wait_for_pools(client, {MODEL: ["encoder", "dit", "dit", "vae"]})
-    assert ready_workers(client, "vae") == ["vae-4"]
+    assert ready_workers(client, "vae") == [W[4]]
     cluster.scale(1, stage="dit")  # two DiT workers as the scheduler counts them
-    assert cluster.stage_workers("dit") == ["dit-1"]
-    poll(lambda: ready_workers(client, "dit") == ["dit-1"], 60, "vae-2 to leave")
-    assert "vae-2" not in cluster.worker_spec
+    assert cluster.stage_workers("dit") == [W[1]]
+    poll(lambda: ready_workers(client, "dit") == [W[1]], 60, "vae-2 to leave")
+    assert W[2] not in cluster.worker_spec
     output = dflow.submit(client, requests(1, start=200)[0]).result()
     assert output.images[0].size == (64, 64)
 
@@ -194,7 +203,7 @@ def test_a_role_switch_moves_a_worker_between_the_clusters_pools(cluster, client
 def test_scale_needs_a_stage_except_to_zero(cluster, client):
     with pytest.raises(ValueError, match="stage="):
         cluster.scale(2)
-    assert cluster.stage_workers("dit") == ["dit-1"]
+    assert cluster.stage_workers("dit") == [W[1]]
 
     cluster.scale(0)
     poll(

@@ -10,7 +10,7 @@ import click
 from dflow.bench import LABEL, MODES
 
 
-@click.command()
+@click.command(short_help="Compare four ways of serving a workload (emulated).")
 @click.option(
     "--scenario",
     "name",
