@@ -166,6 +166,9 @@ def map(
             key = f"{prefix}-{request_id}"
             if stage == "encoder":
                 key = encoding_key(request)
+                if key in layers:  # an earlier request here shares the encoding
+                    previous = key
+                    continue
             task = (
                 (function, request)
                 if previous is None
@@ -216,11 +219,14 @@ def encoding_key(request: Request) -> str:
 
 
 def status(client: Client) -> dict[str, Any]:
-    """The cluster's view per stage and the elastic controller's last decisions.
+    """The cluster's view per stage, its workers and the elastic controller's
+    last decisions.
 
     Returns ``{"stages": {"encoder": {...}, "dit": {...}, "vae": {...}, "all":
-    {...}}, "decisions": [...]}``; each stage has ``workers``, ``loading``,
-    ``queue``, ``arrival_rate``, ``predicted_s`` and ``observed_s``.
+    {...}}, "workers": [...], "failures": [...], "decisions": [...]}``; each
+    stage has ``workers``, ``loading``, ``queue``, ``arrival_rate``,
+    ``predicted_s`` and ``observed_s``; each worker its ``name``, ``stage``,
+    ``model``, ``state`` and, if it failed to load, the ``reason``.
     """
     return _lists(client.sync(_scheduler_call, client, "dflow_status"))
 

@@ -71,11 +71,15 @@ def _stop_check(request: Request) -> Callable[[], bool]:
 
 
 def _validated(request: Request) -> Request:
-    """``request``, validated again where the model is: a client without the
-    model's tokenizer cannot count the prompt's tokens, and one with stale specs
-    checks against old limits. Raises :class:`~dflow.errors.InvalidRequest`."""
-    prompts.check_length(request.replace())
-    return request
+    """``request``, validated again where the model is: a client with stale
+    specs checks against old limits. Raises
+    :class:`~dflow.errors.InvalidRequest`.
+
+    The encoder checks only the prompts' token counts (a client without the
+    model's tokenizer cannot): requests with equal prompts share one encode task
+    (:func:`dflow.client.encoding_key`), which the other fields of one of them
+    must not fail. The DiT and the monolithic stage check every field."""
+    return request.replace()
 
 
 def _report(timings: dict[str, float], call: str) -> None:
@@ -92,14 +96,15 @@ def _report(timings: dict[str, float], call: str) -> None:
 
 
 def encode(request: Request) -> dict[str, Any]:
-    embeddings = _runtime(request, "encoder").encode(_validated(request))
+    prompts.check_length(request)
+    embeddings = _runtime(request, "encoder").encode(request)
     _report(embeddings["timings"], "encode")
     return embeddings
 
 
 def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
     latents = _runtime(request, "dit").denoise(
-        request, embeddings, should_stop=_stop_check(request)
+        _validated(request), embeddings, should_stop=_stop_check(request)
     )
     _report(latents["timings"], "denoise")
     return latents
@@ -112,6 +117,7 @@ def decode(request: Request, latents: dict[str, Any]) -> Output:
 
 
 def generate(request: Request) -> Output:
+    prompts.check_length(request)
     output = _runtime(request, "all").generate(
         _validated(request), should_stop=_stop_check(request)
     )

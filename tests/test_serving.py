@@ -355,8 +355,11 @@ async def test_status_has_every_stage_and_the_decisions(c, s, *workers, in_proce
     await c.gather(await in_thread(dflow.map, c, requests))
 
     status = await in_thread(dflow.status, c)
-    assert set(status) == {"stages", "decisions"}
+    assert set(status) == {"stages", "workers", "failures", "decisions"}
     assert set(status["stages"]) == {*STAGES, "all"}
+    assert sorted(w["stage"] for w in status["workers"]) == sorted(STAGES)
+    assert {w["state"] for w in status["workers"]} == {"ready"}
+    assert status["failures"] == []
     documented = {
         "workers",
         "loading",
@@ -390,7 +393,7 @@ async def test_the_extension_counts_requests_by_outcome(
 
     good = [Request(model=TINY, prompt="a fox", seed=seed) for seed in range(2)]
     bad = Request(model=TINY, prompt="a fox", seed=3)
-    object.__setattr__(bad, "height", 8)  # unchecked here: the encoder refuses it
+    object.__setattr__(bad, "height", 8)  # unchecked here: the DiT refuses it
     futures = await in_thread(dflow.map, c, [*good, bad])
     await wait(futures)
     assert [f.status for f in futures] == ["finished", "finished", "error"]
