@@ -40,6 +40,7 @@ from distributed import Client, Future, wait
 
 import dflow
 from dflow import runtime, testing
+from dflow.client import encoding_key
 from dflow.cluster import StageCluster
 from dflow.plugins.install import install
 from dflow.pools import STAGES, TASK_PREFIXES, Pool
@@ -158,9 +159,14 @@ class Fleet:
         return self.client.run_on_scheduler(function, *args)
 
     def requests(self, n: int, seed: int, **fields: Any) -> list[Request]:
+        """Requests with prompts of their own: each has its own encode task
+        (requests with equal prompts share one, :func:`dflow.client.encoding_key`)."""
         return [
             Request(
-                model=self.model, prompt="a lighthouse at dusk", seed=seed + i, **fields
+                model=self.model,
+                prompt=f"a lighthouse at dusk, take {seed + i}",
+                seed=seed + i,
+                **fields,
             )
             for i in range(n)
         ]
@@ -240,7 +246,10 @@ class Fleet:
         with ``workers``, was computed once over all workers: no task ran twice,
         no intermediate was lost and recomputed."""
         ids = [i for b in batches for i in b.ids]
-        expected = Counter(f"{p}{i}" for i in ids for p in STAGE_PREFIXES)
+        expected = Counter(encoding_key(r) for b in batches for r in b.requests)
+        expected.update(
+            f"{TASK_PREFIXES[stage]}-{i}" for i in ids for stage in ("dit", "vae")
+        )
         finished = Counter(key for key, _, _ in self.stage_records(*batches))
         assert finished == expected
         if workers:
@@ -325,7 +334,7 @@ class TestSwitching:
         batch = fleet.submit(fleet.requests(3, seed=400, steps=4))
         fleet.finish(batch)
         status = fleet.status()
-        assert set(status) == {"stages", "decisions"}
+        assert set(status) == {"stages", "workers", "failures", "decisions"}
         counts = fleet.counts()
         for stage in ("encoder", "dit", "vae"):
             summary = status["stages"][stage]
@@ -352,7 +361,14 @@ class TestSwitching:
         assert isinstance(decisions, list)
         assert all(isinstance(d["source"], list) for d in decisions)
         for decision in decisions:
-            assert set(decision) == {"time", "worker", "source", "target", "reason"}
+            assert set(decision) == {
+                "time",
+                "timestamp",
+                "worker",
+                "source",
+                "target",
+                "reason",
+            }
             assert decision["worker"] in fleet.layout() and decision["reason"]
 
     def test_tasks_queued_on_a_switching_worker_move_to_the_pool(
@@ -683,8 +699,10 @@ class TestController:
         for stage in START:
             assert status["stages"][stage]["observed_s"] > 0
             assert status["stages"][stage]["predicted_s"] > 0
-        reported = status["decisions"]
-        assert to_dit[0] in reported and to_vae[0] in reported
+        reported = [{**d, "time": d["timestamp"]} for d in status["decisions"]]
+        assert all(
+            {**d, "timestamp": d["time"]} in reported for d in (to_dit[0], to_vae[0])
+        )
 
         fleet.finish(dit_burst, vae_burst)
         fleet.assert_each_stage_ran_once(dit_burst, vae_burst)
