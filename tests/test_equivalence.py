@@ -119,3 +119,75 @@ def test_seed_decides_the_output(model_folder, stages):
     np.testing.assert_array_equal(run_stages(stages, request), first)
     other = run_stages(stages, request.replace(seed=request.seed + 1))
     assert not np.array_equal(other, first)
+
+
+# -- step-level denoising (dflow.adapters.denoising) ------------------------------------
+
+
+def dit_inputs(stages: Stages, request: Request) -> dict[str, torch.Tensor]:
+    embeddings = stages.encoder.encode(request)
+    return {k: v for k, v in embeddings.items() if isinstance(v, torch.Tensor)}
+
+
+def step_alone(adapter, request: Request, embeddings) -> torch.Tensor:
+    state = adapter.start(request, embeddings)
+    while not state.done:
+        adapter.step([state])
+    return adapter.finish(state)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_steps_match_stock_pipeline(model_folder, stages, case):
+    """A request stepped alone gets the latents of the pipeline's own call."""
+    request = make_request(model_folder, case)
+    adapter = stages.dit.adapter
+    embeddings = dit_inputs(stages, request)
+    stock_latents = adapter.denoise(request, embeddings)
+    assert torch.equal(step_alone(adapter, request, embeddings), stock_latents)
+
+
+def test_batched_and_joined_steps_match_alone(model_folder, stages):
+    """Requests stepping together, each with its own seed, guidance scale and
+    step count, one joining after the others' first step, each get their
+    latents alone, bit for bit (exact batches, the default)."""
+    (case,) = CASES[0].values
+    base = make_request(model_folder, case)
+    scale = base.guidance_scale
+    requests = [
+        base,
+        base.replace(seed=base.seed + 1, guidance_scale=scale + 1.5, steps=4),
+        base.replace(seed=base.seed + 2, prompt="a green door", steps=2),
+    ]
+    adapter = stages.dit.adapter
+    assert adapter.exact_batches
+    embeddings = [dit_inputs(stages, r) for r in requests]
+    alone = [step_alone(adapter, r, e) for r, e in zip(requests, embeddings)]
+
+    states = [adapter.start(r, e) for r, e in zip(requests[:2], embeddings[:2])]
+    assert states[0].key == states[1].key
+    adapter.step(states)
+    states.append(adapter.start(requests[2], embeddings[2]))
+    sizes = []
+    while running := [s for s in states if not s.done]:
+        sizes.append(len(running))
+        adapter.step(running)
+    # after the first step: 2 + 1 + 0 steps done of 3, 4 and 2
+    assert sizes == [3, 3, 1]
+    for state, expected in zip(states, alone):
+        assert torch.equal(adapter.finish(state), expected)
+
+
+def test_state_moves_between_workers(model_folder, stages):
+    """A state sent through Dask's serialization between two steps (as Wan
+    2.2's experts hand latents over) continues to the same latents."""
+    (case,) = CASES[0].values
+    request = make_request(model_folder, case)
+    adapter = stages.dit.adapter
+    embeddings = dit_inputs(stages, request)
+    state = adapter.start(request, embeddings)
+    adapter.step([state])
+    moved = through_dask(state).to("cpu")
+    assert moved is not state and moved.index == 1
+    while not moved.done:
+        adapter.step([moved])
+    assert torch.equal(adapter.finish(moved), step_alone(adapter, request, embeddings))

@@ -4,15 +4,21 @@ running the three stage calls on it.
 What a family *is* (components per stage, shapes, defaults) is its
 :mod:`dflow.families` module's; an adapter subclass only runs the family's
 pipeline: which ``encode_prompt`` arguments it takes, which embeddings its
-``__call__`` accepts and how latents become pixels. The denoising loop is always
-the family's own diffusers pipeline, called with precomputed embeddings and
-``output_type="latent"``.
+``__call__`` accepts and how latents become pixels. Denoising runs either as the
+family's own diffusers pipeline, called with precomputed embeddings and
+``output_type="latent"`` (:meth:`Adapter.denoise`), or a step at a time on the
+same pipeline's pieces (:meth:`Adapter.start`, :meth:`Adapter.step`,
+:meth:`Adapter.finish`: :mod:`dflow.adapters.denoising`), which lets requests
+share steps and move between workers mid-way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -21,6 +27,7 @@ import torch
 import dask.config
 
 from dflow import catalog, families, presets
+from dflow.adapters.denoising import DenoisingState, per_request
 from dflow.families import Family
 from dflow.logs import quiet_progress_bars
 from dflow.spec import ModelSpec
@@ -54,6 +61,10 @@ class Adapter:
     #: Whether several instances may load at once in one process; loading
     #: diffusers models is not thread-safe (lazy imports, meta-device builds)
     parallel_load_safe: ClassVar[bool] = False
+    #: Class names of the transformer's modules whose inputs are per-request
+    #: vectors (conditioning embedders, adaptive norms): an exact batch runs
+    #: them one request at a time (:func:`~dflow.adapters.denoising.per_request`)
+    conditioning_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -67,6 +78,11 @@ class Adapter:
         self.device = torch.device(device)
         self.dtype = dtype
         self.pipe = self._load()
+        # each request steps its own copy of the scheduler as loaded
+        self.scheduler = copy.deepcopy(getattr(self.pipe, "scheduler", None))
+        self.exact_batches = bool(dask.config.get("dflow.runtime.exact-dit-batch"))
+        self._conditioning: dict[int, list[torch.nn.Module]] = {}
+        self._swapping = threading.Lock()
 
     @property
     def family(self) -> Family:
@@ -158,6 +174,73 @@ class Adapter:
                 return_dict=False,
             )
         return latents
+
+    # -- step-level denoising (dflow.adapters.denoising) -----------------------------
+
+    def start(self, request: Request, embeddings: Embeddings) -> DenoisingState:
+        """The request's denoising before its first step: the pipeline's noise
+        from the request's seed, its timesteps on a scheduler of its own."""
+        raise NotImplementedError
+
+    def step(self, states: Sequence[DenoisingState]) -> None:
+        """Advance each of ``states`` (equal keys, not done) by one step, in one
+        transformer call where the family allows."""
+        raise NotImplementedError
+
+    def finish(self, state: DenoisingState) -> torch.Tensor:
+        """The latents of a finished state, as the pipeline returns them for
+        ``output_type="latent"``."""
+        return state.latents
+
+    def new_scheduler(self) -> Any:
+        """A copy of the pipeline's scheduler as loaded, for one request."""
+        return copy.deepcopy(self.scheduler)
+
+    @contextlib.contextmanager
+    def using(self, scheduler: Any) -> Iterator[None]:
+        """The pipeline with ``scheduler`` as its own, for pipeline methods that
+        read the scheduler (``prepare_latents`` scales noise by its sigma)."""
+        with self._swapping:
+            loaded = self.pipe.scheduler
+            self.pipe.scheduler = scheduler
+            try:
+                yield
+            finally:
+                self.pipe.scheduler = loaded
+
+    def on_device(self, embeddings: Embeddings) -> Embeddings:
+        return {k: v.to(self.device, non_blocking=True) for k, v in embeddings.items()}
+
+    def state_key(
+        self, request: Request, latents: torch.Tensor, embeddings: Embeddings
+    ) -> tuple:
+        """What states must share to step together: latent shape and dtype,
+        guidance mode, and the embeddings' names and shapes."""
+        return (
+            tuple(latents.shape),
+            str(latents.dtype),
+            self.uses_negative(request),
+            tuple(sorted((k, tuple(v.shape)) for k, v in embeddings.items())),
+        )
+
+    @contextlib.contextmanager
+    def batched(
+        self, transformer: torch.nn.Module, rows: int, groups: int
+    ) -> Iterator[None]:
+        """The block of one transformer call on ``rows`` rows from ``groups``
+        per-request groups (each the rows a stock call has): exact
+        (``dflow.runtime.exact-dit-batch``) computes per group what rounding
+        would make depend on the batch."""
+        if not self.exact_batches or groups <= 1:
+            yield
+            return
+        modules = self._conditioning.get(id(transformer))
+        if modules is None:
+            wanted = set(self.conditioning_modules)
+            modules = [m for m in transformer.modules() if type(m).__name__ in wanted]
+            self._conditioning[id(transformer)] = modules
+        with per_request(modules, rows, groups):
+            yield
 
     def step_callback(self, on_step: StepCallback) -> dict:
         """Pipeline arguments that call ``on_step(step)`` after each denoising step."""
