@@ -8,6 +8,8 @@ and memory it names.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -18,6 +20,10 @@ from dflow.spec import ModelSpec
 
 if TYPE_CHECKING:
     from dflow.adapters import Adapter
+    from dflow.predictor import Prediction
+
+#: The price of a DiT batch: (request features, batch size) -> Prediction
+BatchPrice = Callable[[Mapping[str, Any], int], "Prediction"]
 
 
 class RealBackend:
@@ -37,6 +43,38 @@ class RealBackend:
         """The GPU type (``gpu_type`` if given, else read from ``device``) and
         the device's memory bytes, as a stage worker publishes them."""
         return gpu_type or hardware.gpu_type_of(device), hardware.device_memory(device)
+
+    def dit_batch_price(
+        self,
+        spec: ModelSpec,
+        stages: Sequence[str],
+        gpu_type: str | None,
+        device: str,
+    ) -> tuple[BatchPrice, int | None]:
+        """How a runtime serving ``stages`` prices a DiT batch, and the device
+        bytes the DiT's batch has: the shipped profiles' prediction (on a GPU
+        type without one, a profiled type's: its batch speedups and peak bytes
+        stand in), the device's memory less the other stages' weights."""
+        from dflow.predictor import Prediction, shipped_predictor
+
+        gpu, memory = self.gpu(gpu_type, device)
+        predictor = shipped_predictor()
+        others = sum(spec.weight_bytes.get(s, 0) for s in stages if s != "dit")
+
+        def price(features: Mapping[str, Any], batch: int) -> Prediction:
+            priced = gpu
+            if (spec.name, "dit", gpu) not in predictor.fits:
+                profiled = sorted(
+                    g for m, s, g in predictor.fits if (m, s) == (spec.name, "dit")
+                )
+                if not profiled:
+                    raise LookupError(f"no DiT profile of {spec.name}")
+                priced = profiled[0]
+            seconds = predictor.predict(spec.name, "dit", priced, features, batch)
+            peak = predictor.peak_bytes(spec.name, "dit", gpu, features, batch)
+            return Prediction(seconds.seconds, peak)
+
+        return price, memory - others
 
 
 class EmulatedBackend:
@@ -59,6 +97,31 @@ class EmulatedBackend:
         else the catalog's reference) and its memory bytes."""
         gpu = hardware.resolve_gpu(gpu_type)
         return gpu.name, gpu.memory_bytes
+
+    def dit_batch_price(
+        self,
+        spec: ModelSpec,
+        stages: Sequence[str],
+        gpu_type: str | None,
+        device: str,
+    ) -> tuple[BatchPrice, int | None]:
+        """The cost model's price of a DiT batch on the emulated GPU type: what
+        the emulation charges, infinite seconds for a batch that does not fit
+        (the placement's memory check covers the device)."""
+        from dflow.emulation import cost_model
+        from dflow.errors import StageOutOfMemory
+        from dflow.predictor import Prediction
+
+        cost, gpu = cost_model(), hardware.resolve_gpu(gpu_type).name
+
+        def price(features: Mapping[str, Any], batch: int) -> Prediction:
+            try:
+                placement = cost.placement(spec, stages, gpu, features, batch)
+            except StageOutOfMemory:
+                return Prediction(math.inf, None)
+            return Prediction(placement.stages["dit"].seconds, placement.peak_bytes)
+
+        return price, None
 
 
 BACKENDS: dict[str, RealBackend | EmulatedBackend] = {

@@ -11,6 +11,15 @@ shipped H200 measurements into the same form. A :class:`Predictor` fits, per
 model, stage and GPU type, seconds and peak bytes as a non-negative combination
 of a few cost terms of the request's features (see :func:`time_terms`), then
 tracks how live stage times drift from the fit.
+
+DiT calls of several requests (a batch sharing denoising steps) cost what the
+linear terms charge for the requests one after another, divided by the batch's
+measured speedup (:meth:`Predictor.batch_speedup`): the per-request speed at
+that batch against batch 1, from rows with a ``speedup`` (the shipped
+``profiles/h200-dit-batch.json``) or from pairs of timed rows of one shape at
+batch 1 and at a larger batch. How much a batch gains is the GPU's physics (a
+fast GPU is full at batch 1 except for small models at low resolution), which
+no combination of per-request terms can express.
 """
 
 from __future__ import annotations
@@ -46,61 +55,61 @@ Terms = tuple[float, ...]
 GIB = 2**30
 
 
-def _passes(features: Mapping[str, Any], batch: int) -> float:
+def _passes(features: Mapping[str, Any], batch: float) -> float:
     """DiT forward passes of one call: CFG runs the model on the prompt and the
     negative prompt at each step."""
     return features["steps"] * batch * (2 if features["cfg"] else 1)
 
 
-def _prompts(features: Mapping[str, Any], batch: int) -> float:
+def _prompts(features: Mapping[str, Any], batch: float) -> float:
     return batch * (2 if features["cfg"] else 1)
 
 
-def _pixels(features: Mapping[str, Any], batch: int) -> float:
+def _pixels(features: Mapping[str, Any], batch: float) -> float:
     return batch * features["height"] * features["width"] * features["frames"]
 
 
-def _encoder_time(features: Mapping[str, Any], batch: int) -> Terms:
+def _encoder_time(features: Mapping[str, Any], batch: float) -> Terms:
     return (_prompts(features, batch), 1.0)
 
 
-def _dit_time(features: Mapping[str, Any], batch: int) -> Terms:
+def _dit_time(features: Mapping[str, Any], batch: float) -> Terms:
     passes = _passes(features, batch)
     tokens = features["dit_tokens"]
     return (passes * tokens, passes * tokens * tokens, passes, 1.0)
 
 
-def _vae_time(features: Mapping[str, Any], batch: int) -> Terms:
+def _vae_time(features: Mapping[str, Any], batch: float) -> Terms:
     return (_pixels(features, batch), 1.0)
 
 
-def _encoder_memory(features: Mapping[str, Any], batch: int) -> Terms:
+def _encoder_memory(features: Mapping[str, Any], batch: float) -> Terms:
     return (1.0, _prompts(features, batch))
 
 
-def _dit_memory(features: Mapping[str, Any], batch: int) -> Terms:
+def _dit_memory(features: Mapping[str, Any], batch: float) -> Terms:
     tokens = batch * (2 if features["cfg"] else 1) * features["dit_tokens"]
     return (1.0, tokens, tokens * features["dit_tokens"])
 
 
-def _vae_memory(features: Mapping[str, Any], batch: int) -> Terms:
+def _vae_memory(features: Mapping[str, Any], batch: float) -> Terms:
     frame = batch * features["height"] * features["width"]
     return (1.0, _pixels(features, batch), frame)
 
 
-_TIME: dict[str, Callable[[Mapping[str, Any], int], Terms]] = {
+_TIME: dict[str, Callable[[Mapping[str, Any], float], Terms]] = {
     "encoder": _encoder_time,
     "dit": _dit_time,
     "vae": _vae_time,
 }
-_MEMORY: dict[str, Callable[[Mapping[str, Any], int], Terms]] = {
+_MEMORY: dict[str, Callable[[Mapping[str, Any], float], Terms]] = {
     "encoder": _encoder_memory,
     "dit": _dit_memory,
     "vae": _vae_memory,
 }
 
 
-def time_terms(stage: str, features: Mapping[str, Any], batch: int = 1) -> Terms:
+def time_terms(stage: str, features: Mapping[str, Any], batch: float = 1) -> Terms:
     """The cost terms whose non-negative combination prices a stage call.
 
     - encoder: prompts encoded (the batch, doubled by CFG's negative prompt) and
@@ -124,7 +133,7 @@ def time_terms(stage: str, features: Mapping[str, Any], batch: int = 1) -> Terms
     return _TIME[stage](features, batch)
 
 
-def memory_terms(stage: str, features: Mapping[str, Any], batch: int = 1) -> Terms:
+def memory_terms(stage: str, features: Mapping[str, Any], batch: float = 1) -> Terms:
     """The terms of a stage call's peak device bytes: a constant (weights,
     workspace) plus the activations: prompts for the encoder, tokens and
     tokens^2 (attention scores where not fused) for the DiT, pixels and pixels
@@ -155,8 +164,25 @@ class StageFit:
 class _Sample:
     time: Terms
     memory: Terms
-    seconds: float
+    #: ``None``: a batched DiT row, which informs the batch speedup, not the fit
+    seconds: float | None
     peak_bytes: float | None
+
+
+@dataclass(frozen=True)
+class _Speedup:
+    """One measured point of a DiT batch curve: per-request speed at ``batch``
+    against batch 1, for requests of ``work`` (tokens times passes per step)."""
+
+    work: float
+    batch: float
+    speedup: float
+
+
+def dit_work(features: Mapping[str, Any]) -> float:
+    """A DiT request's work per step, the axis batch speedups are measured on:
+    its tokens times its passes (2 under classifier-free guidance)."""
+    return features["dit_tokens"] * (2 if features["cfg"] else 1)
 
 
 class Predictor:
@@ -215,17 +241,40 @@ class Predictor:
         self._observed: dict[Key, deque[_Sample]] = {}
         self._corrections: dict[Key, float] = {}
         self._scaled: dict[Key, tuple[StageFit, float]] = {}
+        #: measured DiT batch speedups per model, stage and GPU type
+        self.speedups: dict[Key, list[_Speedup]] = {}
+        timed: dict[tuple, dict[int, float]] = {}
         for row in rows:
             key = (row["model"], row["stage"], row["gpu_type"])
             features = row_features(row)
+            if "speedup" in row:
+                work = row.get("work") or dit_work(features)
+                point = _Speedup(work, row["batch"], row["speedup"])
+                self.speedups.setdefault(key, []).append(point)
+                continue
+            batched = row["stage"] == "dit" and row["batch"] > 1
+            if row["stage"] == "dit":
+                shape = (*key, dit_work(features), features["steps"])
+                timed.setdefault(shape, {})[row["batch"]] = float(row["seconds"])
             self._rows.setdefault(key, []).append(
                 _Sample(
                     time_terms(row["stage"], features, row["batch"]),
                     memory_terms(row["stage"], features, row["batch"]),
-                    float(row["seconds"]),
+                    None if batched else float(row["seconds"]),
                     row.get("peak_bytes"),
                 )
             )
+        # timed batches of a shape also timed alone are speedups too
+        for (model, stage, gpu_type, work, _), seconds in timed.items():
+            curve = self.speedups.setdefault((model, stage, gpu_type), [])
+            measured = {(p.work, p.batch) for p in curve}
+            for batch, batch_seconds in seconds.items():
+                if batch > 1 and 1 in seconds and (work, batch) not in measured:
+                    curve.append(
+                        _Speedup(work, batch, batch * seconds[1] / batch_seconds)
+                    )
+            if not curve:
+                del self.speedups[model, stage, gpu_type]
         self.refit()
 
     def predict(
@@ -234,7 +283,7 @@ class Predictor:
         stage: str,
         gpu_type: str,
         features: Mapping[str, Any] | Request,
-        batch: int = 1,
+        batch: float = 1,
         *,
         corrected: bool = True,
     ) -> Prediction:
@@ -262,12 +311,76 @@ class Predictor:
         fit, scale = self._fit(key)
         x = _TIME[stage](features, batch)
         seconds = scale * sum(c * v for c, v in zip(fit.seconds, x))
+        if stage == "dit" and batch != 1:
+            seconds /= self.batch_speedup(model, gpu_type, features, batch) or 1.0
         if corrected:
             seconds *= self._corrections.get(key, 1.0)
         if fit.peak_bytes is None:
             return Prediction(seconds, None)
         m = _MEMORY[stage](features, batch)
         return Prediction(seconds, round(sum(c * v for c, v in zip(fit.peak_bytes, m))))
+
+    def batch_speedup(
+        self,
+        model: str,
+        gpu_type: str,
+        features: Mapping[str, Any],
+        batch: float,
+    ) -> float | None:
+        """Per-request speed of a DiT batch of ``batch`` requests like
+        ``features`` against batch 1 (``None``: no batch was measured for the
+        model).
+
+        Interpolated linearly in the batch between measured batches (flat past
+        the largest: the GPU is full) and in log work between measured works
+        (clamped outside them). A GPU type without its own points takes those
+        of the measured type of closest speed, at the work that fills that GPU
+        as much: a slower GPU fills with less work.
+        """
+        points = self.speedups.get((model, "dit", gpu_type))
+        work = dit_work(features)
+        if points is None:
+            measured = sorted(
+                g for m, s, g in self.speedups if (m, s) == (model, "dit")
+            )
+            if not measured:
+                return None
+            speed = self.speeds.get(gpu_type)
+            if speed:
+                source = min(
+                    measured,
+                    key=lambda g: (abs(math.log(self.speeds.get(g, 1.0) / speed)), g),
+                )
+                work *= self.speeds.get(source, 1.0) / speed
+            else:
+                source = measured[0]
+            points = self.speedups[(model, "dit", source)]
+        return _interpolate(points, work, batch)
+
+    def peak_bytes(
+        self,
+        model: str,
+        stage: str,
+        gpu_type: str,
+        features: Mapping[str, Any],
+        batch: int = 1,
+    ) -> int | None:
+        """Predicted peak device bytes of a stage call. A GPU type without a
+        profile of its own (nor a speed to scale one from) takes the largest
+        peak of the profiled types: peak memory follows the model and the
+        request's shape, not the GPU's speed. Raises ``LookupError`` when no
+        type has a profile of the model's stage."""
+        try:
+            return self.predict(model, stage, gpu_type, features, batch).peak_bytes
+        except LookupError:
+            profiled = sorted({g for m, s, g in self.fits if (m, s) == (model, stage)})
+            if not profiled:
+                raise
+        peaks = [
+            self.predict(model, stage, g, features, batch).peak_bytes for g in profiled
+        ]
+        known = [peak for peak in peaks if peak is not None]
+        return max(known) if known else None
 
     def observe(
         self,
@@ -276,7 +389,7 @@ class Predictor:
         gpu_type: str,
         features: Mapping[str, Any] | Request,
         seconds: float,
-        batch: int = 1,
+        batch: float = 1,
         *,
         peak_bytes: int | None = None,
     ) -> None:
@@ -288,12 +401,16 @@ class Predictor:
         fitted = self.predict(model, stage, gpu_type, features, batch, corrected=False)
         if fitted.seconds > 0:
             self._correct(key, seconds / fitted.seconds)
+        sequential = float(seconds)
+        if stage == "dit" and batch != 1:
+            # what the batch's requests would cost one after another: the fit's unit
+            sequential *= self.batch_speedup(model, gpu_type, features, batch) or 1.0
         samples = self._observed.setdefault(key, deque(maxlen=self.max_samples))
         samples.append(
             _Sample(
                 _TIME[stage](features, batch),
                 _MEMORY[stage](features, batch),
-                float(seconds),
+                sequential,
                 peak_bytes,
             )
         )
@@ -324,7 +441,7 @@ class Predictor:
             fit, scale = self._fit(key)
             for sample in samples:
                 fitted = scale * sum(c * v for c, v in zip(fit.seconds, sample.time))
-                if fitted > 0:
+                if fitted > 0 and sample.seconds is not None:
                     self._correct(key, sample.seconds / fitted)
 
     def mape(self, rows: Iterable[Row], *, corrected: bool = False) -> float:
@@ -332,6 +449,8 @@ class Predictor:
         as a fraction (0.05 is 5%)."""
         errors = []
         for row in rows:
+            if "speedup" in row:
+                continue
             predicted = self.predict(
                 row["model"],
                 row["stage"],
@@ -385,8 +504,11 @@ class Predictor:
 
 
 def _fit(samples: list[_Sample]) -> StageFit | None:
+    timed = [s for s in samples if s.seconds is not None]
+    if not timed:
+        return None
     seconds = _nnls(
-        np.array([s.time for s in samples]), np.array([s.seconds for s in samples])
+        np.array([s.time for s in timed]), np.array([s.seconds for s in timed])
     )
     if seconds is None:
         return None
@@ -420,6 +542,53 @@ def _nnls(terms: np.ndarray, target: np.ndarray) -> Terms | None:
     coefficients = np.zeros(weighted.shape[1])
     coefficients[kept] = solution / scale[kept]
     return tuple(float(c) for c in coefficients)
+
+
+def _interpolate(points: Iterable[_Speedup], work: float, batch: float) -> float:
+    """A batch curve's speedup at ``work`` and ``batch`` (see
+    :meth:`Predictor.batch_speedup`)."""
+    curves: dict[float, list[tuple[float, float]]] = {}
+    for point in points:
+        curves.setdefault(point.work, [(1.0, 1.0)]).append((point.batch, point.speedup))
+
+    def along_batch(curve: list[tuple[float, float]]) -> float:
+        batches, speedups = zip(*sorted(curve))
+        return float(np.interp(batch, batches, speedups))
+
+    works = sorted(curves)
+    at = [along_batch(curves[w]) for w in works]
+    return float(np.interp(math.log(work), [math.log(w) for w in works], at))
+
+
+def batch_limit(
+    predict: Callable[[int], Prediction],
+    most: int,
+    memory: int | None = None,
+    min_gain: float = 0.0,
+) -> int:
+    """The largest DiT batch, up to ``most``, worth forming: each request it
+    takes must keep the predicted peak within ``memory`` bytes (``None``: no
+    limit) and raise the predicted throughput (requests per second of the
+    batch) by at least ``min_gain`` (0.05: 5%) over one request fewer; a
+    profiled model whose batches were never measured is priced as if its
+    requests ran one after another, so it does not batch. ``predict(batch)``
+    prices a batch; where nothing prices it (``LookupError``: a model without a
+    profile) only ``most`` limits."""
+    limit = 1
+    try:
+        previous = predict(1)
+        for batch in range(2, most + 1):
+            prediction = predict(batch)
+            peak = prediction.peak_bytes
+            if memory is not None and peak is not None and peak > memory:
+                break
+            gain = batch * previous.seconds / ((batch - 1) * prediction.seconds)
+            if gain < 1 + min_gain:
+                break
+            limit, previous = batch, prediction
+    except LookupError:
+        return most
+    return limit
 
 
 def row_features(row: Row) -> dict[str, Any]:
@@ -519,11 +688,57 @@ def anchor_rows(steps: int | None = None) -> list[Row]:
 
 #: dflow's own stage profiles shipped with the package (``dflow profile`` runs)
 SHIPPED_PROFILES = ("profiles/h200-dflow.json",)
+#: DiT batch speedups shipped with the package, in the form of the batch profile
+#: ``benchmarks/gpu_costs.py`` writes
+SHIPPED_BATCH_PROFILES = ("profiles/h200-dit-batch.json",)
+
+
+@cache
+def shipped_predictor() -> Predictor:
+    """A predictor of the shipped measurements (:func:`shipped_rows`), built
+    once per process: what a stage worker prices its own batches with."""
+    return Predictor(shipped_rows())
+
+
+def batch_rows(profile: Mapping[str, Any] | None = None) -> list[Row]:
+    """DiT batch speedups as predictor rows (``speedup``: per-request speed at
+    ``batch`` against batch 1), from a batch profile (default: the shipped
+    ones): rows named like the anchors with a ``per_request_speedup``."""
+    if profile is None:
+        return [
+            row
+            for name in SHIPPED_BATCH_PROFILES
+            for row in batch_rows(
+                json.loads(files("dflow.configs").joinpath(name).read_text())
+            )
+        ]
+    rows = []
+    for entry in profile["rows"]:
+        if "per_request_speedup" not in entry:
+            continue
+        name = entry["model"].split(":")[0]
+        model = _ANCHOR_MODELS.get(name, name)
+        stage, cfg = _ANCHOR_STAGES[entry["stage"]]
+        rows.append(
+            {
+                "model": model,
+                "stage": stage,
+                "gpu_type": entry.get("gpu_type", profile["gpu_type"]),
+                "batch": entry["batch"],
+                "height": entry["height"],
+                "width": entry["width"],
+                "frames": entry.get("frames", 1),
+                "steps": resolve(model).defaults["steps"],
+                "cfg": cfg,
+                "speedup": entry["per_request_speedup"],
+            }
+        )
+    return rows
 
 
 def shipped_rows() -> list[Row]:
-    """Every shipped measurement: dflow's own profiles, and the anchors for each
-    model, stage and GPU type those do not cover.
+    """Every shipped measurement: dflow's own profiles, the anchors for each
+    model, stage and GPU type those do not cover, and the DiT batch speedups.
 
     The profiles time dflow's stage calls as they run (tokenization, host copies
     and all), the anchors the bare model passes; where both exist the profiles
@@ -539,4 +754,4 @@ def shipped_rows() -> list[Row]:
         for r in anchor_rows()
         if (r["model"], r["stage"], r["gpu_type"]) not in measured
     ]
-    return rows
+    return rows + batch_rows()

@@ -8,6 +8,9 @@ argument: a call looks the runtime up by model and stage in its process.
 Concurrent ``encode`` and ``decode`` calls (a worker running several tasks at
 once) are batched: while one batch runs, new calls queue, and the next batch
 takes every queued call that can share it. No call waits for a batch to fill.
+With ``dflow.runtime.max-dit-batch`` above 1, concurrent ``denoise`` calls share
+denoising steps the same way, a step at a time (:class:`StepBatcher`: requests
+join and leave at step boundaries; docs/batching.md).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from dask.utils import parse_bytes
 
 import dflow.config  # noqa: F401
 from dflow import backend, families, prompts
+from dflow.adapters.denoising import DenoisingState
 from dflow.catalog import resolve
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
+from dflow.predictor import batch_limit
 from dflow.request import Request
 from dflow.spec import STAGES, ModelSpec
 
@@ -126,6 +131,151 @@ class Batcher:
             c.result = result
 
 
+class Drained(Exception):
+    """A denoising call left its worker's queue before its first step: the
+    worker is leaving the pool (the task runs again elsewhere)."""
+
+
+@dataclass(eq=False)
+class _Denoising:
+    """One request in the step loop."""
+
+    state: DenoisingState
+    should_stop: Callable[[], bool] | None
+    on_step: Callable[[int], None] | None
+    #: device seconds of the steps it took part in, and its share of them (each
+    #: step's seconds over the number of requests that shared it)
+    seconds: float = 0.0
+    share: float = 0.0
+    finished: bool = False
+    error: BaseException | None = None
+
+
+class StepBatcher:
+    """Continuous batching of denoising steps.
+
+    Each call hands in one request's :class:`~dflow.adapters.denoising.DenoisingState`
+    and returns when it is done. While a step runs, new states queue; the next
+    step takes the states that share the key of the oldest one, oldest first, up
+    to ``limit(state)``: requests join a batch and leave it at step boundaries,
+    each at its own timestep, and no step waits for a batch to fill. The oldest
+    request's key goes next, so no shape starves. Before each step, requests
+    whose ``should_stop`` returns True leave with :class:`Cancelled`; each
+    request's ``on_step(step)`` is called after each of its steps.
+
+    Parameters
+    ----------
+    step
+        Advances a list of states by one step; returns its device seconds.
+    limit
+        The most states of a state's key one step takes.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[list[DenoisingState]], float],
+        limit: Callable[[DenoisingState], int],
+    ):
+        self.step = step
+        self.limit = limit
+        self._entries: list[_Denoising] = []
+        self._busy = False
+        self._draining = False
+        self._condition = threading.Condition()
+        #: batch sizes per key after a step ran out of memory
+        self._caps: dict[tuple, int] = {}
+
+    def __call__(
+        self,
+        state: DenoisingState,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> tuple[float, float]:
+        """Denoise ``state`` to its end. Returns the device seconds of the steps
+        it took part in and its share of them."""
+        entry = _Denoising(state, should_stop, on_step)
+        with self._condition:
+            if self._draining:
+                raise Drained()
+            self._entries.append(entry)
+        while True:
+            with self._condition:
+                while self._busy and not entry.finished:
+                    self._condition.wait()
+                if entry.finished:
+                    break
+                self._busy = True
+                group = self._next_group()
+            try:
+                if group:
+                    self._run(group)
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._entries = [e for e in self._entries if not e.finished]
+                    self._condition.notify_all()
+        if entry.error is not None:
+            raise entry.error
+        return entry.seconds, entry.share
+
+    def drain(self) -> None:
+        """Take no new requests, and send back the queued ones that have not
+        taken a step (:class:`Drained`); the others finish."""
+        with self._condition:
+            self._draining = True
+            for entry in self._entries:
+                if entry.state.index == 0 and not entry.finished:
+                    entry.error, entry.finished = Drained(), True
+            self._condition.notify_all()
+
+    def _next_group(self) -> list[_Denoising]:
+        """The next step's batch (called holding the condition): stopped
+        requests leave, then the oldest request's key picks the batch."""
+        for entry in self._entries:
+            if entry.finished or entry.should_stop is None or not entry.should_stop():
+                continue
+            state = entry.state
+            entry.error = Cancelled(
+                f"request stopped after {state.index} of {state.steps} steps"
+            )
+            entry.finished = True
+        waiting = [e for e in self._entries if not e.finished]
+        if not waiting:
+            return []
+        key = waiting[0].state.key
+        size = self.limit(waiting[0].state)
+        size = min(size, self._caps.get(key, size))
+        return [e for e in waiting if e.state.key == key][:size]
+
+    def _run(self, group: list[_Denoising]) -> None:
+        states = [e.state for e in group]
+        before = [s.index for s in states]
+        try:
+            seconds = self.step(states)
+        except StageOutOfMemory as error:
+            if len(group) == 1:
+                group[0].error, group[0].finished = error, True
+                return
+            # the states that have not stepped retry in smaller batches
+            key, size = states[0].key, max(1, len(group) // 2)
+            logger.warning("A denoising batch of %d ran out of memory", len(group))
+            self._caps[key] = min(size, self._caps.get(key, size))
+            seconds, group = (
+                0.0,
+                [e for e, index in zip(group, before) if e.state.index > index],
+            )
+        except Exception as error:
+            for entry in group:
+                entry.error, entry.finished = error, True
+            return
+        for entry in group:
+            entry.seconds += seconds
+            entry.share += seconds / len(group)
+            entry.finished = entry.state.done
+            if entry.on_step is not None:
+                entry.on_step(entry.state.index - 1)
+
+
 class StageRuntime:
     """The resident model of one stage of one model, on one device.
 
@@ -141,6 +291,11 @@ class StageRuntime:
     max_batch
         Most requests one encode or decode call batches (config
         ``dflow.runtime.max-batch``).
+    max_dit_batch
+        Most requests one denoising step batches (config
+        ``dflow.runtime.max-dit-batch``; 1: each request denoises alone, in its
+        pipeline's own call). Fewer where the profiles predict the batch would
+        not fit the device or not gain ``dflow.runtime.dit-batch-min-gain``.
     gpu_type
         The GPU type an emulated runtime (config ``dflow.runtime.backend:
         emulated``, :mod:`dflow.backend`) costs its calls on; default
@@ -155,14 +310,20 @@ class StageRuntime:
         dtype: torch.dtype | None = None,
         max_batch: int | None = None,
         gpu_type: str | None = None,
+        max_dit_batch: int | None = None,
     ):
         if stage not in RUNTIME_STAGES:
             raise ValueError(
                 f"stage must be one of {', '.join(RUNTIME_STAGES)}, got {stage!r}"
             )
         self.stage = stage
+        self.gpu_type = gpu_type
         max_batch = max_batch or dask.config.get("dflow.runtime.max-batch", 8)
+        self.max_dit_batch = int(
+            max_dit_batch or dask.config.get("dflow.runtime.max-dit-batch")
+        )
         stages = STAGES if stage == "all" else (stage,)
+        self.stages = stages
         self.spec = resolve(model)
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.spec, self.device)
@@ -192,6 +353,8 @@ class StageRuntime:
         self._lock = threading.Lock()
         self._encode = Batcher(self._encode_each, max_batch)
         self._decode = Batcher(self._decode_each, max_batch)
+        self._steps = StepBatcher(self._step, self._step_limit)
+        self._limits: dict[tuple, int] = {}
         logger.info(
             "Loaded %s stage %s on %s (%s) in %.1fs",
             self.spec.name,
@@ -223,25 +386,82 @@ class StageRuntime:
         request: Request,
         embeddings: dict[str, Any],
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         """Denoised latents (``{"latents": tensor, "timings": ...}``).
 
-        ``should_stop`` is polled after each step; when it returns True the call
-        raises :class:`Cancelled` and frees the device.
+        ``on_step(step)`` is called after each step. ``should_stop`` is polled
+        between steps; when it returns True the call raises :class:`Cancelled`
+        and frees the device.
         """
         self._check(request, "dit")
         tensors = {k: v for k, v in embeddings.items() if isinstance(v, torch.Tensor)}
+        if self.max_dit_batch > 1:
+            return self._denoise_in_steps(
+                request, tensors, embeddings, should_stop, on_step
+            )
 
-        def on_step(step: int) -> None:
+        def after_step(step: int) -> None:
+            if on_step is not None:
+                on_step(step)
             if should_stop is not None and should_stop():
                 raise Cancelled(
                     f"request stopped after {step + 1} of {request.steps} steps"
                 )
 
         with self._lock, self._measure() as elapsed:
-            latents = self.adapter.denoise(request, tensors, on_step)
+            latents = self.adapter.denoise(request, tensors, after_step)
         timings = {**embeddings.get("timings", {}), "denoise": elapsed()}
         return {"latents": latents, "timings": timings}
+
+    def _denoise_in_steps(
+        self,
+        request: Request,
+        tensors: dict[str, torch.Tensor],
+        embeddings: dict[str, Any],
+        should_stop: Callable[[], bool] | None,
+        on_step: Callable[[int], None] | None,
+    ) -> dict[str, Any]:
+        """:meth:`denoise` through the step loop, batched with concurrent calls.
+        Its timings count the device seconds of its steps (``denoise``) and how
+        many requests shared them on average (``denoise_batch``: the seconds
+        over this request's share of them)."""
+        start = time.perf_counter()
+        state = self.adapter.start(request, tensors)
+        if state.key not in self._limits:
+            self._limits[state.key] = self.dit_batch_limit(request)
+        own = time.perf_counter() - start
+        seconds, share = self._steps(state, should_stop, on_step)
+        start = time.perf_counter()
+        latents = self.adapter.finish(state)
+        own += time.perf_counter() - start
+        timings = {
+            **embeddings.get("timings", {}),
+            "denoise": seconds + own,
+            "denoise_batch": (seconds + own) / (share + own) if share + own else 1.0,
+        }
+        return {"latents": latents, "timings": timings}
+
+    def dit_batch_limit(self, request: Request) -> int:
+        """The most requests shaped like ``request`` one denoising step takes:
+        ``max_dit_batch``, less where the profiles predict a larger batch would
+        not fit this device or not gain ``dflow.runtime.dit-batch-min-gain`` in
+        throughput (:func:`~dflow.predictor.batch_limit`)."""
+        price, memory = backend.current().dit_batch_price(
+            self.spec, self.stages, self.gpu_type, self.device
+        )
+        features = request.features
+        return batch_limit(
+            lambda batch: price(features, batch),
+            self.max_dit_batch,
+            memory,
+            float(dask.config.get("dflow.runtime.dit-batch-min-gain")),
+        )
+
+    def drain(self) -> None:
+        """Stop taking denoising calls: queued ones that have not started leave
+        with :class:`Drained`, started ones finish."""
+        self._steps.drain()
 
     def decode(self, request: Request, latents: dict[str, Any]) -> Output:
         """The request's output from its latents."""
@@ -257,12 +477,15 @@ class StageRuntime:
         return Output.from_pixels(request, pixels, timings)
 
     def generate(
-        self, request: Request, should_stop: Callable[[], bool] | None = None
+        self,
+        request: Request,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> Output:
         """All three stages in this process (the monolithic path)."""
         start = time.perf_counter()
         embeddings = self.encode(request)
-        latents = self.denoise(request, embeddings, should_stop)
+        latents = self.denoise(request, embeddings, should_stop, on_step)
         output = self.decode(request, latents)
         output.timings["generate"] = time.perf_counter() - start
         return output
@@ -358,6 +581,14 @@ class StageRuntime:
             raise RuntimeError(
                 f"this runtime serves model {self.spec.name!r}, not {request.model!r}"
             )
+
+    def _step(self, states: list[DenoisingState]) -> float:
+        with self._lock, self._measure() as elapsed:
+            self.adapter.step(states)
+        return elapsed()
+
+    def _step_limit(self, state: DenoisingState) -> int:
+        return self._limits.get(state.key, 1)
 
     def _encode_each(self, requests: Sequence[Request]) -> list[tuple]:
         embeddings, seconds = self.encode_batch(requests)

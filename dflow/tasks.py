@@ -48,26 +48,27 @@ def _runtime(request: Request, stage: str) -> StageRuntime:
         raise Reschedule() from None
 
 
-def _still_wanted() -> bool:
-    """Whether the scheduler still wants the task running in this thread."""
+def _unwanted() -> Callable[[], bool]:
+    """A check whether the scheduler no longer wants the task running in this
+    thread, which any thread may call (a batched denoising step polls every
+    request of the batch from one task's thread)."""
     key = getattr(thread_state, "key", None)
     if key is None:
-        return True
-    task = get_worker().state.tasks.get(key)
-    return task is not None and task.state == "executing"
+        return lambda: False
+    worker = get_worker()
+
+    def unwanted() -> bool:
+        task = worker.state.tasks.get(key)
+        return task is None or task.state != "executing"
+
+    return unwanted
 
 
-def _stop_check(request: Request) -> Callable[[], bool]:
-    """The ``should_stop`` of a denoising loop, called after each step: reports
-    the step as a progress event (:mod:`dflow.events`) and says whether the
-    scheduler still wants the task."""
+def _progress(request: Request) -> Callable[[int], None]:
+    """The ``on_step`` of a denoising loop: reports each step as a progress
+    event (:mod:`dflow.events`)."""
     report = events.step_reporter(request.steps or 0)
-
-    def should_stop() -> bool:
-        report()
-        return not _still_wanted()
-
-    return should_stop
+    return lambda step: report()
 
 
 def _validated(request: Request) -> Request:
@@ -91,7 +92,9 @@ def _report(timings: dict[str, float], call: str) -> None:
     if task is not None:
         task.metadata["dflow"] = {
             "seconds": timings[call],
-            "batch": int(timings.get(f"{call}_batch", 1)),
+            # a denoising call's batch changes as requests join and leave: its
+            # mean, weighted so that seconds / batch is this request's share
+            "batch": float(timings.get(f"{call}_batch", 1)),
         }
 
 
@@ -103,9 +106,17 @@ def encode(request: Request) -> dict[str, Any]:
 
 
 def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
-    latents = _runtime(request, "dit").denoise(
-        _validated(request), embeddings, should_stop=_stop_check(request)
-    )
+    from dflow.runtime import Drained
+
+    try:
+        latents = _runtime(request, "dit").denoise(
+            _validated(request),
+            embeddings,
+            should_stop=_unwanted(),
+            on_step=_progress(request),
+        )
+    except Drained:
+        raise Reschedule() from None
     _report(latents["timings"], "denoise")
     return latents
 
@@ -117,9 +128,14 @@ def decode(request: Request, latents: dict[str, Any]) -> Output:
 
 
 def generate(request: Request) -> Output:
+    from dflow.runtime import Drained
+
     prompts.check_length(request)
-    output = _runtime(request, "all").generate(
-        _validated(request), should_stop=_stop_check(request)
-    )
+    try:
+        output = _runtime(request, "all").generate(
+            _validated(request), should_stop=_unwanted(), on_step=_progress(request)
+        )
+    except Drained:
+        raise Reschedule() from None
     _report(output.timings, "generate")
     return output

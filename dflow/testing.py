@@ -634,9 +634,9 @@ def emulated_predictor(gpu_types: Iterable[str] = ("h200",)) -> Any:
     from dflow.predictor import Predictor
 
     return Predictor(
-        {**row, "seconds": row["seconds"] * time_scale()}
+        row
         for gpu_type in gpu_types
-        for row in cost_model().rows_for(gpu_type)
+        for row in cost_model().rows_for(gpu_type, scale=time_scale())
     )
 
 

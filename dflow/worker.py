@@ -40,10 +40,12 @@ CLOSING = (Status.closing, Status.closing_gracefully, Status.closed)
 
 
 def stage_slots(stage: str) -> int:
-    """Concurrent tasks of a stage per worker: the DiT runs one request at a time,
-    the encoder and VAE take several so the runtime can batch them."""
+    """Concurrent tasks of a stage per worker, so the runtime can batch them:
+    ``dflow.runtime.max-dit-batch`` for the DiT (and monolithic) stage, whose
+    requests share denoising steps, ``dflow.runtime.max-batch`` for the encoder
+    and VAE."""
     if stage in ("dit", "all"):
-        return 1
+        return int(dask.config.get("dflow.runtime.max-dit-batch"))
     return int(dask.config.get("dflow.runtime.max-batch"))
 
 
@@ -112,6 +114,8 @@ class StagePlugin(WorkerPlugin):
             return []
         pool = Pool(self.runtime.stage, self.runtime.model)
         await self.worker.set_resources(**stage_resources(pool, 0))
+        # denoising calls waiting for a batch go back to the scheduler
+        self.runtime.drain()
         await self._report(
             "draining", stage=self.runtime.stage, model=self.runtime.model
         )

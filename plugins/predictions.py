@@ -54,23 +54,9 @@ class Predictions:
         largest peak of the profiled types: peak memory follows the model and
         the request's shape, not the GPU's speed. Raises ``LookupError`` when
         there is no predictor or no type has a profile."""
-        predictor = self.predictor
-        if predictor is None:
+        if self.predictor is None:
             raise LookupError("no predictor yet")
-        model, stage = pool.model, pool.stage
-        try:
-            return predictor.predict(model, stage, gpu_type, features).peak_bytes
-        except LookupError:
-            profiled = sorted(
-                {g for m, s, g in predictor.fits if (m, s) == (model, stage)}
-            )
-            if not profiled:
-                raise
-        peaks = [
-            predictor.predict(model, stage, g, features).peak_bytes for g in profiled
-        ]
-        known = [peak for peak in peaks if peak is not None]
-        return max(known) if known else None
+        return self.predictor.peak_bytes(pool.model, pool.stage, gpu_type, features)
 
     def observe(
         self,
@@ -78,7 +64,7 @@ class Predictions:
         gpu_type: str,
         features: Mapping[str, Any],
         seconds: float,
-        batch: int,
+        batch: float,
     ) -> None:
         """A stage call finished in ``seconds``: correct the predictions."""
         if self.predictor is None:

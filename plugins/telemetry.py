@@ -50,7 +50,7 @@ class StageRecord:
     #: device seconds of the stage call, and how many requests shared it (the
     #: task's compute time also counts its wait for the batch)
     call_s: float = 0.0
-    batch: int = 1
+    batch: float = 1.0
 
     @property
     def service_s(self) -> float:
@@ -157,7 +157,7 @@ class Telemetry(SchedulerPlugin):
             nbytes=int(kwargs.get("nbytes") or 0),
             features=info.get("features", {}),
             call_s=float(call.get("seconds", compute)),
-            batch=int(call.get("batch", 1)),
+            batch=float(call.get("batch", 1)),
         )
         self.records.append(entry)
         self.recent[pool].append(entry.features)

@@ -15,6 +15,7 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import pytest
+import torch
 
 import dask.config
 from distributed.protocol import deserialize, serialize
@@ -139,7 +140,7 @@ def step_alone(adapter, request: Request, embeddings) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES)
 def test_steps_match_stock_pipeline(model_folder, stages, case):
     """A request stepped alone gets the latents of the pipeline's own call."""
-    request = make_request(model_folder, case)
+    request = equivalence_request(model_folder, case)
     adapter = stages.dit.adapter
     embeddings = dit_inputs(stages, request)
     stock_latents = adapter.denoise(request, embeddings)
@@ -151,7 +152,7 @@ def test_batched_and_joined_steps_match_alone(model_folder, stages):
     step count, one joining after the others' first step, each get their
     latents alone, bit for bit (exact batches, the default)."""
     (case,) = CASES[0].values
-    base = make_request(model_folder, case)
+    base = equivalence_request(model_folder, case)
     scale = base.guidance_scale
     requests = [
         base,
@@ -181,7 +182,7 @@ def test_state_moves_between_workers(model_folder, stages):
     """A state sent through Dask's serialization between two steps (as Wan
     2.2's experts hand latents over) continues to the same latents."""
     (case,) = CASES[0].values
-    request = make_request(model_folder, case)
+    request = equivalence_request(model_folder, case)
     adapter = stages.dit.adapter
     embeddings = dit_inputs(stages, request)
     state = adapter.start(request, embeddings)

@@ -84,7 +84,7 @@ class DenoisingState:
     timesteps: torch.Tensor
     embeddings: dict[str, torch.Tensor]
     guidance_scale: float
-    generator: torch.Generator
+    generator: torch.Generator | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
 

@@ -68,10 +68,7 @@ def fleet_predictor(cost: Any, gpu_types: Sequence[str], scale: float) -> Any:
     before the run's config is set, so the alpha is passed, not configured.)"""
     from dflow.predictor import Predictor
 
-    rows = []
-    for gpu in sorted(set(gpu_types)):
-        for row in cost.rows_for(gpu):
-            rows.append({**row, "seconds": row["seconds"] * scale})
+    rows = [row for gpu in sorted(set(gpu_types)) for row in cost.rows_for(gpu, scale)]
     return Predictor(rows, ewma_alpha=0.0)
 
 

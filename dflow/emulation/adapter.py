@@ -21,6 +21,7 @@ import dask.config
 from dask.utils import parse_timedelta
 
 from dflow.adapters.base import Adapter, Embeddings, StepCallback
+from dflow.adapters.denoising import DenoisingState
 from dflow.emulation.cost import (
     CostModel,
     Placement,
@@ -129,6 +130,9 @@ class EmulatedAdapter(Adapter):
             dask.config.get("dflow.emulation.first-call")
         )
         self._called: set[str] = set()
+        #: the stage of the latest call: a model-offloaded DiT moves its weights
+        #: in when a step follows another stage's call
+        self._last_stage: str | None = None
         self._placements: dict[tuple, Placement] = {}
         default = self.family.default_features(spec)
         self.placement = self._placement(default)
@@ -186,6 +190,7 @@ class EmulatedAdapter(Adapter):
         cost = placement.stages[stage]
         first = self._first_call if stage not in self._called else 0.0
         self._called.add(stage)
+        self._last_stage = stage
 
         def sleep() -> None:
             elapsed = first + cost.transfer
@@ -217,6 +222,40 @@ class EmulatedAdapter(Adapter):
         latents = self._latents(request)
         sleep()
         return latents
+
+    def start(self, request: Request, embeddings: Embeddings) -> DenoisingState:
+        features = request.features
+        latents = self._latents(request)
+        return DenoisingState(
+            key=(shape_name(features), features["cfg"]),
+            latents=latents,
+            scheduler=None,
+            timesteps=torch.arange(features["steps"]),
+            embeddings={},
+            guidance_scale=request.guidance_scale or 0.0,
+            inputs={"features": features},
+        )
+
+    def step(self, states: Sequence[DenoisingState]) -> None:
+        """Sleep one step of the batch's call (first-call costs, and a model
+        offload's weights when the DiT was not the last stage to run, before it)."""
+        start = time.perf_counter()
+        features = states[0].inputs["features"]
+        try:
+            placement = self._placement(features, len(states))
+        except StageOutOfMemory as error:
+            raise torch.OutOfMemoryError(str(error)) from None
+        cost = placement.stages["dit"]
+        seconds = cost.compute / cost.steps
+        if "dit" not in self._called:
+            seconds += self._first_call
+            self._called.add("dit")
+        if self._last_stage != "dit":
+            seconds += cost.transfer
+            self._last_stage = "dit"
+        self._sleep_until(start, seconds)
+        for state in states:
+            state.index += 1
 
     def decode(
         self, requests: Sequence[Request], latents: Sequence[torch.Tensor]

@@ -25,7 +25,15 @@ import dflow.config  # noqa: F401
 from dflow.catalog import resolve
 from dflow.errors import StageOutOfMemory
 from dflow.hardware import GIB, Catalog, read_catalog
-from dflow.predictor import Predictor, Row, anchor_rows, load_profile, row_features
+from dflow.predictor import (
+    Predictor,
+    Row,
+    anchor_rows,
+    batch_rows,
+    dit_work,
+    load_profile,
+    row_features,
+)
 from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -125,11 +133,25 @@ class CostModel:
         features: Mapping[str, Any],
         batch: int = 1,
     ) -> float:
-        """Emulated compute seconds of a resident ``stage`` call on ``gpu``."""
-        reference = self.predictor.predict(
-            spec.name, stage, self.catalog.reference, features, batch, corrected=False
+        """Emulated compute seconds of a resident ``stage`` call on ``gpu``.
+
+        A DiT batch gains what the reference GPU gains at the work that fills
+        it as much as ``features`` fill ``gpu``: a GPU ``n`` times slower runs
+        out of spare capacity at ``1/n`` of the reference's work.
+        """
+        reference = self.catalog.reference
+        slowdown = self.catalog.slowdown(gpu, spec.family, stage)
+        seconds = self.predictor.predict(
+            spec.name, stage, reference, features, batch, corrected=False
         ).seconds
-        return reference * self.catalog.slowdown(gpu, spec.family, stage)
+        if stage == "dit" and batch != 1 and gpu != reference:
+            there = self.predictor.batch_speedup(
+                spec.name, reference, _scaled_work(features, slowdown), batch
+            )
+            here = self.predictor.batch_speedup(spec.name, reference, features, batch)
+            if there and here:
+                seconds *= here / there
+        return seconds * slowdown
 
     def activation_bytes(
         self, spec: ModelSpec, stage: str, features: Mapping[str, Any], batch: int = 1
@@ -169,20 +191,16 @@ class CostModel:
         A stage worker holds its stage resident; a monolithic worker (all three
         stages) too when the pipeline fits, else it offloads (``mode``: ``"auto"``
         picks the cheaper of model and group offload, ``"model"`` or ``"group"``
-        force one; default ``dflow.emulation.offload``). ``batch`` prices encoder
-        and VAE calls. Raises :class:`~dflow.errors.StageOutOfMemory`, naming the
+        force one; default ``dflow.emulation.offload``). ``batch`` prices each
+        stage's call on that many requests (a DiT batch shares its steps). Raises :class:`~dflow.errors.StageOutOfMemory`, naming the
         stages, model, GPU type and sizes, when no way fits.
         """
         usable = self.usable_bytes(gpu)
         weights = {s: spec.weight_bytes[s] for s in stages}
         activations = {
-            s: self.activation_bytes(spec, s, features, self._batch(s, batch))
-            for s in stages
+            s: self.activation_bytes(spec, s, features, batch) for s in stages
         }
-        compute = {
-            s: self.seconds(spec, s, gpu, features, self._batch(s, batch))
-            for s in stages
-        }
+        compute = {s: self.seconds(spec, s, gpu, features, batch) for s in stages}
         steps = {s: features["steps"] if s == "dit" else 1 for s in stages}
         resident_peak = sum(weights.values()) + max(activations.values())
         if resident_peak <= usable:
@@ -229,11 +247,6 @@ class CostModel:
                 + ("" if len(stages) == 1 else ", offloading included")
             )
         return min(options, key=lambda p: p.seconds)
-
-    @staticmethod
-    def _batch(stage: str, batch: int) -> int:
-        # the DiT runs one request per call; only encoder and VAE calls batch
-        return 1 if stage == "dit" else batch
 
     def offload_rates(self, gpu: str) -> tuple[float, float]:
         """Bytes per second that model offload and group offload move weights at
@@ -287,17 +300,29 @@ class CostModel:
 
     # -- rows for other predictors -------------------------------------------------
 
-    def rows_for(self, gpu: str) -> list[Row]:
+    def rows_for(self, gpu: str, scale: float = 1.0) -> list[Row]:
         """The calibration rows rescaled to ``gpu``: a predictor fitted on them
         prices ``gpu`` as this emulation charges it (for planners of emulated
         fleets, which then know each type's speed per stage as a profiled
-        deployment would)."""
+        deployment would), its seconds times ``scale`` (a run's time scale).
+        DiT batch speedups move to the work that fills ``gpu`` as much."""
         rows = []
         for row in self.rows:
             family = resolve(row["model"]).family
             factor = self.catalog.slowdown(gpu, family, row["stage"])
-            rows.append({**row, "gpu_type": gpu, "seconds": row["seconds"] * factor})
+            if "speedup" in row:
+                work = row.get("work") or dit_work(row_features(row))
+                rows.append({**row, "gpu_type": gpu, "work": work / factor})
+            else:
+                seconds = row["seconds"] * factor * scale
+                rows.append({**row, "gpu_type": gpu, "seconds": seconds})
         return rows
+
+
+def _scaled_work(features: Mapping[str, Any], factor: float) -> dict[str, Any]:
+    """``features`` whose DiT work (:func:`~dflow.predictor.dit_work`) is
+    ``factor`` times as much."""
+    return {**features, "dit_tokens": features["dit_tokens"] * factor}
 
 
 def shape_name(features: Mapping[str, Any]) -> str:
@@ -320,6 +345,7 @@ def _cost_model(profiles: tuple[str, ...] | None, gpus: str | None) -> CostModel
         else:  # a resource of the installed package
             profile = json.loads(path.read_text())
             rows += [{"gpu_type": profile["gpu_type"], **r} for r in profile["rows"]]
+    rows += batch_rows()
     anchors = json.loads(
         files("dflow.configs").joinpath("profiles/h200-stages.json").read_text()
     )
