@@ -482,12 +482,25 @@ class StageRuntime:
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> Output:
-        """All three stages in this process (the monolithic path)."""
+        """All three stages in this process (the monolithic path).
+
+        Its timings add ``generate`` (the call's seconds) and
+        ``generate_batch``: the seconds over this request's own part of them,
+        which leaves out the other requests' shares of the batched stage calls
+        it took part in.
+        """
         start = time.perf_counter()
         embeddings = self.encode(request)
         latents = self.denoise(request, embeddings, should_stop, on_step)
         output = self.decode(request, latents)
-        output.timings["generate"] = time.perf_counter() - start
+        timings = output.timings
+        seconds = time.perf_counter() - start
+        shared = sum(
+            timings[stage] * (1 - 1 / timings.get(f"{stage}_batch", 1))
+            for stage in ("encode", "denoise", "decode")
+        )
+        timings["generate"] = seconds
+        timings["generate_batch"] = seconds / max(seconds - shared, 1e-9)
         return output
 
     def warmup(self) -> float:

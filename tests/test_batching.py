@@ -1,0 +1,179 @@
+"""DiT batching through real worker processes.
+
+A real ``dask scheduler`` with encoder, DiT, VAE and monolithic (``--stage
+all``) ``dflow-worker`` processes of tiny PixArt-Sigma (classifier-free
+guidance: two transformer rows per request, a multistep scheduler), every
+worker with ``dflow.runtime.max-dit-batch: 4``. Requests that denoise together,
+join a batch mid-way or leave it cancelled must give every other request the
+pixels of its unbatched run (``dflow.generate`` in this process, which denoises
+each request alone in the stock pipeline call).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from distributed import Client
+
+import dflow
+from dflow import runtime
+from dflow.request import Request
+from dflow.spec import canonical_name
+from dflow.testing import (
+    poll,
+    scheduler_process,
+    stop,
+    wait_for_pools,
+    worker_processes,
+)
+
+MODEL = "tiny-pixart"
+LAYOUT = ("encoder", "dit", "vae", "all")
+BATCH = 4
+SCHEDULER_ENV = {"DASK_DFLOW__ELASTIC__ENABLED": "False"}
+WORKER_ENV = {"DASK_DFLOW__RUNTIME__MAX_DIT_BATCH": str(BATCH)}
+
+# the functions run on the scheduler and workers travel by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def client(tiny_folders, tmp_path_factory) -> Iterator[Client]:
+    logs = tmp_path_factory.mktemp("batching")
+    with (
+        scheduler_process(env=SCHEDULER_ENV, log_dir=logs) as address,
+        worker_processes(
+            address, [(s, MODEL) for s in LAYOUT], env=WORKER_ENV, log_dir=logs
+        ) as workers,
+        Client(address) as client,
+    ):
+        wait_for_pools(client, {MODEL: LAYOUT}, processes=workers)
+        yield client
+        client.close()
+        stop([address.process, *workers])
+    runtime.uninstall(canonical_name(MODEL), "all")
+
+
+def request(seed: int, **changes) -> Request:
+    fields = {
+        "model": MODEL,
+        "prompt": "a red bicycle leaning on a stone wall",
+        "negative_prompt": "blurry",
+        "height": 64,
+        "width": 64,
+        "steps": 3,
+        "seed": seed,
+    }
+    return Request(**{**fields, **changes})
+
+
+def pixels(output: dflow.Output) -> np.ndarray:
+    return np.stack([np.asarray(image.convert("RGB")) for image in output.images])
+
+
+def assert_unbatched_pixels(outputs: list[dflow.Output]) -> None:
+    """Each output has the pixels of its request denoised alone, here."""
+    for output in outputs:
+        alone = pixels(dflow.generate(output.request))
+        assert np.array_equal(pixels(output), alone), output.request
+
+
+def denoise_batches(dask_scheduler) -> dict[str, float]:
+    """The batch each finished denoise or generate task reported, by request."""
+    records = dask_scheduler.plugins["dflow-telemetry"].records
+    return {r.request: r.batch for r in records if r.stage in ("dit", "all")}
+
+
+def executing(dask_worker) -> list[str]:
+    return [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def stage_failures(dask_worker, key: str) -> list[str]:
+    return [
+        event.exception_text
+        for event in dask_worker.state.stimulus_story(key)
+        if type(event).__name__ == "ExecuteFailureEvent"
+    ]
+
+
+def request_id(future) -> str:
+    return str(future.key).partition("-")[2]
+
+
+def start_running(client: Client, prefix: str, long: Request) -> tuple[object, str]:
+    """Submit ``long`` and wait until its ``prefix`` task executes; returns its
+    future and the worker running it."""
+    future = dflow.submit(
+        client, long, mode="monolithic" if prefix == "generate" else "disaggregated"
+    )
+    key = f"{prefix}-{request_id(future)}"
+    (worker,) = poll(
+        lambda: [a for a, keys in client.run(executing).items() if key in keys],
+        timeout=60,
+        what=f"{key} to start",
+    )
+    return future, worker
+
+
+def test_one_prompt_several_seeds_batch_and_keep_their_pixels(client):
+    """The n images of one prompt (and one with its own guidance scale and
+    step count) denoise in shared steps, each with its own seed."""
+    requests = [request(seed, steps=20) for seed in range(10, 14)]
+    requests[1] = requests[1].replace(guidance_scale=7.0)
+    requests[2] = requests[2].replace(steps=25)
+    futures = dflow.map(client, requests)
+    outputs = client.gather(futures)
+    assert [o.request for o in outputs] == requests
+    batches = client.run_on_scheduler(denoise_batches)
+    shared = [batches[request_id(f)] for f in futures]
+    assert max(shared) > 1, shared
+    assert all(1 <= b <= BATCH for b in shared)
+    assert_unbatched_pixels(outputs)
+
+
+@pytest.mark.parametrize("prefix", ["denoise", "generate"])
+def test_requests_join_a_running_batch_at_a_step_boundary(client, prefix):
+    mode = "monolithic" if prefix == "generate" else "disaggregated"
+    long = request(20, steps=60)
+    first, _ = start_running(client, prefix, long)
+    joiners = dflow.map(client, [request(seed) for seed in (21, 22)], mode=mode)
+    outputs = client.gather([first, *joiners])
+    batches = client.run_on_scheduler(denoise_batches)
+    # the long request ran alone, then with the two that joined, then alone
+    assert 1 < batches[request_id(first)] < 3
+    assert all(batches[request_id(f)] > 1 for f in joiners)
+    assert_unbatched_pixels(outputs)
+
+
+def test_cancelling_one_request_of_a_batch_leaves_the_others_alone(client):
+    spec = request(0).spec
+    long = request(30, steps=spec.limit("max_steps"))
+    future, worker = start_running(client, "denoise", long)
+    others = dflow.map(client, [request(seed, steps=40) for seed in (31, 32, 33)])
+    key = f"denoise-{request_id(others[0])}"
+    poll(
+        lambda: key in client.run(executing, workers=[worker])[worker],
+        timeout=60,
+        what="the others to join",
+    )
+    future.cancel()
+    denoise = f"denoise-{request_id(future)}"
+    poll(
+        lambda: denoise not in client.run(executing, workers=[worker])[worker],
+        timeout=10,
+        what="the cancelled request to leave the batch",
+    )
+    (failure,) = client.run(stage_failures, key=denoise, workers=[worker])[worker]
+    match = re.search(r"stopped after (\d+) of (\d+) steps", failure)
+    assert match, failure
+    assert int(match[1]) < int(match[2]) == long.steps
+    outputs = client.gather(others)
+    batches = client.run_on_scheduler(denoise_batches)
+    assert all(batches[request_id(f)] > 1 for f in others)
+    assert_unbatched_pixels(outputs)
