@@ -26,12 +26,15 @@ from dflow import runtime
 from dflow.request import Request
 from dflow.spec import canonical_name
 from dflow.testing import (
+    pixels,
     poll,
     scheduler_process,
     stop,
     wait_for_pools,
     worker_processes,
 )
+
+pytestmark = pytest.mark.slow
 
 MODEL = "tiny-pixart"
 LAYOUT = ("encoder", "dit", "vae", "all")
@@ -71,10 +74,6 @@ def request(seed: int, **changes) -> Request:
         "seed": seed,
     }
     return Request(**{**fields, **changes})
-
-
-def pixels(output: dflow.Output) -> np.ndarray:
-    return np.stack([np.asarray(image.convert("RGB")) for image in output.images])
 
 
 def assert_unbatched_pixels(outputs: list[dflow.Output]) -> None:
