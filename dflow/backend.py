@@ -8,7 +8,6 @@ and memory it names.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -105,23 +104,13 @@ class EmulatedBackend:
         gpu_type: str | None,
         device: str,
     ) -> tuple[BatchPrice, int | None]:
-        """The cost model's price of a DiT batch on the emulated GPU type: what
-        the emulation charges, infinite seconds for a batch that does not fit
-        (the placement's memory check covers the device)."""
+        """The cost model's price of a DiT batch on the emulated GPU type
+        (:meth:`~dflow.emulation.CostModel.dit_batch_price`); the placement's
+        memory check covers the device."""
         from dflow.emulation import cost_model
-        from dflow.errors import StageOutOfMemory
-        from dflow.predictor import Prediction
 
-        cost, gpu = cost_model(), hardware.resolve_gpu(gpu_type).name
-
-        def price(features: Mapping[str, Any], batch: int) -> Prediction:
-            try:
-                placement = cost.placement(spec, stages, gpu, features, batch)
-            except StageOutOfMemory:
-                return Prediction(math.inf, None)
-            return Prediction(placement.stages["dit"].seconds, placement.peak_bytes)
-
-        return price, None
+        gpu = hardware.resolve_gpu(gpu_type).name
+        return cost_model().dit_batch_price(spec, stages, gpu), None
 
 
 BACKENDS: dict[str, RealBackend | EmulatedBackend] = {

@@ -9,6 +9,9 @@ import click
 
 from dflow.bench import LABEL, MODES
 
+#: ``--dit-batch on``: the most requests one denoising step batches
+DIT_BATCH = 8
+
 
 @click.command(short_help="Compare four ways of serving a workload (emulated).")
 @click.option(
@@ -17,7 +20,8 @@ from dflow.bench import LABEL, MODES
     required=True,
     help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift; S2-80: its "
     "earlier 80/10/10 variant), "
-    "S3 (heterogeneous fleet) or S4 (1,000 workers).",
+    "S3 (heterogeneous fleet), S4 (1,000 workers) or S6 (PixArt 512/1024px, "
+    "light then heavy, where DiT batching pays).",
 )
 @click.option(
     "--out",
@@ -33,7 +37,17 @@ from dflow.bench import LABEL, MODES
     type=click.Choice(MODES),
     help="Run only these modes (repeatable; default all four).",
 )
-def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
+@click.option(
+    "--dit-batch",
+    type=click.Choice(["off", "on"]),
+    default="off",
+    show_default=True,
+    help=f"DiT batching: 'on' lets every worker batch up to {DIT_BATCH} requests' "
+    "denoising steps (dflow.runtime.max-dit-batch), where the profiles say it gains.",
+)
+def bench(
+    name: str, out: Path, quick: bool, modes: tuple[str, ...], dit_batch: str
+) -> None:
     """Run one workload on one emulated fleet, served four ways: monolithic
     replicas partitioned per model, the same autoscaled per model, stage pools
     at a static ratio, and dflow's elastic pools. Writes OUT/results.json and
@@ -53,7 +67,8 @@ def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
         scenario = get(name)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--scenario") from None
-    click.echo(f"{scenario.name}: {scenario.title} [{LABEL}]")
+    batching = f", DiT batching {dit_batch}"
+    click.echo(f"{scenario.name}: {scenario.title} [{LABEL}{batching}]")
     bars: dict[str, object] = {}
 
     def progress(mode: str, elapsed: float, total: float) -> None:
@@ -73,7 +88,12 @@ def bench(name: str, out: Path, quick: bool, modes: tuple[str, ...]) -> None:
 
     with report.quiet():
         results = report.run_scenario(
-            scenario, out, quick=quick, modes=modes or MODES, progress=progress
+            scenario,
+            out,
+            quick=quick,
+            modes=modes or MODES,
+            progress=progress,
+            dit_batch=DIT_BATCH if dit_batch == "on" else 1,
         )
     for bar in bars.values():
         bar.__exit__(None, None, None)  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ class Outcome:
     model: str
     done: float | None
     failed: bool = False
+    phase: str = ""
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list:
@@ -100,6 +101,29 @@ def per_model(
     return result
 
 
+def per_phase(
+    outcomes: Sequence[Outcome],
+    *,
+    spans: Mapping[str, tuple[float, float]],
+    window: tuple[float, float],
+    stop: float,
+    slo,
+) -> dict[str, dict[str, Any]]:
+    """:func:`metrics` of the requests of each phase of the workload, over the
+    phase's span within ``window`` (bound left out)."""
+    result = {}
+    for phase, (start, end) in spans.items():
+        span = (max(start, window[0]), min(end, window[1]))
+        if span[1] <= span[0]:
+            continue
+        mine = [o for o in outcomes if o.phase == phase]
+        m = metrics(mine, window=span, stop=stop, slo=slo, bound_rps=0.0)
+        result[phase] = {
+            k: m[k] for k in ("throughput_rps", "p50_s", "p95_s", "slo_attainment")
+        }
+    return result
+
+
 def busy_fraction(
     intervals: Mapping[str, Sequence[tuple[float, float]]],
     presence: Mapping[str, float],
@@ -147,6 +171,8 @@ class ModeRun:
     planning: list[float] = field(default_factory=list)
     #: (wall time, utilization per pool, reason) of sampled plans
     plans: list[tuple[float, dict[str, float], str]] = field(default_factory=list)
+    #: the batch each finished denoising task reported (telemetry's latest)
+    dit_batches: list[float] = field(default_factory=list)
 
 
 def outcomes(run: ModeRun) -> list[Outcome]:
@@ -156,7 +182,7 @@ def outcomes(run: ModeRun) -> list[Outcome]:
         final = run.finals.get(i)
         done = None if final is None else (final[0] - run.start) / run.scale
         failed = final is not None and final[1] != "memory"
-        result.append(Outcome(entry.t, entry.model, done, failed))
+        result.append(Outcome(entry.t, entry.model, done, failed, entry.phase))
     return result
 
 

@@ -22,6 +22,7 @@ import dask.config
 
 from dflow.errors import StageOutOfMemory
 from dflow.pools import MONOLITHIC, STAGES, Pool
+from dflow.predictor import batch_limit
 
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
@@ -49,27 +50,33 @@ def request_seconds(
     cost: Any, request: Any, pool: Pool, gpu_type: str, max_batch: int | None = None
 ) -> float:
     """Emulated seconds one request costs ``pool`` on ``gpu_type`` (``inf``: does
-    not fit). Encoder and VAE calls take the cheapest per-request batch up to
-    ``max_batch`` (config ``dflow.runtime.max-batch``) that fits."""
+    not fit), at the cheapest per-request batch up to ``max_batch`` that fits:
+    default ``dflow.runtime.max-batch`` for encoder and VAE calls,
+    ``dflow.runtime.max-dit-batch`` for DiT and monolithic ones, whose batches
+    stop where the runtime's would (:func:`~dflow.predictor.batch_limit`: no
+    more than gains ``dflow.runtime.dit-batch-min-gain``)."""
     stage, _ = pool
     spec, features = request.spec, request.features
-    try:
-        if stage == MONOLITHIC:
-            return cost.placement(spec, STAGES, gpu_type, features).seconds
-        if stage == "dit":
-            return cost.placement(spec, [stage], gpu_type, features).seconds
-        if max_batch is None:
-            max_batch = int(dask.config.get("dflow.runtime.max-batch"))
-        best = math.inf
-        for batch in range(1, max_batch + 1):
-            try:
-                seconds = cost.placement(spec, [stage], gpu_type, features, batch)
-            except StageOutOfMemory:
-                break
-            best = min(best, seconds.seconds / batch)
-        return best
-    except StageOutOfMemory:
-        return math.inf
+    stages = STAGES if stage == MONOLITHIC else (stage,)
+    denoises = stage in ("dit", MONOLITHIC)
+    if max_batch is None:
+        setting = "max-dit-batch" if denoises else "max-batch"
+        max_batch = int(dask.config.get(f"dflow.runtime.{setting}"))
+    if denoises and max_batch > 1:
+        price = cost.dit_batch_price(spec, stages, gpu_type)
+        max_batch = batch_limit(
+            lambda batch: price(features, batch),
+            max_batch,
+            min_gain=float(dask.config.get("dflow.runtime.dit-batch-min-gain")),
+        )
+    best = math.inf
+    for batch in range(1, max_batch + 1):
+        try:
+            seconds = cost.placement(spec, stages, gpu_type, features, batch)
+        except StageOutOfMemory:
+            break
+        best = min(best, seconds.seconds / batch)
+    return best
 
 
 def pool_work(
@@ -378,16 +385,28 @@ def physics(scenario: Scenario, cost: Any) -> Physics:
             capacity(allocation, pool_work(cost, mix, scenario.fleet, mono))
             for mix in mixes
         ]
+        # a model's requests of several shapes: its own mix of them
         result.model_capacity[kind] = {
-            request.model: capacity(
-                allocation, pool_work(cost, [(request, 1.0)], scenario.fleet, mono)
+            model: capacity(
+                allocation,
+                pool_work(
+                    cost,
+                    [(r, w) for r, w in average if r.model == model],
+                    scenario.fleet,
+                    mono,
+                ),
             )
-            for request, _ in average
+            for model in {r.model for r, _ in average}
         }
     result.reference_latency = reference_latency(cost, average, scenario.fleet)
-    for request, _ in average:
-        result.replica_seconds[request.model] = {
-            g: request_seconds(cost, request, Pool(MONOLITHIC, request.model), g, 1)
+    for model in {r.model for r, _ in average}:
+        shapes = [(r, w) for r, w in average if r.model == model]
+        total = sum(w for _, w in shapes)
+        result.replica_seconds[model] = {
+            g: sum(
+                w / total * request_seconds(cost, r, Pool(MONOLITHIC, model), g, 1)
+                for r, w in shapes
+            )
             for g in scenario.fleet
         }
     return result

@@ -23,6 +23,7 @@ from dflow.bench.metrics import (
     metrics,
     outcomes,
     per_model,
+    per_phase,
     percentiles,
     utilization,
 )
@@ -59,6 +60,19 @@ def summarize(
     result["models"] = per_model(
         outcomes(run), window=window, stop=(run.stop - run.start) / run.scale, slo=slo
     )
+    phases = scenario.workload.phases
+    names = [p.name for p in phases]
+    if len(phases) > 1 and len(set(names)) == len(names):
+        ends = [p.start for p in phases[1:]] + [scenario.duration]
+        result["phases"] = per_phase(
+            outcomes(run),
+            spans={p.name: (p.start, end) for p, end in zip(phases, ends)},
+            window=window,
+            stop=(run.stop - run.start) / run.scale,
+            slo=slo,
+        )
+    if run.dit_batches:
+        result["dit_batch_mean"] = float(np.mean(run.dit_batches))
     result["decisions"] = len(run.decisions)
     result["decision_log"] = run.decisions[:100]
     if run.mode == "elastic":
@@ -90,9 +104,24 @@ def run_scenario(
     quick: bool = False,
     modes: Sequence[str] = MODES,
     progress: Callable[[str, float, float], Any] | None = None,
+    dit_batch: int = 1,
 ) -> dict[str, Any]:
     """Run every mode of ``scenario`` on the same trace; write ``out/results.json``
-    and the plots; return the results."""
+    and the plots; return the results. ``dit_batch`` is every worker's
+    ``dflow.runtime.max-dit-batch`` (1: no DiT batching), which the physical
+    bounds assume too."""
+    with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
+        return _run_scenario(scenario, out, quick, modes, progress, dit_batch)
+
+
+def _run_scenario(
+    scenario: Scenario,
+    out: Path,
+    quick: bool,
+    modes: Sequence[str],
+    progress: Callable[[str, float, float], Any] | None,
+    dit_batch: int,
+) -> dict[str, Any]:
     from dflow.emulation import cost_model
 
     if quick:
@@ -109,6 +138,7 @@ def run_scenario(
         "title": scenario.title,
         "label": LABEL,
         "quick": quick,
+        "dit_batch": dit_batch,
         "time_scale": scale,
         "duration_s": scenario.duration,
         "window_s": list(window),

@@ -229,6 +229,11 @@ def run_mode(
         names = {r.address: r.name for r in extension.workers.values()}
         tasks = [(s, m, names.get(w, w), a, b) for s, m, w, a, b in recorder.tasks]
         planning = controller.planning_seconds()
+        dit_batches = [
+            r.batch
+            for r in cluster.scheduler.plugins["dflow-telemetry"].records
+            if r.stage in ("dit", "all")
+        ]
         futures.clear()
     return ModeRun(
         mode=mode,
@@ -244,4 +249,5 @@ def run_mode(
         controller_start=enabled,
         planning=planning,
         plans=list(recorder.plans),
+        dit_batches=dit_batches,
     )

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
@@ -26,6 +26,7 @@ from dflow.catalog import resolve
 from dflow.errors import StageOutOfMemory
 from dflow.hardware import GIB, Catalog, read_catalog
 from dflow.predictor import (
+    Prediction,
     Predictor,
     Row,
     anchor_rows,
@@ -247,6 +248,22 @@ class CostModel:
                 + ("" if len(stages) == 1 else ", offloading included")
             )
         return min(options, key=lambda p: p.seconds)
+
+    def dit_batch_price(
+        self, spec: ModelSpec, stages: Sequence[str], gpu: str
+    ) -> Callable[[Mapping[str, Any], int], Prediction]:
+        """The price of a DiT batch on a worker serving ``stages`` on ``gpu``:
+        the DiT call's emulated seconds and the placement's peak bytes;
+        infinite seconds for a batch that does not fit."""
+
+        def price(features: Mapping[str, Any], batch: int) -> Prediction:
+            try:
+                placement = self.placement(spec, stages, gpu, features, batch)
+            except StageOutOfMemory:
+                return Prediction(math.inf, None)
+            return Prediction(placement.stages["dit"].seconds, placement.peak_bytes)
+
+        return price
 
     def offload_rates(self, gpu: str) -> tuple[float, float]:
         """Bytes per second that model offload and group offload move weights at
