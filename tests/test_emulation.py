@@ -312,3 +312,23 @@ def test_rows_for_a_gpu_type_price_it_as_the_emulation_does():
         assert predicted.seconds == pytest.approx(
             cost.seconds(request.spec, stage, "a10g", request.features), rel=1e-6
         )
+
+
+@pytest.mark.parametrize("side, speedup, limit", [(512, 3.00, 4), (1024, 1.00, 1)])
+def test_dit_batches_cost_and_stop_where_the_h200_curve_says(side, speedup, limit):
+    """configs/profiles/h200-dit-batch.json: PixArt-Sigma's 512px step runs
+    x3.00 faster per request at batch 4 on the H200, its 1024px step x1.00; an
+    emulated runtime batches up to where one more request gains 5%."""
+    spec = resolve("pixart-sigma-1024")
+    request = Request(
+        model=spec.name, prompt="a fox", height=side, width=side, steps=20, seed=0
+    )
+    price = cost_model().dit_batch_price(spec, ["dit"], "h200")
+    one, four = price(request.features, 1), price(request.features, 4)
+    assert one.seconds / (four.seconds / 4) == pytest.approx(speedup, rel=0.02)
+    assert four.peak_bytes > one.peak_bytes
+    with dask.config.set(
+        {"dflow.runtime.backend": "emulated", "dflow.emulation.time-scale": 1e-4}
+    ):
+        runtime = StageRuntime(spec.name, "dit", gpu_type="h200", max_dit_batch=8)
+        assert runtime.dit_batch_limit(request) == limit

@@ -361,3 +361,25 @@ def test_cpu_profile_of_tiny_pixart_predicts_held_out_shapes(tmp_path, one_threa
     predictor = Predictor(train)
     assert predictor.mape(test) <= 0.35
     assert math.isfinite(predictor.mape(train))
+
+
+def test_batch_limit_stops_at_memory_and_at_the_least_gain():
+    from dflow.predictor import batch_limit
+
+    # per-request speedup 1.9, 2.45, 3.0, then 1.7% more a request; 1 GiB more
+    # per request
+    speedups = {1: 1.0, 2: 1.9, 3: 2.45, 4: 3.0}
+
+    def price(batch: int) -> Prediction:
+        seconds = batch / speedups.get(batch, 3.0 + 0.05 * (batch - 4))
+        return Prediction(seconds, (batch + 1) * 2**30)
+
+    assert batch_limit(price, 8) == 8
+    assert batch_limit(price, 8, min_gain=0.05) == 4
+    assert batch_limit(price, 3, min_gain=0.05) == 3
+    assert batch_limit(price, 8, memory=3 * 2**30, min_gain=0.05) == 2
+
+    def unpriced(batch: int) -> Prediction:
+        raise LookupError("no profile")
+
+    assert batch_limit(unpriced, 6, min_gain=0.05) == 6
