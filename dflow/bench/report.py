@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,23 @@ def _run_scenario(
     return results
 
 
+def mix_shares(mix: Sequence[tuple[Any, float]]) -> dict[str, float]:
+    """The share of each model in a phase's mix; a model of several shapes, the
+    share of each shape ("model WxH", frames too for videos)."""
+    shapes: dict[str, set] = defaultdict(set)
+    for request, _ in mix:
+        shapes[request.model].add((request.width, request.height, request.num_frames))
+    shares: dict[str, float] = defaultdict(float)
+    for request, weight in mix:
+        label = request.model
+        if len(shapes[label]) > 1:
+            label += f" {request.width}x{request.height}"
+            if request.num_frames:
+                label += f"x{request.num_frames}"
+        shares[label] += weight
+    return {label: round(share, 4) for label, share in shares.items()}
+
+
 def physics_summary(
     p: Physics,
     entries: Sequence[TraceEntry],
@@ -208,7 +226,7 @@ def physics_summary(
             {
                 "start_s": start,
                 "end_s": end,
-                "mix": {r.model: round(w, 4) for r, w in mix},
+                "mix": mix_shares(mix),
                 "offered_rps": offered,
                 "bound_monolithic_rps": p.capacity["monolithic"][index],
                 "bound_disaggregated_rps": p.capacity["disaggregated"][index],
