@@ -12,7 +12,13 @@ from click.testing import CliRunner
 
 from dflow.bench import MODES
 from dflow.bench.baselines import apportion
-from dflow.bench.metrics import Outcome, busy_fraction, metrics, percentiles
+from dflow.bench.metrics import (
+    Outcome,
+    busy_fraction,
+    metrics,
+    per_phase,
+    percentiles,
+)
 from dflow.bench.physics import best_allocation, bound, capacity, fluid_departures
 
 DIT, ENC, VAE = ("dit", "m"), ("encoder", "m"), ("vae", "m")
@@ -50,6 +56,32 @@ def test_metrics_count_window_slo_and_unfinished():
     assert m["p50_s"] == pytest.approx(10)  # of 4, 10, 2, 20, 15
     assert m["p99_s"] == pytest.approx(np.percentile([4, 10, 2, 20, 15], 99))
     assert m["bound_ratio"] == pytest.approx((3 / 40) / 0.1)
+
+
+def test_per_phase_metrics_take_each_phase_requests_over_its_span():
+    outcomes = [
+        Outcome(arrival=5, model="a", done=7, phase="light"),  # before the window
+        Outcome(arrival=12, model="a", done=14, phase="light"),  # latency 2
+        Outcome(arrival=18, model="a", done=24, phase="light"),  # done in heavy's span
+        Outcome(arrival=21, model="a", done=30, phase="heavy"),  # latency 9
+        Outcome(arrival=25, model="a", done=None, phase="heavy"),  # 40 - 25
+    ]
+    result = per_phase(
+        outcomes,
+        spans={"light": (0, 20), "heavy": (20, 60)},
+        window=(10, 35),
+        stop=40,
+        slo={"a": 5},
+    )
+    light, heavy = result["light"], result["heavy"]
+    # light over [10, 20): one completion, latencies 2 and 6
+    assert light["throughput_rps"] == pytest.approx(1 / 10)
+    assert light["p50_s"] == pytest.approx(4)
+    assert light["slo_attainment"] == pytest.approx(1 / 2)
+    # heavy over [20, 35): one completion of its own, latencies 9 and 15
+    assert heavy["throughput_rps"] == pytest.approx(1 / 15)
+    assert heavy["p50_s"] == pytest.approx(12)
+    assert heavy["slo_attainment"] == 0
 
 
 def test_best_allocation_homogeneous():
