@@ -418,11 +418,12 @@ def prediction_gap(telemetry: Telemetry, pool: Pool) -> str:
 
 
 class RebalancingTimeline(DashboardComponent):
-    """The elastic controller's decisions: when a worker moved, from which pool
-    to which, and why. A timeline (one segment from source to target pool per
-    move) above a table that spells out the reasons."""
+    """The decisions: when a worker moved, from which pool to which, and why;
+    the health collaborator's fences, unfences, retirements (to or from "none")
+    and slow reports among them, by kind. A timeline (one segment from source
+    to target pool per decision) above a table that spells out the reasons."""
 
-    COLUMNS = ("time", "worker", "source", "target", "reason")
+    COLUMNS = ("time", "worker", "kind", "source", "target", "reason")
 
     @log_errors
     def __init__(self, scheduler: Scheduler, limit: int = 1000, **kwargs: Any):
@@ -488,7 +489,7 @@ class RebalancingTimeline(DashboardComponent):
                 tooltips=[
                     ("time", "@time{%H:%M:%S}"),
                     ("worker", "@worker"),
-                    ("move", "@source → @target"),
+                    ("decision", "@kind: @source → @target"),
                     ("reason", "@reason"),
                 ],
                 formatters={"@time": "datetime"},
@@ -504,6 +505,7 @@ class RebalancingTimeline(DashboardComponent):
                     width=80,
                 ),
                 TableColumn(field="worker", title="worker", width=120),
+                TableColumn(field="kind", title="kind", width=60),
                 TableColumn(field="source", title="from", width=140),
                 TableColumn(field="target", title="to", width=140),
                 TableColumn(field="reason", title="reason", width=500),
@@ -528,6 +530,7 @@ class RebalancingTimeline(DashboardComponent):
         data: dict[str, list] = {
             "time": [d["time"] * 1000 for d in decisions],
             "worker": [str(d["worker"]) for d in decisions],
+            "kind": [str(d.get("kind", "move")) for d in decisions],
             "source": [pool_label(d["source"]) for d in decisions],
             "target": [pool_label(d["target"]) for d in decisions],
             "reason": [str(d["reason"]) for d in decisions],
@@ -565,7 +568,8 @@ class RebalancingTimeline(DashboardComponent):
 
 class StageWorkerTable(DashboardComponent):
     """One row per worker: its pool, GPU type, state (and why it failed),
-    memory in use, busy or idle.
+    memory in use, busy or idle, its speed against its GPU type and what is
+    wrong with it (fenced, slow).
 
     Memory in use is the GPU's (NVML, when the worker reports it) or else the
     worker process's resident memory; device memory is what the worker reported
@@ -578,6 +582,8 @@ class StageWorkerTable(DashboardComponent):
         "model": "model",
         "gpu_type": "GPU type",
         "state": "state",
+        "speed": "speed",
+        "health": "health",
         "activity": "busy / idle",
         "tasks": "tasks",
         "memory": "memory in use",
@@ -596,6 +602,7 @@ class StageWorkerTable(DashboardComponent):
             "memory": NumberFormatter(format="0.0 b"),
             "device_memory": NumberFormatter(format="0.0 b"),
             "tasks": NumberFormatter(format="0"),
+            "speed": NumberFormatter(format="0.00"),
         }
         self.root = DataTable(
             source=self.source,
@@ -629,6 +636,8 @@ class StageWorkerTable(DashboardComponent):
             data["model"].append(record.model or "")
             data["gpu_type"].append(record.gpu_type)
             data["state"].append(record.state)
+            data["speed"].append(_nan_if_none(record.speed))
+            data["health"].append(record.health)
             data["activity"].append("busy" if tasks else "idle")
             data["tasks"].append(tasks)
             data["memory"].append(_memory_in_use(ws))

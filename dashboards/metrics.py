@@ -2,10 +2,11 @@
 
 :class:`DflowMetricCollector` yields ``dflow_*`` metric families from dflow's
 scheduler extension and telemetry: request counters and an end-to-end latency
-histogram per model, queue depth and workers per pool, service times, and the
-elastic controller's decisions. Like distributed's semaphore collector, it only
-reads: the extension keeps the counters and the histogram cumulative, at the
-source. :func:`register` adds it to distributed's list of scheduler collectors
+histogram per model, queue depth and workers per pool, service times, the
+elastic controller's decisions, and the health collaborator's fenced, retired
+and slow workers. Like distributed's semaphore collector, it only reads: the
+extension (and the health collaborator) keep the counters and the histogram
+cumulative, at the source. :func:`register` adds it to distributed's list of scheduler collectors
 (``distributed.http.scheduler.prometheus.core.COLLECTORS``), so it is served
 exactly like distributed's own: one instance in ``prometheus_client``'s global
 registry per process, pointed by the ``/metrics`` handler at the scheduler
@@ -73,6 +74,7 @@ class DflowMetricCollector(PrometheusCollector):
                 *self._requests(extension),
                 *self._pools(extension),
                 *self._decisions(extension),
+                *self._health(),
             ]
         except Exception:
             # a failing collector fails the whole page: keep distributed's metrics
@@ -165,6 +167,55 @@ class DflowMetricCollector(PrometheusCollector):
         for (source, target), n in sorted(extension.decision_counts.items()):
             family.add_metric([source, target], n)
         yield family
+
+    def _health(self) -> Iterator[Metric]:
+        """The health collaborator's fences, unfences, retirements and slow
+        workers (nothing with ``dflow.health.enabled`` off)."""
+        health: Any = self.server.plugins.get("dflow-health")
+        if health is None:
+            return
+        families = {
+            "fenced": CounterMetricFamily(
+                self.build_name("workers_fenced"),
+                "Workers fenced as hung, per stage and cause (heartbeat: silent; "
+                "stalled: busy without progress)",
+                labels=["stage", "cause"],
+            ),
+            "unfenced": CounterMetricFamily(
+                self.build_name("workers_unfenced"),
+                "Fenced workers that recovered and serve again, per stage",
+                labels=["stage"],
+            ),
+            "retired": CounterMetricFamily(
+                self.build_name("workers_retired"),
+                "Workers retired from the cluster, per stage and cause "
+                "(unrecovered, flapping, slow)",
+                labels=["stage", "cause"],
+            ),
+            "slow": CounterMetricFamily(
+                self.build_name("workers_slow_reports"),
+                "Workers reported slow against their GPU type, per stage",
+                labels=["stage"],
+            ),
+        }
+        for (event, stage, cause), n in sorted(health.counts.items()):
+            labels = [stage, cause] if event in ("fenced", "retired") else [stage]
+            families[event].add_metric(labels, n)
+        yield from families.values()
+        slow = GaugeMetricFamily(
+            self.build_name("workers_slow"),
+            "Workers now reported slow against their GPU type, per stage and GPU type",
+            labels=["stage", "gpu_type"],
+        )
+        extension = self.server.extensions["dflow"]
+        counts = Counter(
+            (record.stage or "none", record.gpu_type)
+            for address, record in extension.workers.items()
+            if (watch := health.watches.get(address)) is not None and watch.slow
+        )
+        for (stage, gpu_type), n in sorted(counts.items()):
+            slow.add_metric([stage, gpu_type], n)
+        yield slow
 
 
 def _bound(bound: float) -> str:

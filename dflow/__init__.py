@@ -19,6 +19,7 @@ _PUBLIC = {
     "StageOutOfMemory": "dflow.errors",
     "StageLoadError": "dflow.errors",
     "Cancelled": "dflow.errors",
+    "StageHung": "dflow.errors",
     "ModelSpec": "dflow.spec",
     "Output": "dflow.output",
     "generate": "dflow.runtime",

@@ -219,14 +219,19 @@ def encoding_key(request: Request) -> str:
 
 
 def status(client: Client) -> dict[str, Any]:
-    """The cluster's view per stage, its workers and the elastic controller's
-    last decisions.
+    """The cluster's view per stage, its workers, the last decisions and the
+    workers' health.
 
     Returns ``{"stages": {"encoder": {...}, "dit": {...}, "vae": {...}, "all":
-    {...}}, "workers": [...], "failures": [...], "decisions": [...]}``; each
-    stage has ``workers``, ``loading``, ``queue``, ``arrival_rate``,
-    ``predicted_s`` and ``observed_s``; each worker its ``name``, ``stage``,
-    ``model``, ``state`` and, if it failed to load, the ``reason``.
+    {...}}, "workers": [...], "failures": [...], "decisions": [...], "health":
+    {...}}``; each stage has ``workers``, ``loading``, ``queue``,
+    ``arrival_rate``, ``predicted_s`` and ``observed_s``; each worker its
+    ``name``, ``stage``, ``model``, ``state`` and, if it failed to load, the
+    ``reason``; each decision a ``kind`` (``move``, or ``fence``, ``unfence``,
+    ``retire``, ``slow``) and a ``reason``; ``health`` has per worker name its
+    ``state``, ``speed`` (against its GPU type), ``slow``, ``health`` (what is
+    wrong) and ``fences``, and the ``counts`` of fences, unfences, retirements
+    and slow reports per stage.
     """
     return _lists(client.sync(_scheduler_call, client, "dflow_status"))
 

@@ -34,3 +34,8 @@ class StageOutOfMemory(MemoryError):
 
 class Cancelled(RuntimeError):
     """A stage call stopped early because its request no longer needs it."""
+
+
+class StageHung(RuntimeError):
+    """A stage task hung every worker it ran on: each was fenced
+    (``dflow.health``), until ``distributed.scheduler.allowed-failures`` was spent."""

@@ -56,6 +56,10 @@ class PlannerWorker:
         (see :class:`~dflow.plugins.elastic.ElasticController`). Undoing a
         move before it took effect pays two drains and loads for one swing
         of demand.
+    speed
+        Its speed relative to its GPU type (a throttled card, a noisy
+        neighbour: :mod:`dflow.plugins.health`); its speed on each pool is its
+        type's times this.
     """
 
     name: str
@@ -67,6 +71,7 @@ class PlannerWorker:
     drain_seconds: float = 0.0
     ready_in: float = 0.0
     barred: frozenset[Pool] = frozenset()
+    speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -390,16 +395,16 @@ class _Problem:
         self.drain: list[float] = []
         step = horizon / 16 if horizon > 0 else 0.0
         kinds: dict[tuple, int] = {}
-        by_type: dict[tuple[str, int], int] = {}
+        by_type: dict[tuple[str, int, float], int] = {}
         for w in self.workers:
             if w.pool is not None and w.pool not in index:
                 raise ValueError(
                     f"worker {w.name!r} serves {_label(w.pool)}, which costs lacks"
                 )
-            key = (w.gpu_type, w.memory_bytes)
+            key = (w.gpu_type, w.memory_bytes, w.speed)
             if key not in by_type:
                 speeds = tuple(
-                    costs[p].speeds.get(w.gpu_type, 0.0)
+                    costs[p].speeds.get(w.gpu_type, 0.0) * w.speed
                     if w.memory_bytes >= costs[p].memory_bytes
                     else 0.0
                     for p in self.pools

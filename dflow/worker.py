@@ -87,6 +87,7 @@ class StagePlugin(WorkerPlugin):
         self.ready = asyncio.Event()
         worker.handlers["dflow_drain"] = self.drain
         worker.handlers["dflow_assign"] = self.reassign
+        worker.handlers["dflow_running"] = self.running_keys
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
         self._loading = asyncio.create_task(
@@ -101,6 +102,12 @@ class StagePlugin(WorkerPlugin):
             if ts.state in ("executing", "long-running")
             and resource in (ts.resource_restrictions or {})
         ]
+
+    def running_keys(self) -> list[str]:
+        """Keys of the tasks running in this worker's threads: the scheduler's
+        health check unfences a fenced worker only once none is left."""
+        assert self.worker is not None
+        return [str(key) for key in self.worker.active_keys]
 
     async def drain(self) -> list[str]:
         """Stop taking tasks of the current pool; returns the keys still running.

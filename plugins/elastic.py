@@ -270,6 +270,7 @@ class ElasticController(SchedulerPlugin):
                     busy=bool(ws.processing),
                     running_s=running,
                     moving_to=switching.get(address),
+                    speed=record.speed,
                 )
             )
         owed: Counter[Pool] = Counter()

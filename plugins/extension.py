@@ -70,7 +70,7 @@ class WorkerRecord:
 
     address: str
     name: str
-    state: str = "starting"  # starting | loading | ready | draining | failed
+    state: str = "starting"  # starting | loading | ready | draining | fenced | failed
     stage: str | None = None
     model: str | None = None
     gpu_type: str = "unknown"
@@ -80,6 +80,10 @@ class WorkerRecord:
     load_seconds: float | None = None
     since: float = field(default_factory=time.time)
     error: str | None = None
+    #: speed relative to its GPU type (1.0: as fast; ``None``: not measured yet)
+    speed: float | None = None
+    #: why the worker is fenced, or that it is slow ("" while healthy)
+    health: str = ""
 
     @property
     def pool(self) -> Pool | None:
@@ -104,15 +108,22 @@ class RequestRecord:
     status: str = "pending"  # pending | completed | failed | cancelled
 
 
+#: Kinds of decisions: the elastic controller's moves, and the health
+#: collaborator's fencing, unfencing, retirements and slow-worker reports
+DECISION_KINDS = ("move", "fence", "unfence", "retire", "slow")
+
+
 @dataclass(frozen=True)
 class Decision:
-    """One move of a worker from a pool to another (``None``: no pool), and why."""
+    """One move of a worker from a pool to another (``None``: no pool), and why;
+    ``kind`` says who decided it (:data:`DECISION_KINDS`)."""
 
     time: float
     worker: str
     source: Pool | None
     target: Pool | None
     reason: str
+    kind: str = "move"
 
     def to_dict(self) -> dict[str, Any]:
         """As ``dflow.status`` reports it: pools as ``[stage, model]`` lists."""
@@ -122,6 +133,7 @@ class Decision:
             "source": list(self.source) if self.source else None,
             "target": list(self.target) if self.target else None,
             "reason": self.reason,
+            "kind": self.kind,
         }
 
 
@@ -161,7 +173,8 @@ class DflowExtension(SchedulerPlugin):
         #: requests per (model, outcome): submitted, completed, failed, cancelled
         self.counts: Counter[tuple[str, str]] = Counter()
         self.latency_histogram = LatencyHistogram()
-        #: decisions per (source stage, target stage), "none" for no pool
+        #: the controller's moves per (source stage, target stage), "none" for
+        #: no pool
         self.decision_counts: Counter[tuple[str, str]] = Counter()
         history = dask.config.get("dflow.scheduler.history")
         #: (finish time, model, latency seconds) of recent completed requests
@@ -351,10 +364,31 @@ class DflowExtension(SchedulerPlugin):
         self.reserved.update(counts)
 
     def record_decision(self, decision: Decision) -> None:
-        """Keep a controller decision, count it and publish it as an event."""
+        """Keep a decision, count it if it is a move and publish it as an event."""
         self.decisions.append(decision)
-        self.decision_counts[_stage(decision.source), _stage(decision.target)] += 1
+        if decision.kind == "move":
+            source, target = _stage(decision.source), _stage(decision.target)
+            self.decision_counts[source, target] += 1
         self.event("decision", **decision.to_dict())
+
+    def mark(self, worker: str, state: str, **detail: Any) -> None:
+        """Set a worker's state from the scheduler's side (the health
+        collaborator fences and unfences workers) and publish it as the
+        ``worker-<state>`` event a worker's own report would make."""
+        record = self.workers.get(worker)
+        if record is None:
+            return
+        record.state, record.since = state, time.time()
+        self.event(
+            f"worker-{state}",
+            worker=record.name,
+            address=worker,
+            pool=_text(record.pool),
+            previous=_text(record.pool),
+            gpu_type=record.gpu_type,
+            load_seconds=None,
+            **detail,
+        )
 
     def recent_decisions(self, last: int | None = None) -> list[dict[str, Any]]:
         """Decisions, oldest first (the ``last`` ones if given), as dicts."""

@@ -24,8 +24,11 @@ from dflow.plugins.actuators import Actuator
 from dflow.plugins.admission import Admission, MemoryRouting
 from dflow.plugins.elastic import ElasticController, make_actuator
 from dflow.plugins.extension import DflowExtension
+from dflow.plugins.health import Health
+from dflow.plugins.placement import SpeedPlacement
 from dflow.plugins.policing import TaskPolicing
 from dflow.plugins.predictions import Predictions, default_predictor
+from dflow.plugins.speeds import WorkerSpeeds
 from dflow.plugins.status import status
 from dflow.plugins.telemetry import Telemetry
 from dflow.predictor import Predictor
@@ -44,6 +47,9 @@ class Installation:
     policing: TaskPolicing
     telemetry: Telemetry
     controller: ElasticController
+    #: ``None`` with ``dflow.health.enabled`` (placement: ``.placement``) off
+    health: Health | None = None
+    placement: SpeedPlacement | None = None
 
 
 async def install(
@@ -53,7 +59,8 @@ async def install(
     actuator: Actuator | None = None,
 ) -> Installation:
     """Put dflow on ``scheduler``: its state (the extension), admission, task
-    policing, telemetry, the elastic controller, ``dflow.status`` and the
+    policing, telemetry, the elastic controller, the health collaborator
+    (hung and slow workers) with placement by speed, ``dflow.status`` and the
     Prometheus metrics.
 
     Parameters
@@ -82,6 +89,13 @@ async def install(
         actuator = make_actuator(
             dask.config.get("dflow.elastic.actuator"), scheduler, extension
         )
+    health = placement = None
+    if dask.config.get("dflow.health.enabled"):
+        speeds = WorkerSpeeds(extension, predictions, telemetry)
+        telemetry.listeners.append(speeds.observe)
+        health = Health(extension, predictions, speeds)
+        if dask.config.get("dflow.health.placement"):
+            placement = SpeedPlacement(extension, speeds)
     parts = Installation(
         extension=extension,
         predictions=predictions,
@@ -91,6 +105,8 @@ async def install(
         controller=ElasticController(
             scheduler, extension, telemetry, predictions, actuator
         ),
+        health=health,
+        placement=placement,
     )
     plugins: list[SchedulerPlugin] = [
         parts.extension,
@@ -98,6 +114,7 @@ async def install(
         parts.policing,
         parts.telemetry,
         parts.controller,
+        *(p for p in (health, placement) if p is not None),
     ]
     running = scheduler.status == Status.running
     for plugin in plugins:
@@ -108,7 +125,7 @@ async def install(
     # a named function: distributed logs each handler's __name__, which a
     # functools.partial lacks (the call then fails)
     def dflow_status() -> dict[str, Any]:
-        return status(extension, telemetry)
+        return status(extension, telemetry, health)
 
     scheduler.handlers["dflow_status"] = dflow_status
     if predictor is None:

@@ -73,6 +73,8 @@ class WorkerView:
     running_s: float | None = None
     #: the pool the actuator is moving it to (``None``: it stays)
     moving_to: Pool | None = None
+    #: its speed relative to its GPU type (``None``: not measured yet)
+    speed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,22 @@ class Price:
 # -- workers ---------------------------------------------------------------------------
 
 
+def speed_factor(speed: float | None) -> float:
+    """A worker's speed as the planner counts it: its measured speed against
+    its GPU type once it is clearly below (under 0.9), in steps of 0.05, so
+    that noise does not split workers into classes; 1.0 otherwise."""
+    if speed is None or speed >= 0.9:
+        return 1.0
+    return max(0.05, round(speed * 20) / 20)
+
+
 def planner_workers(
     observation: Observation, moved: Mapping[str, float]
 ) -> list[PlannerWorker]:
     """The fleet as the planner sees it: a worker loading or being moved stays
-    put (its cooldown starts now), a failed one serves no pool; ``moved`` is
-    the time of each worker's last move."""
+    put (its cooldown starts now), a failed one serves no pool, a slow one
+    counts at its speed (:func:`speed_factor`); ``moved`` is the time of each
+    worker's last move."""
     now = observation.now
     workers = []
     for view in observation.workers:
@@ -166,6 +178,7 @@ def planner_workers(
                 pool=pool,
                 busy=view.busy,
                 last_move=now if settling else moved.get(view.address),
+                speed=speed_factor(view.speed),
             )
         )
     return workers

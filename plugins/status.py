@@ -1,5 +1,5 @@
-"""``dflow.status``: the fleet per stage, its workers and the controller's
-recent decisions.
+"""``dflow.status``: the fleet per stage, its workers, the recent decisions
+and the workers' health.
 
 A read-only view over dflow's extension and telemetry, served by the
 scheduler's ``dflow_status`` handler (:func:`~dflow.plugins.install.install`
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dflow.plugins.extension import DflowExtension, WorkerRecord
+from dflow.plugins.health import Health
 from dflow.plugins.telemetry import Telemetry
 from dflow.pools import WORKER_STAGES
 
@@ -22,11 +23,15 @@ from dflow.pools import WORKER_STAGES
 DECISIONS = 20
 
 
-def status(extension: DflowExtension, telemetry: Telemetry) -> dict[str, Any]:
+def status(
+    extension: DflowExtension, telemetry: Telemetry, health: Health | None = None
+) -> dict[str, Any]:
     """Per stage: workers, queue, arrival rate, predicted and observed service
     time; every worker with its state (and the reason of a failed one); recent
-    load failures, including those of workers that left; the elastic
-    controller's recent decisions."""
+    load failures, including those of workers that left; the recent decisions
+    (the elastic controller's moves, and fences, retirements and slow workers);
+    each worker's health and speed
+    (:meth:`~dflow.plugins.health.Health.summary`; empty with health off)."""
     stages = {stage: stage_summary(extension, stage) for stage in WORKER_STAGES}
     for stage, summary in stages.items():
         summary.update(stage_rates(telemetry, stage))
@@ -41,6 +46,7 @@ def status(extension: DflowExtension, telemetry: Telemetry) -> dict[str, Any]:
             {**d, "time": readable(d["time"]), "timestamp": d["time"]}
             for d in extension.recent_decisions(DECISIONS)
         ],
+        "health": health.summary() if health is not None else {},
     }
 
 

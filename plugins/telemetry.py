@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,8 @@ class Telemetry(SchedulerPlugin):
             lambda: deque(maxlen=50)
         )
         self.alpha = float(dask.config.get("dflow.telemetry.ewma-alpha"))
+        #: called with each new record (the health collaborator's worker speeds)
+        self.listeners: list[Callable[[StageRecord], None]] = []
         self._last_sample_completed = 0
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -171,6 +174,8 @@ class Telemetry(SchedulerPlugin):
         self.predictions.observe(
             pool, entry.gpu_type, entry.features, entry.call_s, entry.batch
         )
+        for listener in self.listeners:
+            listener(entry)
 
     # -- derived views ---------------------------------------------------------------
 

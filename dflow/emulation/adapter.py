@@ -100,6 +100,14 @@ class EmulatedAdapter(Adapter):
     cost
         Default :func:`cost_model`.
 
+    Attributes
+    ----------
+    speed
+        The fraction of its GPU type's speed this emulated card runs stage
+        calls at (``dflow.emulation.speed``, 1.0): a throttled or shared card.
+        Set it on a running worker's adapter to slow that card down from then
+        on (:func:`set_speed`).
+
     Raises
     ------
     StageOutOfMemory
@@ -126,6 +134,11 @@ class EmulatedAdapter(Adapter):
         self.dtype = dtype
         self.cost = cost or cost_model()
         self.gpu = resolve_gpu(gpu_type)
+        self.speed = float(dask.config.get("dflow.emulation.speed"))
+        if not self.speed > 0:
+            raise ValueError(
+                f"dflow.emulation.speed must be positive, got {self.speed}"
+            )
         self._first_call = parse_timedelta(
             dask.config.get("dflow.emulation.first-call")
         )
@@ -193,11 +206,11 @@ class EmulatedAdapter(Adapter):
         self._last_stage = stage
 
         def sleep() -> None:
-            elapsed = first + cost.transfer
+            elapsed = first + cost.transfer / self.speed
             self._sleep_until(start, elapsed)
-            step = cost.compute / cost.steps
             for index in range(cost.steps):
-                elapsed += step
+                # read at each step: a card may slow down mid-call
+                elapsed += cost.compute / cost.steps / self.speed
                 self._sleep_until(start, elapsed)
                 if on_step is not None:
                     on_step(index)
@@ -290,3 +303,17 @@ class EmulatedAdapter(Adapter):
             self.spec, request.height, request.width, request.num_frames or 1
         )
         return _noise.tensor(latents.shape, getattr(torch, latents.dtype))
+
+
+def set_speed(speed: float) -> None:
+    """In a task or ``client.run`` on an emulated stage worker: run its card at
+    ``speed`` times its GPU type's speed from now on (``dflow.emulation.speed``
+    for one worker, while it runs)."""
+    from distributed import get_worker
+
+    if not speed > 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    runtime = get_worker().plugins["dflow-stage"].runtime  # type: ignore[attr-defined]
+    if runtime is None or not isinstance(runtime.adapter, EmulatedAdapter):
+        raise RuntimeError("this worker does not serve an emulated stage")
+    runtime.adapter.speed = float(speed)

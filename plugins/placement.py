@@ -1,0 +1,188 @@
+"""Placement by speed: a worker at 0.3x its GPU type's speed gets 0.3x the work.
+
+Dask places a resource-restricted task on a worker as soon as its inputs exist,
+on the worker where it would *start* soonest (its occupancy: the tasks placed
+on it, each priced at its prefix's average duration), and its work stealing
+later moves queued tasks from busy workers to idle ones by the same measure.
+Both take every worker of a pool for equally fast, so a slow worker gets as
+many tasks as the others, and stealing hands it more each time it looks idle.
+
+:class:`SpeedPlacement` makes both follow the workers' measured speeds
+(:class:`~dflow.plugins.speeds.WorkerSpeeds`):
+
+- the scheduler's worker objective, for stage tasks, becomes the time the
+  task would *finish* on the worker, its backlog and the task itself divided
+  by the worker's speed (the same choice as Dask's while speeds are equal);
+- stage tasks leave Dask's work stealing, and every ``dflow.health.interval``
+  a rebalance moves a pool's queued (not started) tasks, latest first, from
+  the worker that would finish its backlog last to the one that would finish
+  the task soonest, while that gains at least half a task. Moves go through
+  Dask's stealing protocol, so a task the worker has started meanwhile stays.
+
+Off with ``dflow.health.placement: false`` (and without Dask's stealing
+extension, nothing is rebalanced).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler, TaskState, WorkerState
+
+import dflow.config  # noqa: F401
+from dflow.plugins.extension import DflowExtension
+from dflow.plugins.speeds import WorkerSpeeds
+from dflow.pools import Pool, task_pool
+
+logger = logging.getLogger(__name__)
+
+#: Most tasks one rebalance moves per pool
+MAX_MOVES = 32
+
+
+class SpeedPlacement(SchedulerPlugin):
+    """Stage tasks placed and rebalanced by worker speed."""
+
+    name = "dflow-placement"
+
+    def __init__(self, extension: DflowExtension, speeds: WorkerSpeeds):
+        self.extension = extension
+        self.speeds = speeds
+        self.scheduler: Scheduler | None = None
+        self._objective: Callable[[TaskState, WorkerState], tuple] | None = None
+        #: tasks moved by the rebalance, for tests and benchmarks
+        self.moved = 0
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self._objective = scheduler.worker_objective
+        # the scheduler looks the objective up on itself at each decision
+        scheduler.worker_objective = self.objective  # type: ignore[method-assign]
+        interval = parse_timedelta(dask.config.get("dflow.health.interval"))
+        scheduler.periodic_callbacks["dflow-placement"] = pc = PeriodicCallback(
+            self.rebalance, interval * 1000
+        )
+        pc.start()
+
+    async def close(self) -> None:
+        if self.scheduler is not None and self._objective is not None:
+            self.scheduler.worker_objective = self._objective  # type: ignore[method-assign,assignment]
+
+    # -- placement -------------------------------------------------------------------
+
+    def factor(self, address: str) -> float:
+        """The worker's speed as placement weighs it (1.0 while unknown)."""
+        return self.speeds.speed(address) or 1.0
+
+    def objective(self, ts: TaskState, ws: WorkerState) -> tuple:
+        """Dask's objective for other tasks; for a stage task, when it would
+        finish on ``ws`` at the worker's speed."""
+        assert self.scheduler is not None and self._objective is not None
+        if task_pool(ts.annotations) is None:
+            return self._objective(ts, ws)
+        start, *rest = self._objective(ts, ws)
+        duration = self.scheduler._get_prefix_duration(ts.prefix)
+        return ((start + duration) / self.factor(ws.address), *rest)
+
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if finish != "processing":
+            return
+        stealing = self._stealing()
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(key)
+        if stealing is not None and ts is not None and task_pool(ts.annotations):
+            stealing.remove_key_from_stealable(ts)
+
+    # -- rebalancing -----------------------------------------------------------------
+
+    def rebalance(self) -> None:
+        """Move queued stage tasks to where they finish sooner, pool by pool."""
+        assert self.scheduler is not None
+        stealing = self._stealing()
+        if stealing is None:
+            return
+        # stealing puts tasks back when their prefix's duration becomes known
+        # and when it moves one: take stage tasks out again
+        for ts in [t for t in stealing.key_stealable if task_pool(t.annotations)]:
+            stealing.remove_key_from_stealable(ts)
+        members: dict[Pool, list[WorkerState]] = {}
+        for record in self.extension.workers.values():
+            ws = self.scheduler.workers.get(record.address)
+            pool = record.pool
+            if pool is None or record.state != "ready" or ws is None:
+                continue
+            if ws.resources.get(pool.resource, 0) > 0:
+                members.setdefault(pool, []).append(ws)
+        for pool, workers in members.items():
+            if len(workers) > 1:
+                self._rebalance_pool(pool, workers, stealing)
+
+    def _rebalance_pool(
+        self, pool: Pool, workers: list[WorkerState], stealing: Any
+    ) -> None:
+        assert self.scheduler is not None
+        scheduler = self.scheduler
+        # seconds until each worker has cleared its backlog, at its speed
+        backlog = {
+            ws: (ws.occupancy + stealing.in_flight_occupancy[ws])
+            / ws.nthreads
+            / self.factor(ws.address)
+            for ws in workers
+        }
+        queued = {
+            ws: sorted(
+                (
+                    ts
+                    for ts in ws.processing
+                    if ts not in ws.executing
+                    and ts not in stealing.in_flight
+                    and task_pool(ts.annotations) == pool
+                ),
+                key=lambda ts: ts.priority or (),
+            )
+            for ws in workers
+        }
+        for _ in range(MAX_MOVES):
+            victims = [ws for ws in workers if queued[ws]]
+            if not victims:
+                return
+            victim = max(victims, key=backlog.__getitem__)
+            ts = queued[victim][-1]
+            duration = scheduler._get_prefix_duration(ts.prefix)
+
+            def seconds(ws: WorkerState, duration: float = duration) -> float:
+                """The task's share of the worker's time, at its speed."""
+                return duration / ws.nthreads / self.factor(ws.address)
+
+            valid = scheduler.valid_workers(ts)
+            thieves = [
+                ws
+                for ws in workers
+                if ws is not victim and (valid is None or ws in valid)
+            ]
+            if not thieves:
+                return
+            thief = min(thieves, key=lambda ws: backlog[ws] + seconds(ws))
+            finish = backlog[thief] + seconds(thief)
+            # the task would finish at the end of the victim's backlog: move it
+            # if that gains at least half of it
+            if finish > backlog[victim] - seconds(victim) / 2:
+                return
+            queued[victim].pop()
+            stealing.move_task_request(ts, victim, thief)
+            backlog[victim] -= seconds(victim)
+            backlog[thief] = finish
+            self.moved += 1
+
+    def _stealing(self) -> Any:
+        assert self.scheduler is not None
+        return self.scheduler.extensions.get("stealing")
