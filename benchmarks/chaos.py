@@ -19,10 +19,12 @@ and back (the scheduler's ``dflow_move``: drain, requeue, reload).
 The accounting (completed, failed, lost, duplicated) is defined in
 ``dflow.bench.chaos.ModelReport``.
 
-``--pause`` below the scheduler's ``distributed.scheduler.worker-ttl`` (5 minutes
-by default) keeps the paused worker in the cluster (its tasks wait); with
-``--pause-past-ttl`` the TTL is set to ``--pause`` / 2, so the scheduler declares
-the paused worker dead and has its Nanny restart it.
+``--pause`` below ``dflow.health.heartbeat-timeout`` (5 s) keeps the paused
+worker in service (its tasks wait); a longer one has it fenced (its tasks move
+to other workers) and unfenced once it resumes, or retired past
+``dflow.health.grace``. With ``--pause-past-ttl`` the scheduler's
+``distributed.scheduler.worker-ttl`` is set to ``--pause`` / 2, so the
+scheduler also declares the paused worker dead and has its Nanny restart it.
 
     python benchmarks/chaos.py --rounds 3 --emulated-requests 1000 --tiny-requests 90
     python benchmarks/chaos.py --pause 20 --pause-past-ttl

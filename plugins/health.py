@@ -77,6 +77,7 @@ from distributed.scheduler import (
 )
 
 import dflow.config  # noqa: F401
+from dflow import events
 from dflow.errors import StageHung
 from dflow.plugins.extension import Decision, DflowExtension, WorkerRecord
 from dflow.plugins.predictions import Predictions
@@ -85,8 +86,6 @@ from dflow.pools import Pool, stage_resources, task_features, task_pool
 
 logger = logging.getLogger(__name__)
 
-#: The topic of denoising step events (``dflow.events``)
-PROGRESS_TOPIC = "dflow-progress"
 #: Worker states in which a worker is watched for hangs
 WATCHED = ("loading", "ready", "draining")
 #: Seconds a retiring worker's nanny waits for it to exit before it kills it:
@@ -204,7 +203,7 @@ class Health(SchedulerPlugin):
             watch.steps.pop(str(key), None)
 
     def log_event(self, topic: str, msg: Any) -> None:
-        if topic != PROGRESS_TOPIC or not isinstance(msg, dict):
+        if topic != events.TOPIC or not isinstance(msg, dict):
             return
         watch = self.watches.get(msg.get("worker", ""))
         if watch is None:

@@ -74,7 +74,8 @@ class Settings:
 
 
 class Ledger(SchedulerPlugin):
-    """Every stage-task completion (time, key, worker) and worker removal."""
+    """Every stage-task completion (time, key, worker), and when each worker
+    was removed or fenced (the first of them)."""
 
     name = "dflow-chaos-ledger"
 
@@ -92,7 +93,12 @@ class Ledger(SchedulerPlugin):
             self.completions.append((time.time(), key, kwargs.get("worker", "")))
 
     def remove_worker(self, scheduler, worker, **kwargs) -> None:
-        self.removed[worker] = time.time()
+        self.removed.setdefault(worker, time.time())
+
+    def log_event(self, topic, msg) -> None:
+        # a fenced worker's outputs are recomputed as a removed one's are
+        if topic == "dflow" and msg.get("action") == "worker-fenced":
+            self.removed.setdefault(msg["address"], time.time())
 
 
 def ledger_of(dask_scheduler) -> dict[str, Any]:
@@ -253,8 +259,9 @@ class ModelReport:
       that raised anything else;
     - *duplicated*: completions of a request's final task beyond the first that
       were not recomputations of an output lost with its worker (Dask
-      recomputes lost keys: a final task completing again is legitimate only if
-      the worker holding its previous result had been removed first).
+      recomputes lost keys, and dflow's health check what only a fenced worker
+      holds: a final task completing again is legitimate only if the worker
+      holding its previous result had been removed or fenced first).
     """
 
     submitted: int = 0

@@ -305,15 +305,16 @@ class EmulatedAdapter(Adapter):
         return _noise.tensor(latents.shape, getattr(torch, latents.dtype))
 
 
-def set_speed(speed: float) -> None:
-    """In a task or ``client.run`` on an emulated stage worker: run its card at
-    ``speed`` times its GPU type's speed from now on (``dflow.emulation.speed``
-    for one worker, while it runs)."""
+def set_speed(speed: float, dask_worker: Any = None) -> None:
+    """Run an emulated stage worker's card at ``speed`` times its GPU type's
+    speed from now on (``dflow.emulation.speed`` for one worker, while it
+    runs): ``client.run(set_speed, 0.3, workers=[address])``, or in a task."""
     from distributed import get_worker
 
     if not speed > 0:
         raise ValueError(f"speed must be positive, got {speed}")
-    runtime = get_worker().plugins["dflow-stage"].runtime  # type: ignore[attr-defined]
+    worker = dask_worker or get_worker()
+    runtime = getattr(worker.plugins.get("dflow-stage"), "runtime", None)
     if runtime is None or not isinstance(runtime.adapter, EmulatedAdapter):
         raise RuntimeError("this worker does not serve an emulated stage")
     runtime.adapter.speed = float(speed)
