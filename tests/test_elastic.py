@@ -334,7 +334,7 @@ class TestSwitching:
         batch = fleet.submit(fleet.requests(3, seed=400, steps=4))
         fleet.finish(batch)
         status = fleet.status()
-        assert set(status) == {"stages", "workers", "failures", "decisions"}
+        assert set(status) == {"stages", "workers", "failures", "decisions", "health"}
         counts = fleet.counts()
         for stage in ("encoder", "dit", "vae"):
             summary = status["stages"][stage]

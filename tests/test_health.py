@@ -29,14 +29,18 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any
 
 import cloudpickle
 import numpy as np
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from test_equivalence import pixels
 
 import dask.config
@@ -47,7 +51,14 @@ import dflow
 from dflow import testing
 from dflow.cluster import StageCluster
 from dflow.emulation.adapter import set_speed
+from dflow.planner import Demand, PlannerWorker, PoolCost, plan
+from dflow.plugins.extension import DflowExtension, WorkerRecord
 from dflow.plugins.install import install
+from dflow.plugins.predictions import Predictions
+from dflow.plugins.pricing import speed_factor
+from dflow.plugins.speeds import WorkerSpeeds
+from dflow.plugins.telemetry import StageRecord, Telemetry
+from dflow.pools import Pool
 from dflow.predictor import Predictor
 from dflow.request import Request
 from dflow.testing import (
@@ -108,6 +119,142 @@ def dflow_keys(dask_scheduler) -> list[str]:
 
 def health_decisions(client: Client, kind: str) -> list[dict[str, Any]]:
     return [d for d in testing.decisions(client) if d.get("kind") == kind]
+
+
+def scrape(client: Client) -> dict[tuple[str, frozenset], float]:
+    """The dflow samples of the scheduler's ``/metrics``, by name and labels."""
+    port = client.scheduler_info()["services"]["dashboard"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as page:
+        text = page.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("dflow_")
+        for sample in family.samples
+    }
+
+
+# -- settings, speeds and the planner ---------------------------------------------------
+
+
+def test_every_default_has_its_place_in_the_schema():
+    """``configs/dflow.yaml`` and ``configs/dflow-schema.yaml`` list the same
+    keys (``dflow.health`` and ``dflow.emulation.speed`` among them)."""
+    defaults = yaml.safe_load(files("dflow.configs").joinpath("dflow.yaml").read_text())
+    schema = yaml.safe_load(
+        files("dflow.configs").joinpath("dflow-schema.yaml").read_text()
+    )
+
+    def keys(node: dict, prefix: str, *, schema: bool) -> set[str]:
+        found = set()
+        items = node.get("properties", {}) if schema else node
+        for key, value in items.items():
+            found.add(f"{prefix}{key}")
+            nested = (
+                value.get("type") == "object" if schema else isinstance(value, dict)
+            )
+            if nested and (value.get("properties") if schema else value):
+                found |= keys(value, f"{prefix}{key}.", schema=schema)
+        return found
+
+    assert keys(defaults, "", schema=False) == keys(schema, "", schema=True)
+    assert {
+        "dflow.health.heartbeat-timeout",
+        "dflow.health.grace",
+        "dflow.emulation.speed",
+    } <= keys(defaults, "", schema=False)
+
+
+def stage_record(worker: str, seconds: float, **features: Any) -> StageRecord:
+    return StageRecord(
+        finished=time.time(),
+        key="denoise-x",
+        request="x",
+        stage="dit",
+        model=EMULATED,
+        worker=worker,
+        gpu_type="h200",
+        compute_s=seconds,
+        transfer_s=0.0,
+        nbytes=0,
+        features=features,
+        call_s=seconds,
+    )
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        # three or more: against their median
+        (
+            {"a": 3.3, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.1},
+            {"a": 1 / 3.3, "b": 1.0, "e": 1 / 1.1},
+        ),
+        # two: against the faster
+        ({"a": 3.3, "b": 1.0}, {"a": 1 / 3.3, "b": 1.0}),
+        # one, and nothing predicts the pool: unknown
+        ({"a": 3.3}, {}),
+    ],
+)
+def test_a_workers_speed_is_against_its_gpu_types_other_workers(times, expected):
+    extension = DflowExtension()
+    predictions = Predictions(None)
+    telemetry = Telemetry(extension, predictions)
+    speeds = WorkerSpeeds(extension, predictions, telemetry, samples=3)
+    pool = Pool("dit", EMULATED)
+    telemetry.service[pool] = 1.0  # the pool's observed average
+    for worker in times:
+        extension.workers[worker] = WorkerRecord(
+            worker, worker, "ready", "dit", EMULATED, gpu_type="h200"
+        )
+    for _ in range(3):
+        for worker, seconds in times.items():
+            speeds.observe(stage_record(worker, seconds))
+    measured = speeds.refresh()
+    assert set(measured) == set(times) if expected else not measured
+    for worker, speed in expected.items():
+        assert measured[worker] == pytest.approx(speed)
+
+
+def test_a_lone_worker_is_measured_against_the_prediction():
+    extension = DflowExtension()
+    predictions = Predictions(testing.emulated_predictor())
+    telemetry = Telemetry(extension, predictions)
+    speeds = WorkerSpeeds(extension, predictions, telemetry, samples=3)
+    extension.workers["a"] = WorkerRecord(
+        "a", "a", "ready", "dit", EMULATED, gpu_type="h200"
+    )
+    features = Request(model=EMULATED, prompt="a fox", steps=20).features
+    predicted = predictions.seconds(Pool("dit", EMULATED), "h200", features)
+    assert predicted
+    for _ in range(3):
+        speeds.observe(stage_record("a", predicted * 2, **features))
+    assert speeds.refresh()["a"] == pytest.approx(0.5)
+
+
+def test_the_planner_counts_a_slow_worker_at_its_speed():
+    pool = Pool("dit", EMULATED)
+    costs = {pool: PoolCost(speeds={"h200": 1.0})}
+    demands = {pool: Demand(rate=1.3)}
+
+    def utilization(speed: float) -> float:
+        workers = [
+            PlannerWorker("a", "h200", 2**40, pool=pool),
+            PlannerWorker("b", "h200", 2**40, pool=pool, speed=speed),
+        ]
+        result = plan(workers, demands, costs, now=0.0, horizon=10.0)
+        return result.utilization[pool]
+
+    assert utilization(1.0) == pytest.approx(0.65)
+    assert utilization(0.3) == pytest.approx(1.0)
+    # noise does not split workers into classes; a slow one counts in 0.05 steps
+    assert [speed_factor(s) for s in (None, 1.2, 0.93, 0.31, 0.001)] == [
+        1.0,
+        1.0,
+        1.0,
+        0.3,
+        0.05,
+    ]
 
 
 # -- real processes --------------------------------------------------------------------
@@ -316,6 +463,12 @@ class TestStopped:
         status = dflow.status(client)["health"]
         assert status["workers"][fence["worker"]]["state"] == "ready"
         assert status["workers"][fence["worker"]]["fences"] >= 1
+        assert status["counts"]["fenced"][stage] >= 1
+        metrics = scrape(client)
+        fenced = {"stage": stage, "cause": "heartbeat"}.items()
+        assert metrics["dflow_workers_fenced_total", frozenset(fenced)] >= 1
+        unfenced = {"stage": stage}.items()
+        assert metrics["dflow_workers_unfenced_total", frozenset(unfenced)] >= 1
 
         delays = sorted(
             latencies[f.key] - cluster.baseline[r.seed][1]

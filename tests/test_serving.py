@@ -355,7 +355,7 @@ async def test_status_has_every_stage_and_the_decisions(c, s, *workers, in_proce
     await c.gather(await in_thread(dflow.map, c, requests))
 
     status = await in_thread(dflow.status, c)
-    assert set(status) == {"stages", "workers", "failures", "decisions"}
+    assert set(status) == {"stages", "workers", "failures", "decisions", "health"}
     assert set(status["stages"]) == {*STAGES, "all"}
     assert sorted(w["stage"] for w in status["workers"]) == sorted(STAGES)
     assert {w["state"] for w in status["workers"]} == {"ready"}

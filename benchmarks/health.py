@@ -1,0 +1,237 @@
+"""Slow worker: throughput of an emulated fleet with one DiT card at 0.3x speed.
+
+One scheduler and emulated workers in this process (``dflow.runtime.backend:
+emulated``, every stage call sleeping its H200 profile cost times
+``--time-scale``; a predictor that prices every pool as the emulation charges
+it): one encoder, ``--dits`` DiT workers and one VAE worker serving
+PixArt-Sigma-1024. One DiT card runs at ``--slow`` times its speed
+(:func:`dflow.emulation.adapter.set_speed`). A warm-up burst lets the health
+collaborator learn the workers' speeds; then a burst of ``--requests`` arrives
+at once, and throughput is taken over its middle (from the 10th to the 90th
+percentile completion, where every worker is busy).
+
+The physical bound is the fleet's, with that card at its real speed: the DiT
+pool clears ``(dits - 1 + slow) / t`` requests a second, ``t`` the emulated DiT
+time of one request (the encoder and VAE, batched, are far from binding; their
+bound is computed too and the least is taken). Modes:
+
+``speed-aware``
+    dflow's defaults: stage tasks placed and rebalanced by worker speed
+    (``dflow.health.placement``).
+``stock``
+    ``dflow.health.placement: false``: Dask's placement (where a task starts
+    soonest) and work stealing, which take every DiT worker for equally fast.
+
+    python benchmarks/health.py                  # 8 DiT workers, one at 0.3x
+    python benchmarks/health.py --quick          # a smaller burst
+
+Figures are emulated; quote them so. Writes ``health.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask.config
+from distributed import Client, as_completed
+
+import dflow
+from dflow import testing
+from dflow.bench.bounds import request_seconds
+from dflow.bench.harness import revision
+from dflow.cluster import StageCluster
+from dflow.emulation import cost_model
+from dflow.emulation.adapter import set_speed
+from dflow.plugins.install import install
+from dflow.request import Request
+
+MODEL = "pixart-sigma-1024"
+GPU = "h200"
+
+
+def denoised_by(ids: list[str], dask_scheduler: Any = None) -> dict[str, str]:
+    """Worker of each denoise task of the requests ``ids``, from telemetry."""
+    wanted = set(ids)
+    telemetry = dask_scheduler.plugins["dflow-telemetry"]
+    return {
+        r.request: r.worker
+        for r in telemetry.records
+        if r.stage == "dit" and r.request in wanted
+    }
+
+
+@contextlib.contextmanager
+def fleet(dits: int, config: dict[str, Any]) -> Iterator[tuple[Client, list[str]]]:
+    """An emulated fleet in this process: its client and DiT addresses."""
+    with dask.config.set(config):
+        predictor = testing.emulated_predictor([GPU])
+        with (
+            StageCluster(
+                MODEL,
+                fleet=[],
+                processes=False,
+                protocol="inproc",
+                host=None,
+                dashboard_address=None,
+                worker_options={"memory_limit": 0},
+                scheduler_options={"preload": [], "dashboard": False},
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            cluster.sync(install, cluster.scheduler, predictor=predictor)
+            for stage, n in {"encoder": 1, "dit": dits, "vae": 1}.items():
+                cluster.scale(n, stage=stage, gpu_type=GPU)
+            testing.wait_for_pools(
+                client, {MODEL: ["encoder", *["dit"] * dits, "vae"]}, timeout=600
+            )
+            addresses = sorted(
+                r["address"]
+                for r in client.sync(client.scheduler.dflow_workers)
+                if r["stage"] == "dit"
+            )
+            yield client, addresses
+
+
+def burst(client: Client, requests: list[Request]) -> tuple[list[float], list]:
+    """Submit ``requests`` at once; each completion's wall time after submission."""
+    start = time.monotonic()
+    futures = dflow.map(client, requests)
+    times = []
+    for future in as_completed(futures):
+        assert future.result().request is not None
+        times.append(time.monotonic() - start)
+    return sorted(times), futures
+
+
+def bound(requests: list[Request], dits: int, slow: float, scale: float) -> dict:
+    """Requests per wall second each stage pool clears, and the least."""
+    cost = cost_model()
+    request = requests[0]
+    seconds = {
+        stage: request_seconds(cost, request, (stage, MODEL), GPU) * scale
+        for stage in ("encoder", "dit", "vae")
+    }
+    rates = {
+        "encoder": 1 / seconds["encoder"],
+        "dit": (dits - 1 + slow) / seconds["dit"],
+        "vae": 1 / seconds["vae"],
+    }
+    return {"seconds": seconds, "rates": rates, "bound": min(rates.values())}
+
+
+def run_mode(name: str, settings: argparse.Namespace) -> dict[str, Any]:
+    config = {
+        "dflow.elastic.enabled": False,
+        "dflow.runtime.backend": "emulated",
+        "dflow.emulation.time-scale": settings.time_scale,
+        "dflow.client.model-timeout": "600s",
+        "dflow.health.placement": name == "speed-aware",
+    }
+
+    def requests(n: int, seed: int) -> list[Request]:
+        return [
+            Request(
+                model=MODEL,
+                prompt=f"a lighthouse {seed + i}",
+                seed=seed + i,
+                steps=settings.steps,
+            )
+            for i in range(n)
+        ]
+
+    with fleet(settings.dits, config) as (client, dits):
+        slow = dits[0]
+        client.run(set_speed, settings.slow, workers=[slow])
+        burst(client, requests(settings.warmup, 0))
+        measured = requests(settings.requests, 10_000)
+        times, futures = burst(client, measured)
+        n = len(times)
+        first, last = int(0.1 * n), int(0.9 * n) - 1
+        throughput = (last - first) / (times[last] - times[first])
+        ids = [str(f.key).partition("-")[2] for f in futures]
+        placed = Counter(client.run_on_scheduler(denoised_by, ids).values())
+        health = dflow.status(client)["health"]["workers"]
+        speeds = {w["address"]: w["speed"] for w in health.values()}
+    limits = bound(measured, settings.dits, settings.slow, settings.time_scale)
+    return {
+        "mode": name,
+        "throughput": throughput,
+        "bound": limits["bound"],
+        "ratio": throughput / limits["bound"],
+        "makespan": times[-1],
+        "makespan_bound": settings.requests / limits["bound"],
+        "slow_share": placed[slow] / sum(placed.values()),
+        "fair_share": settings.slow / (settings.dits - 1 + settings.slow),
+        "slow_speed_measured": speeds.get(slow),
+        "dit_calls": dict(placed),
+        "stage_seconds": limits["seconds"],
+        "stage_rates": limits["rates"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dits", type=int, default=8)
+    parser.add_argument("--slow", type=float, default=0.3)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--time-scale", type=float, default=0.25)
+    parser.add_argument("--modes", default="speed-aware,stock")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    settings = parser.parse_args()
+    if settings.quick:
+        settings.requests, settings.warmup = 120, 24
+    host = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "revision": revision(),
+        "loadavg_start": os.getloadavg(),
+    }
+    results = [run_mode(m, settings) for m in settings.modes.split(",")]
+    host["loadavg_end"] = os.getloadavg()
+    print(
+        f"\nEmulated: {settings.dits} H200 DiT workers of {MODEL}, one at "
+        f"{settings.slow}x; {settings.requests} requests of {settings.steps} steps "
+        f"at once; time scale {settings.time_scale}; dflow {host['revision']}\n"
+    )
+    print(
+        "| mode | throughput (req/s, wall) | bound | ratio | slow worker's share "
+        "(fair) | its measured speed | makespan (bound) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        speed = r["slow_speed_measured"]
+        print(
+            f"| {r['mode']} | {r['throughput']:.2f} | {r['bound']:.2f} "
+            f"| {r['ratio']:.3f} | {r['slow_share']:.3f} ({r['fair_share']:.3f}) "
+            f"| {'-' if speed is None else f'{speed:.2f}'} "
+            f"| {r['makespan']:.1f}s ({r['makespan_bound']:.1f}s) |"
+        )
+    settings.out.mkdir(parents=True, exist_ok=True)
+    path = settings.out / "health.json"
+    path.write_text(
+        json.dumps(
+            {
+                "settings": {**vars(settings), "out": str(settings.out)},
+                "host": host,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
