@@ -66,6 +66,7 @@ from tornado.ioloop import PeriodicCallback
 import dask.config
 from dask.typing import Key
 from dask.utils import parse_timedelta
+from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol import pickle
 from distributed.scheduler import (
@@ -88,6 +89,8 @@ logger = logging.getLogger(__name__)
 
 #: Worker states in which a worker is watched for hangs
 WATCHED = ("loading", "ready", "draining")
+#: Seconds a check may run late before the scheduler counts as stalled
+STALL = 1.0
 #: Seconds a retiring worker's nanny waits for it to exit before it kills it:
 #: a worker retired for hanging will not exit by itself
 RETIRE_TIMEOUT = 1.0
@@ -176,6 +179,9 @@ class Health(SchedulerPlugin):
         #: (event, stage, cause) -> times: fenced (cause heartbeat or stalled),
         #: unfenced, retired (unrecovered, flapping or slow), slow
         self.counts: Counter[tuple[str, str, str]] = Counter()
+        #: the last check, and the end of the scheduler's last stall: silence
+        #: counts from there, so a stalled scheduler does not blame its workers
+        self._checked_at = self._awake_since = time.time()
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -232,12 +238,19 @@ class Health(SchedulerPlugin):
         measure speeds and report slow workers."""
         assert self.scheduler is not None
         now = time.time()
+        if now - self._checked_at > self.settings.interval + STALL:
+            # this check ran late: the scheduler's event loop was stalled, and
+            # heartbeats waited with it
+            self._awake_since = now
+        self._checked_at = now
         speeds = self.speeds.refresh()
         for address, record in list(self.extension.workers.items()):
             ws = self.scheduler.workers.get(address)
             watch = self.watches.get(address)
             if ws is None or watch is None or watch.retiring:
                 continue
+            if ws.status not in (Status.running, Status.paused):
+                continue  # being retired or closing: leaving anyway
             if record.state == "fenced":
                 self.follow(record, ws, watch, now)
                 continue
@@ -266,7 +279,7 @@ class Health(SchedulerPlugin):
     ) -> tuple[str, str] | None:
         """Why the worker is hung, and the kind of cause (``heartbeat`` or
         ``stalled``); ``None`` while it is not."""
-        silence = now - ws.last_seen
+        silence = now - max(ws.last_seen, self._awake_since)
         if silence > self.heartbeat_timeout():
             return f"no heartbeat for {silence:.1f}s", "heartbeat"
         # the stage calls it runs (as its last heartbeat said) that the
@@ -289,7 +302,7 @@ class Health(SchedulerPlugin):
         allowed = max(
             self.settings.stall_floor, self.settings.stall_multiple * expected
         )
-        stalled = now - max(watch.progress_at, watch.busy_since)
+        stalled = now - max(watch.progress_at, watch.busy_since, self._awake_since)
         if stalled <= allowed:
             return None
         return (
