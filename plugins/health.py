@@ -83,12 +83,15 @@ from dflow.errors import StageHung
 from dflow.plugins.extension import Decision, DflowExtension, WorkerRecord
 from dflow.plugins.predictions import Predictions
 from dflow.plugins.speeds import WorkerSpeeds
+from dflow.plugins.telemetry import StageRecord
 from dflow.pools import Pool, stage_resources, task_features, task_pool
 
 logger = logging.getLogger(__name__)
 
-#: Worker states in which a worker is watched for hangs
-WATCHED = ("loading", "ready", "draining")
+#: Worker states in which a worker is watched for hangs: those that take or
+#: hold stage tasks. A loading worker has none (building a model can hold the
+#: GIL for seconds, and its heartbeats with it); Dask's TTL covers it.
+WATCHED = ("ready", "draining")
 #: Seconds a check may run late before the scheduler counts as stalled
 STALL = 1.0
 #: Seconds a retiring worker's nanny waits for it to exit before it kills it:
@@ -179,6 +182,8 @@ class Health(SchedulerPlugin):
         #: (event, stage, cause) -> times: fenced (cause heartbeat or stalled),
         #: unfenced, retired (unrecovered, flapping or slow), slow
         self.counts: Counter[tuple[str, str, str]] = Counter()
+        #: the longest call each pool finished on each GPU type, seconds
+        self.longest: dict[tuple[Pool, str], float] = {}
         #: the last check, and the end of the scheduler's last stall: silence
         #: counts from there, so a stalled scheduler does not blame its workers
         self._checked_at = self._awake_since = time.time()
@@ -345,16 +350,29 @@ class Health(SchedulerPlugin):
     def _predicted(
         self, pool: Pool, gpu_type: str, ts: TaskState, batch: int
     ) -> float | None:
+        """The predicted seconds of a call, where the prediction is backed by
+        data: ``None`` without one, or when it is over twice the longest call
+        the pool has finished on the GPU type (a shape nothing has seen yet,
+        which the fit extrapolates to)."""
         predictor = self.predictions.predictor
         features = task_features(ts.annotations)
         if predictor is None or not features:
             return None
         try:
-            return predictor.predict(
+            seconds = predictor.predict(
                 pool.model, pool.stage, gpu_type, features, batch
             ).seconds
         except LookupError:
             return None
+        if seconds > 2 * self.longest.get((pool, gpu_type), 0.0):
+            return None
+        return seconds
+
+    def observe(self, record: StageRecord) -> None:
+        """A stage call finished (telemetry calls this): the longest call of
+        its pool on its GPU type bounds the predictions trusted."""
+        key = (Pool(record.stage, record.model), record.gpu_type)
+        self.longest[key] = max(self.longest.get(key, 0.0), record.call_s)
 
     # -- fencing ---------------------------------------------------------------------
 

@@ -94,6 +94,7 @@ async def install(
         speeds = WorkerSpeeds(extension, predictions, telemetry)
         telemetry.listeners.append(speeds.observe)
         health = Health(extension, predictions, speeds)
+        telemetry.listeners.append(health.observe)
         if dask.config.get("dflow.health.placement"):
             placement = SpeedPlacement(extension, speeds)
     parts = Installation(

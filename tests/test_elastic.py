@@ -368,6 +368,7 @@ class TestSwitching:
                 "source",
                 "target",
                 "reason",
+                "kind",
             }
             assert decision["worker"] in fleet.layout() and decision["reason"]
 

@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_equivalence import pixels
 
 import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, wait
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -707,27 +708,44 @@ class TestEmulated:
             "the worker unfenced once its step returned",
         )
 
+    def test_a_long_request_of_a_shape_never_seen_is_judged_by_its_steps(
+        self, emulated
+    ):
+        """The predictor prices the pools, but no call of 2048 x 2048 has
+        finished: its prediction is not trusted, and a card slowed down so that
+        each step takes longer than ``stall-floor`` runs to its end, judged by
+        the pace of its own steps."""
+        fleet = emulated
+        fleet.run(fleet.requests(8, seed=600))  # 1024 x 1024 calls seen
+        # 8 steps of 1.5 s: 0.03 s each at full speed
+        request = fleet.requests(1, seed=700, steps=8, height=2048, width=2048)
+        assert_not_fenced(fleet, request, speed=0.02)
+
     @pytest.mark.parametrize("emulated", ["unpriced"], indirect=True)
     def test_a_long_request_nothing_predicts_is_not_fenced(self, emulated):
-        """No profile prices the pools: a DiT call far longer than
-        ``stall-floor`` whose steps keep coming is judged by them, and by
-        heartbeats, and runs to its end."""
+        """No profile prices the pools: steps of 1.8 s, longer than
+        ``stall-floor``, are judged by their own pace, and by heartbeats."""
         fleet = emulated
-        slow = fleet.dits()[0]
-        fleet.client.run_on_scheduler(_pin_dits, [slow])
-        # each of 40 steps takes 0.36 s: 14 s of denoising, one step at a time
-        fleet.speed(slow, 0.01)
-        try:
-            started = time.time()
-            futures = fleet.run(fleet.requests(1, seed=500, steps=40), timeout=120)
-        finally:
-            fleet.speed(slow, 1.0)
-            fleet.client.run_on_scheduler(_pin_dits, [])
-        assert time.time() - started > 10
-        assert not [
-            d for d in testing.decisions(fleet.client) if d.get("kind") == "fence"
-        ]
-        assert futures[0].result().timings["denoise"] > 10
+        assert_not_fenced(fleet, fleet.requests(1, seed=500, steps=8), speed=0.002)
+
+
+def assert_not_fenced(fleet: EmulatedFleet, requests: list, speed: float) -> None:
+    """Run ``requests`` on one DiT card slowed to ``speed``: it is not fenced,
+    and its steps took longer than ``stall-floor`` each."""
+    slow = fleet.dits()[-1]
+    fleet.client.run_on_scheduler(_pin_dits, [slow])
+    fleet.speed(slow, speed)
+    started = time.time()
+    try:
+        (future,) = fleet.run(requests, timeout=120)
+    finally:
+        fleet.speed(slow, 1.0)
+        fleet.client.run_on_scheduler(_pin_dits, [])
+    fences = [d for d in health_decisions(fleet.client, "fence") if d["time"] > started]
+    assert not fences
+    floor = dask.config.get("dflow.health.stall-floor")
+    step = future.result().timings["denoise"] / requests[0].steps
+    assert step > parse_timedelta(floor)
 
 
 def _pin_dits(addresses: list[str], dask_scheduler=None) -> None:
