@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -46,12 +45,13 @@ from distributed import Client, as_completed
 
 import dflow
 from dflow import testing
-from dflow.bench.bounds import request_seconds
-from dflow.bench.harness import revision
+from dflow.bench.env import machine
+from dflow.bench.physics import request_seconds
 from dflow.cluster import StageCluster
 from dflow.emulation import cost_model
 from dflow.emulation.adapter import set_speed
 from dflow.plugins.install import install
+from dflow.pools import Pool
 from dflow.request import Request
 
 MODEL = "pixart-sigma-1024"
@@ -129,7 +129,7 @@ def bound(requests: list[Request], dits: int, slow: float, scale: float) -> dict
     cost = cost_model()
     request = requests[0]
     seconds = {
-        stage: request_seconds(cost, request, (stage, MODEL), GPU) * scale
+        stage: request_seconds(cost, request, Pool(stage, MODEL), GPU) * scale
         for stage in ("encoder", "dit", "vae")
     }
     rates = {
@@ -213,14 +213,9 @@ def main() -> None:
     settings = parser.parse_args()
     if settings.quick:
         settings.requests, settings.warmup = 120, 24
-    host = {
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "revision": revision(),
-        "loadavg_start": os.getloadavg(),
-    }
+    host = machine()
     results = [run_mode(m, settings) for m in settings.modes.split(",")]
-    host["loadavg_end"] = os.getloadavg()
+    host["loadavg_end"] = list(os.getloadavg())
     print(
         f"\nEmulated: {settings.dits} H200 DiT workers of {MODEL}, one at "
         f"{settings.slow}x; {settings.requests} requests of {settings.steps} steps "

@@ -41,7 +41,6 @@ import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_equivalence import pixels
 
 import dask.config
 from dask.utils import parse_timedelta
@@ -64,6 +63,7 @@ from dflow.predictor import Predictor
 from dflow.request import Request
 from dflow.testing import (
     ServiceProcess,
+    pixels,
     poll,
     scheduler_process,
     wait_for_pools,
@@ -350,6 +350,7 @@ def assert_same_pixels(output: dflow.Output, reference: tuple) -> None:
     assert int(np.abs(ours - theirs.astype(np.int16)).max()) <= bound
 
 
+@pytest.mark.slow
 class TestStopped:
     def test_baseline_burst_without_a_fault(self, cluster):
         """The fault-free run the stopped ones compare with (it also warms
@@ -625,6 +626,7 @@ def emulated(request) -> Iterator[EmulatedFleet]:
             yield EmulatedFleet(cluster, client)
 
 
+@pytest.mark.slow
 class TestEmulated:
     def test_a_slow_worker_gets_its_share_and_is_reported(
         self, emulated, record_property
