@@ -15,9 +15,12 @@ when it is
   ``stall-multiple`` times the time expected between two (and at least
   ``stall-floor``). The expectation is the predictor's, per step for a DiT and
   per call (at the batch it runs) otherwise, over the worker's measured speed;
-  for a denoising loop, also the longest interval its own steps have shown. A
-  call nothing can price is judged by heartbeats alone: a long request of a
-  shape no profile covers is not taken for a hang.
+  for a denoising loop, also the longest interval its own steps have shown.
+  A prediction for a shape the pool has not run yet (over twice the predicted
+  work, per step for the DiT, of the largest call it finished) is not
+  trusted: such a loop is judged by its own steps, and a call nothing can
+  price by heartbeats alone, so a long request of a shape no profile covers
+  is not taken for a hang.
 
 A hung worker is *fenced*, without asking it (it may not answer): its pool
 resources drop to zero on the scheduler (as a role switch's drain drops them),
@@ -182,8 +185,9 @@ class Health(SchedulerPlugin):
         #: (event, stage, cause) -> times: fenced (cause heartbeat or stalled),
         #: unfenced, retired (unrecovered, flapping or slow), slow
         self.counts: Counter[tuple[str, str, str]] = Counter()
-        #: the longest call each pool finished on each GPU type, seconds
-        self.longest: dict[tuple[Pool, str], float] = {}
+        #: the largest predicted work (seconds, per step for the DiT) of the
+        #: calls each pool finished on each GPU type
+        self.largest: dict[tuple[Pool, str], float] = {}
         #: the last check, and the end of the scheduler's last stall: silence
         #: counts from there, so a stalled scheduler does not blame its workers
         self._checked_at = self._awake_since = time.time()
@@ -351,28 +355,44 @@ class Health(SchedulerPlugin):
         self, pool: Pool, gpu_type: str, ts: TaskState, batch: int
     ) -> float | None:
         """The predicted seconds of a call, where the prediction is backed by
-        data: ``None`` without one, or when it is over twice the longest call
-        the pool has finished on the GPU type (a shape nothing has seen yet,
-        which the fit extrapolates to)."""
-        predictor = self.predictions.predictor
+        data: ``None`` without one, or for a shape the pool has not run on
+        the GPU type yet (its predicted work, per denoising step for the DiT,
+        over twice the largest of the calls it finished), which the fit
+        extrapolates to."""
         features = task_features(ts.annotations)
+        seconds = self._predict(pool, gpu_type, features, batch)
+        if seconds is None:
+            return None
+        seen = self.largest.get((pool, gpu_type), 0.0)
+        if _per_step(pool, features, seconds) > 2 * seen:
+            return None
+        return seconds
+
+    def _predict(
+        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: int
+    ) -> float | None:
+        predictor = self.predictions.predictor
         if predictor is None or not features:
             return None
         try:
-            seconds = predictor.predict(
+            return predictor.predict(
                 pool.model, pool.stage, gpu_type, features, batch
             ).seconds
         except LookupError:
             return None
-        if seconds > 2 * self.longest.get((pool, gpu_type), 0.0):
-            return None
-        return seconds
 
     def observe(self, record: StageRecord) -> None:
-        """A stage call finished (telemetry calls this): the longest call of
-        its pool on its GPU type bounds the predictions trusted."""
-        key = (Pool(record.stage, record.model), record.gpu_type)
-        self.longest[key] = max(self.longest.get(key, 0.0), record.call_s)
+        """A stage call finished (telemetry calls this): the largest predicted
+        work of the calls each pool finished on each GPU type bounds the
+        shapes whose predictions are trusted. Predicted, not measured: a
+        loaded host's late calls do not widen it."""
+        pool = Pool(record.stage, record.model)
+        seconds = self._predict(pool, record.gpu_type, record.features, record.batch)
+        if seconds is None:
+            return
+        key = (pool, record.gpu_type)
+        work = _per_step(pool, record.features, seconds)
+        self.largest[key] = max(self.largest.get(key, 0.0), work)
 
     # -- fencing ---------------------------------------------------------------------
 
@@ -654,3 +674,11 @@ class Health(SchedulerPlugin):
 
 def _stage(pool: Pool | None) -> str:
     return "none" if pool is None else pool.stage
+
+
+def _per_step(pool: Pool, features: dict[str, Any], seconds: float) -> float:
+    """A call's seconds, per denoising step for the DiT (the shape, not the
+    number of steps, is what a prediction extrapolates in)."""
+    if pool.stage != "dit":
+        return seconds
+    return seconds / max(1, int(features.get("steps") or 1))
