@@ -332,9 +332,10 @@ class Health(SchedulerPlugin):
             pool = task_pool(ts.annotations)
             assert pool is not None
             batch = sum(1 for t in running if task_pool(t.annotations) == pool)
-            call = self._predicted(pool, record.gpu_type, ts, batch)
+            features = task_features(ts.annotations)
+            call = self.trusted_prediction(pool, record.gpu_type, features, batch)
             steps = watch.steps.get(str(ts.key))
-            total = int(task_features(ts.annotations).get("steps") or 1)
+            total = int(features.get("steps") or 1)
             candidates = []
             if pool.stage == "dit":
                 if call is not None:
@@ -351,15 +352,14 @@ class Health(SchedulerPlugin):
             gaps.append(max(candidates))
         return max(gaps)
 
-    def _predicted(
-        self, pool: Pool, gpu_type: str, ts: TaskState, batch: int
+    def trusted_prediction(
+        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: int
     ) -> float | None:
         """The predicted seconds of a call, where the prediction is backed by
         data: ``None`` without one, or for a shape the pool has not run on
         the GPU type yet (its predicted work, per denoising step for the DiT,
         over twice the largest of the calls it finished), which the fit
         extrapolates to."""
-        features = task_features(ts.annotations)
         seconds = self._predict(pool, gpu_type, features, batch)
         if seconds is None:
             return None

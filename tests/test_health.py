@@ -53,6 +53,7 @@ from dflow.cluster import StageCluster
 from dflow.emulation.adapter import set_speed
 from dflow.planner import Demand, PlannerWorker, PoolCost, plan
 from dflow.plugins.extension import DflowExtension, WorkerRecord
+from dflow.plugins.health import Health
 from dflow.plugins.install import install
 from dflow.plugins.predictions import Predictions
 from dflow.plugins.pricing import speed_factor
@@ -231,6 +232,34 @@ def test_a_lone_worker_is_measured_against_the_prediction():
     for _ in range(3):
         speeds.observe(stage_record("a", predicted * 2, **features))
     assert speeds.refresh()["a"] == pytest.approx(0.5)
+
+
+def test_a_prediction_is_trusted_for_shapes_the_pool_has_run():
+    """Calls of 1024 x 1024 finished, however slowly: their shape and smaller
+    ones are priced, per step whatever the steps; 2048 x 2048 is not."""
+    extension = DflowExtension()
+    predictions = Predictions(testing.emulated_predictor())
+    telemetry = Telemetry(extension, predictions)
+    health = Health(
+        extension, predictions, WorkerSpeeds(extension, predictions, telemetry)
+    )
+    pool = Pool("dit", EMULATED)
+
+    def features(size: int, steps: int) -> dict[str, Any]:
+        return Request(
+            model=EMULATED, prompt="a fox", steps=steps, height=size, width=size
+        ).features
+
+    seen, smaller = features(1024, 20), features(512, 50)
+    larger, fewer_steps = features(2048, 50), features(2048, 4)
+    assert health.trusted_prediction(pool, "h200", seen, 1) is None
+    health.observe(stage_record("a", 60.0, **seen))  # late, on a loaded host
+    for trusted in (seen, smaller, features(1024, 50)):
+        predicted = predictions.seconds(pool, "h200", trusted)
+        assert health.trusted_prediction(pool, "h200", trusted, 1) == predicted
+    for untrusted in (larger, fewer_steps):
+        assert predictions.seconds(pool, "h200", untrusted)
+        assert health.trusted_prediction(pool, "h200", untrusted, 1) is None
 
 
 def test_the_planner_counts_a_slow_worker_at_its_speed():
