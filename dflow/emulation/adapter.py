@@ -259,12 +259,13 @@ class EmulatedAdapter(Adapter):
         except StageOutOfMemory as error:
             raise torch.OutOfMemoryError(str(error)) from None
         cost = placement.stages["dit"]
-        seconds = cost.compute / cost.steps
+        # the card's speed, read at each step as in a whole call
+        seconds = cost.compute / cost.steps / self.speed
         if "dit" not in self._called:
             seconds += self._first_call
             self._called.add("dit")
         if self._last_stage != "dit":
-            seconds += cost.transfer
+            seconds += cost.transfer / self.speed
             self._last_stage = "dit"
         self._sleep_until(start, seconds)
         for state in states:
