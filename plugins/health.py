@@ -353,7 +353,7 @@ class Health(SchedulerPlugin):
         return max(gaps)
 
     def trusted_prediction(
-        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: int
+        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: float
     ) -> float | None:
         """The predicted seconds of a call, where the prediction is backed by
         data: ``None`` without one, or for a shape the pool has not run on
@@ -369,7 +369,7 @@ class Health(SchedulerPlugin):
         return seconds
 
     def _predict(
-        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: int
+        self, pool: Pool, gpu_type: str, features: dict[str, Any], batch: float
     ) -> float | None:
         predictor = self.predictions.predictor
         if predictor is None or not features:
