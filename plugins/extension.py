@@ -80,6 +80,8 @@ class WorkerRecord:
     load_seconds: float | None = None
     since: float = field(default_factory=time.time)
     error: str | None = None
+    #: the 8-bit format of its DiT weights (``None``: the model's dtype)
+    quantize: str | None = None
 
     @property
     def pool(self) -> Pool | None:
@@ -276,7 +278,15 @@ class DflowExtension(SchedulerPlugin):
         previous = record.pool
         record.state, record.stage, record.model = state, stage, model
         record.since = time.time()
-        for name in ("gpu_type", "device", "memory", "host", "load_seconds", "error"):
+        for name in (
+            "gpu_type",
+            "device",
+            "memory",
+            "host",
+            "load_seconds",
+            "error",
+            "quantize",
+        ):
             if name in info:
                 setattr(record, name, info[name])
         if spec is not None and model is not None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from dflow.plugins.extension import DflowExtension, WorkerRecord
 from dflow.plugins.telemetry import Telemetry
-from dflow.pools import WORKER_STAGES
+from dflow.pools import EXPERT_STAGES, WORKER_STAGES
 
 #: Decisions and load failures ``dflow.status`` reports, the newest
 DECISIONS = 20
@@ -26,8 +26,14 @@ def status(extension: DflowExtension, telemetry: Telemetry) -> dict[str, Any]:
     """Per stage: workers, queue, arrival rate, predicted and observed service
     time; every worker with its state (and the reason of a failed one); recent
     load failures, including those of workers that left; the elastic
-    controller's recent decisions."""
-    stages = {stage: stage_summary(extension, stage) for stage in WORKER_STAGES}
+    controller's recent decisions. An expert's stage (Wan 2.2) is listed while
+    a worker serves it."""
+    served = {r.stage for r in extension.workers.values()}
+    stages = {
+        stage: stage_summary(extension, stage)
+        for stage in WORKER_STAGES
+        if stage not in EXPERT_STAGES.values() or stage in served
+    }
     for stage, summary in stages.items():
         summary.update(stage_rates(telemetry, stage))
     return {
