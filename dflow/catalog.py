@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dflow import families, presets
-from dflow.spec import STAGES, ModelSpec, canonical_name
+from dflow.spec import ModelSpec, canonical_name
 
 _registry: dict[str, ModelSpec] = {}
 _lock = threading.Lock()
@@ -68,6 +68,7 @@ def from_preset(name: str) -> ModelSpec:
         component: {"_class_name": entry.get("class", ""), **entry.get("config", {})}
         for component, entry in preset["components"].items()
     }
+    configs["_pipeline"] = dict(preset.get("pipeline_config", {}))
     source = str(presets.folder_path(name)) if preset["build"] == "folder" else None
     return families.for_pipeline(preset["pipeline"]).describe(
         name=name,
@@ -87,6 +88,7 @@ def from_folder(folder: str, name: str | None = None) -> ModelSpec:
     pipeline, configs = read_configs(folder)
     family = families.for_pipeline(pipeline)
     source = str(Path(folder).resolve())
+    experts = family.boundary_ratio(configs) is not None
     return family.describe(
         name=name or source,
         pipeline=pipeline,
@@ -94,16 +96,20 @@ def from_folder(folder: str, name: str | None = None) -> ModelSpec:
         source=source,
         preset=None,
         dtype="bfloat16",
-        weight_bytes=folder_weight_bytes(folder, family),
+        weight_bytes=folder_weight_bytes(folder, family, experts),
     )
 
 
 def read_configs(folder: str) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The pipeline class and each component's config from a diffusers folder."""
+    """The pipeline class and each component's config from a diffusers folder;
+    the pipeline's own settings (``boundary_ratio``, ...) under ``"_pipeline"``."""
     index = json.loads(Path(folder, "model_index.json").read_text())
-    configs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {"_pipeline": {}}
     for component, value in index.items():
-        if component.startswith("_") or not isinstance(value, list):
+        if component.startswith("_"):
+            continue
+        if not isinstance(value, list):
+            configs["_pipeline"][component] = value
             continue
         sub = Path(folder, component)
         for filename in (
@@ -120,17 +126,20 @@ def read_configs(folder: str) -> tuple[str, dict[str, dict[str, Any]]]:
     return index["_class_name"], configs
 
 
-def folder_weight_bytes(folder: str, family: families.Family) -> dict[str, int]:
-    """Bytes of weights per stage, from the safetensors/bin files' sizes on disk."""
-    total = dict.fromkeys(STAGES, 0)
+def folder_weight_bytes(
+    folder: str, family: families.Family, experts: bool
+) -> dict[str, int]:
+    """Bytes of weights per stage (and per expert's stage, for a model of two
+    experts), from the safetensors/bin files' sizes on disk."""
+    components = {}
     for sub in Path(folder).iterdir():
-        stage = family.stage_of(sub.name)
-        if stage is None or not sub.is_dir():
-            continue
-        for weights in sub.iterdir():
-            if weights.suffix in (".safetensors", ".bin"):
-                total[stage] += weights.stat().st_size
-    return total
+        if sub.is_dir() and family.stages_of(sub.name):
+            components[sub.name] = sum(
+                f.stat().st_size
+                for f in sub.iterdir()
+                if f.suffix in (".safetensors", ".bin")
+            )
+    return family.stage_weights(components, experts)
 
 
 def _hf_cache_folder(repo_id: str) -> str | None:

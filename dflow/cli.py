@@ -28,8 +28,9 @@ from dflow import logs
 from dflow.bench.cli import bench
 from dflow.demo import demo
 from dflow.diagnosis import model_problem
-from dflow.pools import WORKER_STAGES
+from dflow.pools import EXPERT_STAGES, MONOLITHIC, STAGES
 from dflow.profile import profile
+from dflow.quantization import QUANTIZATIONS, holds_dit
 from dflow.worker import run_nannies
 from dflow.worker_options import nanny_specs
 
@@ -69,9 +70,24 @@ def _dflow_worker_options(function):
     options = [
         click.option(
             "--stage",
-            type=click.Choice(WORKER_STAGES),
+            type=click.Choice((*STAGES, MONOLITHIC)),
             required=True,
             help="The stage to serve; 'all' hosts the whole pipeline (monolithic).",
+        ),
+        click.option(
+            "--expert",
+            type=click.Choice(tuple(EXPERT_STAGES)),
+            default=None,
+            help="With --stage dit, for a model of two experts (Wan 2.2 A14B): "
+            "hold this expert alone and run its steps (default: both).",
+        ),
+        click.option(
+            "--quantize",
+            type=click.Choice(QUANTIZATIONS),
+            default=None,
+            help="Load the DiT's weights in 8 bits: int8 (torchao weight-only) or "
+            "fp8 (compute capability 8.9+); needs dflow[quant]. Default: "
+            "dflow.runtime.quantize.",
         ),
         click.option(
             "--model",
@@ -102,6 +118,8 @@ def _dflow_worker_options(function):
 def worker(
     scheduler,
     stage,
+    expert,
+    quantize,
     model,
     gpu_type,
     gpus,
@@ -153,6 +171,14 @@ def worker(
     if resources:
         pairs = resources.replace(",", " ").split()
         resources = valmap(float, dict(pair.split("=") for pair in pairs))
+    if expert is not None:
+        if stage != "dit":
+            raise click.BadOptionUsage("expert", "--expert applies to --stage dit")
+        stage = EXPERT_STAGES[expert]
+    if quantize is not None and not holds_dit(stage):
+        raise click.BadOptionUsage(
+            "quantize", "--quantize applies to stages holding DiT weights: dit, all"
+        )
     gpu_list = gpus.split(",") if gpus else None
     specs = nanny_specs(
         stage,
@@ -162,6 +188,7 @@ def worker(
         name=name,
         nthreads=nthreads or None,
         resources=resources,
+        quantize=quantize,
     )
     if len(specs) > 1 and listen_address:
         raise click.BadParameter(

@@ -25,7 +25,7 @@ import dflow.config  # noqa: F401
 from dflow import prompts, tasks
 from dflow.catalog import register
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
-from dflow.pools import TASK_PREFIXES, Pool, task_resources
+from dflow.pools import MONOLITHIC, TASK_PREFIXES, Pool, task_resources
 from dflow.request import Request
 from dflow.spec import ModelSpec
 
@@ -35,6 +35,8 @@ STAGE_TASKS = {
     for stage, function in (
         ("encoder", tasks.encode),
         ("dit", tasks.denoise),
+        ("dit-high", tasks.denoise_high),
+        ("dit-low", tasks.denoise_low),
         ("vae", tasks.decode),
         ("all", tasks.generate),
     )
@@ -161,6 +163,9 @@ def map(
     for request, admission in zip(requests, answer["admitted"]):
         request_id = uuid.uuid4().hex[:16]
         previous: str | None = None
+        # an input image's pixels go to the task that encodes it, in its own
+        # argument; every other task gets the request without them
+        light = request.without_pixels()
         for stage, workers in admission["workers"].items():
             prefix, function = STAGE_TASKS[stage]
             key = f"{prefix}-{request_id}"
@@ -169,11 +174,13 @@ def map(
                 if key in layers:  # an earlier request here shares the encoding
                     previous = key
                     continue
-            task = (
-                (function, request)
-                if previous is None
-                else (function, request, previous)
-            )
+            if stage == MONOLITHIC:
+                task: tuple = (function, request)
+            elif previous is None:
+                pixels = () if request.image is None else (request.image,)
+                task = (function, light, *pixels)
+            else:
+                task = (function, light, previous)
             annotations: dict[str, Any] = {
                 "resources": task_resources(Pool(stage, request.model)),
                 "dflow": {
@@ -211,9 +218,17 @@ def encoding_key(request: Request) -> str:
     """The key of a request's encode task: equal for requests whose text
     encodings are equal (model, prompt, negative prompt, and whether guidance
     encodes the negative prompt), so requests in flight together run the encoder
-    once (a graph's key already on the scheduler is reused, not run again)."""
+    once (a graph's key already on the scheduler is reused, not run again). An
+    input image's encoding also depends on the image and the output's shape."""
+    image = request.image
     token = tokenize(
-        request.model, request.prompt, request.negative_prompt, request.features["cfg"]
+        request.model,
+        request.prompt,
+        request.negative_prompt,
+        request.features["cfg"],
+        None
+        if image is None
+        else (image.digest, request.height, request.width, request.num_frames),
     )
     return f"encode-{token}"
 
@@ -223,15 +238,16 @@ def status(client: Client) -> dict[str, Any]:
     workers' health.
 
     Returns ``{"stages": {"encoder": {...}, "dit": {...}, "vae": {...}, "all":
-    {...}}, "workers": [...], "failures": [...], "decisions": [...], "health":
-    {...}}``; each stage has ``workers``, ``loading``, ``queue``,
-    ``arrival_rate``, ``predicted_s`` and ``observed_s``; each worker its
-    ``name``, ``stage``, ``model``, ``state`` and, if it failed to load, the
-    ``reason``; each decision a ``kind`` (``move``, or ``fence``, ``unfence``,
-    ``retire``, ``slow``) and a ``reason``; ``health`` has per worker name its
-    ``state``, ``speed`` (against its GPU type), ``slow``, ``health`` (what is
-    wrong) and ``fences``, and the ``counts`` of fences, unfences, retirements
-    and slow reports per stage.
+    {...}} (and ``dit-high``, ``dit-low`` while workers serve one expert),
+    "workers": [...], "failures": [...], "decisions": [...], "health": {...}}``;
+    each stage has ``workers``, ``loading``, ``queue``, ``arrival_rate``,
+    ``predicted_s`` and ``observed_s``; each worker its ``name``, ``stage``,
+    ``model``, ``state`` and, if it failed to load, the ``reason``; each
+    decision a ``kind`` (``move``, or ``fence``, ``unfence``, ``retire``,
+    ``slow``) and a ``reason``; ``health`` has per worker name its ``state``,
+    ``speed`` (against its GPU type), ``slow``, ``health`` (what is wrong) and
+    ``fences``, and the ``counts`` of fences, unfences, retirements and slow
+    reports per stage.
     """
     return _lists(client.sync(_scheduler_call, client, "dflow_status"))
 

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tornado.ioloop import PeriodicCallback
@@ -33,6 +33,7 @@ import dflow.config  # noqa: F401
 from dflow.diagnosis import model_problem
 from dflow.errors import StageLoadError
 from dflow.pools import WORKER_STAGES, Pool
+from dflow.quantization import holds_dit
 from dflow.spec import canonical_name
 from dflow.worker import StageNanny
 from dflow.worker_options import stage_worker_options, visible_gpus, worker_name
@@ -49,9 +50,15 @@ class StageCluster(SpecCluster):
         The model the pools serve (``scale`` can add pools of other models).
     layout
         Workers per stage, e.g. ``{"encoder": 1, "dit": 2, "vae": 1}``, or
-        ``{"all": 2}`` for monolithic replicas.
+        ``{"all": 2}`` for monolithic replicas. A model of two experts (Wan 2.2
+        A14B) may give each expert its own workers: ``{"encoder": 1,
+        "dit-high": 1, "dit-low": 1, "vae": 1}``.
     gpu_type
         GPU type the workers publish (``"auto"``: read from the device).
+    quantize
+        The workers' DiT weights in 8 bits (``"int8"`` or ``"fp8"``,
+        :mod:`dflow.quantization`): for every stage holding them, or per stage
+        (``{"dit-high": "int8"}``); default ``dflow.runtime.quantize``.
     fleet
         Workers as ``(stage, model, gpu_type)`` triples, instead of ``layout``:
         fleets of several models and GPU types (``gpu_type`` ``None``: the
@@ -82,6 +89,7 @@ class StageCluster(SpecCluster):
         layout: dict[str, int] | None = None,
         *,
         gpu_type: str = "auto",
+        quantize: str | Mapping[str, str] | None = None,
         fleet: Sequence[tuple[str, str, str | None]] | None = None,
         processes: bool = True,
         gpus: Sequence[str] | None = None,
@@ -96,6 +104,7 @@ class StageCluster(SpecCluster):
     ):
         self.model = canonical_name(model)
         self.gpu_type = gpu_type
+        self.quantize = quantize
         self.processes = processes
         if gpus is None:
             gpus = visible_gpus() if processes else []
@@ -157,8 +166,18 @@ class StageCluster(SpecCluster):
         index = number % len(self.gpus) if self.gpus else None
         name = worker_name(None if index is None else self.gpus[index], number)
         gpu_type = gpu_type or self.gpu_type
+        if isinstance(self.quantize, Mapping):
+            quantize = self.quantize.get(stage)
+        else:
+            quantize = self.quantize if holds_dit(stage) else None
         options = stage_worker_options(
-            stage, model, name=name, gpu_type=gpu_type, gpus=self.gpus, index=index
+            stage,
+            model,
+            name=name,
+            gpu_type=gpu_type,
+            gpus=self.gpus,
+            index=index,
+            quantize=quantize,
         )
         if not self.processes:
             del options["env"]  # workers in this process share its environment

@@ -27,9 +27,10 @@ def request_id(key: Any) -> str:
     return str(key).partition("-")[2]
 
 
-def step_reporter(steps: int) -> Callable[[], None]:
+def step_reporter(steps: int, done: int = 0) -> Callable[[], None]:
     """In a denoising task: a function to call after each step, which reports
-    it as an event. Outside a Dask task it does nothing."""
+    it as an event; ``done``: the request's steps run before this task (by
+    another expert's pool). Outside a Dask task it does nothing."""
     key = getattr(thread_state, "key", None)
     if key is None:
         return lambda: None
@@ -37,7 +38,6 @@ def step_reporter(steps: int) -> Callable[[], None]:
     task = worker.state.tasks.get(key)
     annotation = ((task.annotations if task else None) or {}).get("dflow") or {}
     request = annotation.get("request") or request_id(key)
-    done = 0
 
     def report() -> None:
         nonlocal done

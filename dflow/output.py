@@ -27,11 +27,14 @@ class Output:
     Attributes
     ----------
     request
-        The request this answers.
+        The request this answers (equal to the one submitted; an input image
+        by reference, without its pixels, when the request was disaggregated).
     timings
         Seconds per stage (``encode``, ``denoise``, ``decode``; ``generate`` for
-        a monolithic call) measured on the worker that ran it, plus
-        ``"<stage>_batch"``: how many requests shared that call.
+        a monolithic call; ``denoise_high`` and ``denoise_low`` for the experts
+        of a two-expert model in pools of their own) measured on the worker
+        that ran it, plus ``"<stage>_batch"``: how many requests shared that
+        call.
     """
 
     request: Request

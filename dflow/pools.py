@@ -4,7 +4,9 @@ A :class:`Pool` has one string form, ``"stage:model"``, which is also the Dask
 resource a stage task of the model requires and a worker serving the pool
 advertises. The chain of a disaggregated request runs :data:`STAGES` in order;
 a monolithic request runs the whole pipeline as one task of stage
-:data:`MONOLITHIC`. Pure: no torch, no distributed.
+:data:`MONOLITHIC`. A model whose denoising two experts share (Wan 2.2) may
+also split its DiT into one pool per expert (:data:`EXPERT_STAGES`): its chain
+is then :data:`EXPERT_CHAIN`. Pure: no torch, no distributed.
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from typing import Any, NamedTuple
 STAGES = ("encoder", "dit", "vae")
 #: The stage of a worker that runs the whole pipeline (monolithic)
 MONOLITHIC = "all"
+#: The DiT stage of each expert of a two-expert model: the high-noise expert
+#: runs the steps before the boundary, the low-noise expert the rest
+EXPERT_STAGES = {"high": "dit-high", "low": "dit-low"}
+#: The chain of a request whose experts run in their own pools
+EXPERT_CHAIN = ("encoder", EXPERT_STAGES["high"], EXPERT_STAGES["low"], "vae")
 #: Every stage a worker can serve
-WORKER_STAGES = (*STAGES, MONOLITHIC)
+WORKER_STAGES = (*STAGES, *EXPERT_STAGES.values(), MONOLITHIC)
 #: Task key prefix of each stage's task (``"denoise-<request id>"``)
 TASK_PREFIXES = {
     "encoder": "encode",
     "dit": "denoise",
+    "dit-high": "denoise_high",
+    "dit-low": "denoise_low",
     "vae": "decode",
     "all": "generate",
 }
@@ -58,6 +67,21 @@ class Pool(NamedTuple):
                 f"{', '.join(WORKER_STAGES)}, got {text!r}"
             )
         return cls(stage, model)
+
+
+def base_stage(stage: str) -> str:
+    """The stage a pool's workers run: ``"dit"`` for an expert's pool, else
+    ``stage`` itself."""
+    return "dit" if stage in EXPERT_STAGES.values() else stage
+
+
+def expert_of(stage: str) -> str | None:
+    """The expert (``"high"`` or ``"low"``) an expert's stage runs; ``None``
+    for every other stage."""
+    for expert, name in EXPERT_STAGES.items():
+        if name == stage:
+            return expert
+    return None
 
 
 def stage_resources(pool: Pool, slots: int) -> dict[str, float]:

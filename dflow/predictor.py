@@ -20,6 +20,11 @@ that batch against batch 1, from rows with a ``speedup`` (the shipped
 batch 1 and at a larger batch. How much a batch gains is the GPU's physics (a
 fast GPU is full at batch 1 except for small models at low resolution), which
 no combination of per-request terms can express.
+
+The pool of one expert of a two-expert model (Wan 2.2) is priced by its
+model's DiT stage: the same per-step cost for the expert's share of the steps
+(:func:`dflow.families.priced_as`), and the DiT stage's peak less the other
+expert's weights; its observations correct the DiT stage's fit.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import dask.config
 import dflow.config  # noqa: F401
 from dflow import families
 from dflow.catalog import resolve
+from dflow.pools import expert_of
 from dflow.request import Request
 
 logger = logging.getLogger(__name__)
@@ -69,8 +75,14 @@ def _pixels(features: Mapping[str, Any], batch: float) -> float:
     return batch * features["height"] * features["width"] * features["frames"]
 
 
+def _images(features: Mapping[str, Any], batch: float) -> float:
+    """Pixels of the input images an image-to-video encoder encodes: the image
+    and the zero frames after it, at the request's size."""
+    return _pixels(features, batch) if features.get("image") else 0.0
+
+
 def _encoder_time(features: Mapping[str, Any], batch: float) -> Terms:
-    return (_prompts(features, batch), 1.0)
+    return (_prompts(features, batch), _images(features, batch), 1.0)
 
 
 def _dit_time(features: Mapping[str, Any], batch: float) -> Terms:
@@ -84,7 +96,9 @@ def _vae_time(features: Mapping[str, Any], batch: float) -> Terms:
 
 
 def _encoder_memory(features: Mapping[str, Any], batch: float) -> Terms:
-    return (1.0, _prompts(features, batch))
+    # an image is encoded a frame chunk at a time, one request after another
+    frame = features["height"] * features["width"] if features.get("image") else 0
+    return (1.0, _prompts(features, batch), float(frame))
 
 
 def _dit_memory(features: Mapping[str, Any], batch: float) -> Terms:
@@ -112,10 +126,12 @@ _MEMORY: dict[str, Callable[[Mapping[str, Any], float], Terms]] = {
 def time_terms(stage: str, features: Mapping[str, Any], batch: float = 1) -> Terms:
     """The cost terms whose non-negative combination prices a stage call.
 
-    - encoder: prompts encoded (the batch, doubled by CFG's negative prompt) and
-      a per-call constant. Prompts are padded to the encoder's fixed sequence
-      length, so tokens are prompts times a per-model constant; as fits are per
-      model, a separate token term could not be told apart from the prompt term.
+    - encoder: prompts encoded (the batch, doubled by CFG's negative prompt),
+      the pixels of the input images an image-to-video encoder encodes with
+      the VAE (0 for others) and a per-call constant. Prompts are padded to the
+      encoder's fixed sequence length, so tokens are prompts times a per-model
+      constant; as fits are per model, a separate token term could not be told
+      apart from the prompt term.
     - dit: with passes = steps x batch (x 2 under CFG) and tokens the DiT's
       sequence length: passes x tokens (linear layers), passes x tokens^2
       (attention), passes (fixed cost of a step: scheduler, launches) and a
@@ -135,7 +151,8 @@ def time_terms(stage: str, features: Mapping[str, Any], batch: float = 1) -> Ter
 
 def memory_terms(stage: str, features: Mapping[str, Any], batch: float = 1) -> Terms:
     """The terms of a stage call's peak device bytes: a constant (weights,
-    workspace) plus the activations: prompts for the encoder, tokens and
+    workspace) plus the activations: prompts (and an input image's frame) for
+    the encoder, tokens and
     tokens^2 (attention scores where not fused) for the DiT, pixels and pixels
     of one frame (video VAEs decode a frame chunk at a time) for the VAE."""
     return _MEMORY[stage](features, batch)
@@ -307,6 +324,8 @@ class Predictor:
         """
         if isinstance(features, Request):
             features = features.features
+        pool_stage = stage
+        stage, features = families.priced_as(stage, features)
         key = (model, stage, gpu_type)
         fit, scale = self._fit(key)
         x = _TIME[stage](features, batch)
@@ -318,7 +337,8 @@ class Predictor:
         if fit.peak_bytes is None:
             return Prediction(seconds, None)
         m = _MEMORY[stage](features, batch)
-        return Prediction(seconds, round(sum(c * v for c, v in zip(fit.peak_bytes, m))))
+        peak = sum(c * v for c, v in zip(fit.peak_bytes, m))
+        return Prediction(seconds, round(peak - _unheld_bytes(model, pool_stage)))
 
     def batch_speedup(
         self,
@@ -373,7 +393,9 @@ class Predictor:
         try:
             return self.predict(model, stage, gpu_type, features, batch).peak_bytes
         except LookupError:
-            profiled = sorted({g for m, s, g in self.fits if (m, s) == (model, stage)})
+            # an expert's pool is priced by its model's DiT stage
+            fitted = families.priced_as(stage, features)[0]
+            profiled = sorted({g for m, s, g in self.fits if (m, s) == (model, fitted)})
             if not profiled:
                 raise
         peaks = [
@@ -397,8 +419,9 @@ class Predictor:
         sample for :meth:`refit`. Raises ``LookupError`` as :meth:`predict` does."""
         if isinstance(features, Request):
             features = features.features
-        key = (model, stage, gpu_type)
         fitted = self.predict(model, stage, gpu_type, features, batch, corrected=False)
+        stage, features = families.priced_as(stage, features)
+        key = (model, stage, gpu_type)
         if fitted.seconds > 0:
             self._correct(key, seconds / fitted.seconds)
         sequential = float(seconds)
@@ -501,6 +524,19 @@ class Predictor:
 
         source = min(profiled, key=lambda g: (distance(g), g))
         return self.fits[(model, stage, source)], self.speeds.get(source, 1.0) / speed
+
+
+def _unheld_bytes(model: str, stage: str) -> int:
+    """Weights a pool's workers do not hold of those its stage's fit counts:
+    an expert's pool is priced by the DiT stage of both experts, less the other
+    expert's weights (0 where the model's spec is unknown here: the larger peak)."""
+    if expert_of(stage) is None:
+        return 0
+    try:
+        weights = resolve(model).weight_bytes
+    except ValueError:
+        return 0
+    return weights.get("dit", 0) - weights.get(stage, weights.get("dit", 0))
 
 
 def _fit(samples: list[_Sample]) -> StageFit | None:
@@ -686,6 +722,83 @@ def anchor_rows(steps: int | None = None) -> list[Row]:
     return list(merged.values())
 
 
+#: Models priced from a measured model of the same blocks, not measured:
+#: {model: (measured model, whether its encoder also encodes an input image)}
+DERIVED_MODELS = {
+    "wan2.2-t2v-a14b": ("wan2.1-t2v-14b", False),
+    "wan2.2-i2v-a14b": ("wan2.1-t2v-14b", True),
+}
+#: The Wan VAE's encode of an image-to-video condition (the image and 80 zero
+#: frames) over its decode of the 81 frames: an assumption until measured
+#: (``benchmarks/wan22_encode.py``), the encoder having half the decoder's blocks
+WAN_ENCODE_OVER_DECODE = 0.5
+
+
+def derived_rows() -> list[Row]:
+    """H200 rows of :data:`DERIVED_MODELS`, derived from their measured model's
+    anchors (:func:`anchor_rows`); label what they price *derived*.
+
+    Each Wan 2.2 A14B expert is a Wan 2.1 14B DiT (same blocks and width): a
+    step of one expert without guidance is half the anchor's guided step (two
+    forward passes), at the anchor's activations; the DiT stage holds both
+    experts. The encoder is the same UMT5, plus, for image-to-video, the VAE
+    encoding the condition (:data:`WAN_ENCODE_OVER_DECODE` of the anchor's
+    decode) with the VAE's weights and activations; the VAE is the same.
+    """
+    anchors = anchor_rows()
+    rows: list[Row] = []
+    for model, (measured, image) in DERIVED_MODELS.items():
+        spec = resolve(model)
+        base = {
+            (r["stage"], r["cfg"], r["batch"]): r
+            for r in anchors
+            if r["model"] == measured
+        }
+        shape = {
+            "model": model,
+            "height": spec.defaults["height"],
+            "width": spec.defaults["width"],
+            "frames": spec.defaults["num_frames"],
+        }
+        dit = base["dit", True, 1]
+        step = dit["seconds"] / dit["steps"] / 2
+        activations = dit["peak_bytes"] - dit["weight_bytes"]
+        weights = spec.weight_bytes
+        for steps in (4, spec.defaults["steps"]):
+            rows.append(
+                {
+                    **dit,
+                    **shape,
+                    "stage": "dit",
+                    "steps": steps,
+                    "cfg": False,
+                    "seconds": step * steps,
+                    "peak_bytes": weights["dit"] + activations,
+                    "weight_bytes": weights["dit"],
+                }
+            )
+        vae = base["vae", False, 1]
+        decode_activations = vae["peak_bytes"] - vae["weight_bytes"]
+        rows.append({**vae, **shape, "weight_bytes": weights["vae"]})
+        for (stage, _, batch), row in base.items():
+            if stage != "encoder":
+                continue
+            seconds, peak = row["seconds"], row["peak_bytes"]
+            if image:
+                seconds += batch * WAN_ENCODE_OVER_DECODE * vae["seconds"]
+                peak += vae["weight_bytes"] + decode_activations
+            rows.append(
+                {
+                    **row,
+                    **shape,
+                    "seconds": seconds,
+                    "peak_bytes": peak,
+                    "weight_bytes": weights["encoder"],
+                }
+            )
+    return rows
+
+
 #: dflow's own stage profiles shipped with the package (``dflow profile`` runs)
 SHIPPED_PROFILES = ("profiles/h200-dflow.json",)
 #: DiT batch speedups shipped with the package, in the form of the batch profile
@@ -737,8 +850,9 @@ def batch_rows(profile: Mapping[str, Any] | None = None) -> list[Row]:
 
 
 def shipped_rows() -> list[Row]:
-    """Every shipped measurement: dflow's own profiles, the anchors for each
-    model, stage and GPU type those do not cover, and the DiT batch speedups.
+    """Every shipped measurement: dflow's own profiles, the anchors (and rows
+    derived from them, :func:`derived_rows`) for each model, stage and GPU type
+    those do not cover, and the DiT batch speedups.
 
     The profiles time dflow's stage calls as they run (tokenization, host copies
     and all), the anchors the bare model passes; where both exist the profiles
@@ -751,7 +865,7 @@ def shipped_rows() -> list[Row]:
     measured = {(r["model"], r["stage"], r["gpu_type"]) for r in rows}
     rows += [
         r
-        for r in anchor_rows()
+        for r in anchor_rows() + derived_rows()
         if (r["model"], r["stage"], r["gpu_type"]) not in measured
     ]
     return rows + batch_rows()

@@ -1,7 +1,8 @@
 """Model presets: tiny random-weight models for tests, real architectures for benchmarks.
 
 A preset is a YAML file in ``dflow/configs/models``: the pipeline class, each
-component's class and config, defaults and limits. Presets with ``build: folder``
+component's class and config, the pipeline's own settings (``pipeline_config``:
+Wan 2.2's ``boundary_ratio``), defaults and limits. Presets with ``build: folder``
 (the tiny ones) are built once with random weights and offline tokenizers, saved
 as an ordinary diffusers folder in ``dflow.cache-dir`` and then loaded like any
 other folder. Presets with ``build: memory`` (real sizes) are built directly on
@@ -122,7 +123,8 @@ def _component_class(class_name: str) -> Any:
 
 
 def build_component(entry: dict[str, Any], device: str = "cpu", dtype: Any = None):
-    """Instantiate one component of a preset with random weights (seeded)."""
+    """Instantiate one component of a preset with random weights, seeded by the
+    entry's ``seed`` (default 0)."""
     import torch
 
     if "kind" in entry:
@@ -134,7 +136,7 @@ def build_component(entry: dict[str, Any], device: str = "cpu", dtype: Any = Non
     config = dict(entry.get("config", {}))
     if hasattr(cls, "set_timesteps"):
         return cls.from_config(config)  # a scheduler
-    torch.manual_seed(0)
+    torch.manual_seed(entry.get("seed", 0))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
     try:
@@ -164,11 +166,12 @@ def build(name: str, stages: tuple[str, ...], device: str = "cpu", dtype: Any = 
         dtype = getattr(torch, dtype)
     components = {}
     for component, entry in preset["components"].items():
-        if family.stage_of(component) in stages:
+        if set(family.stages_of(component)) & set(stages):
             components[component] = build_component(entry, device, dtype)
         else:
             components[component] = None
-    return getattr(diffusers, preset["pipeline"])(**components)
+    pipeline = getattr(diffusers, preset["pipeline"])
+    return pipeline(**components, **preset.get("pipeline_config", {}))
 
 
 def count_weight_bytes(name: str) -> dict[str, int]:
@@ -179,13 +182,13 @@ def count_weight_bytes(name: str) -> dict[str, int]:
     preset = get(name)
     family = families.for_pipeline(preset["pipeline"])
     element = torch.empty(0, dtype=getattr(torch, preset.get("dtype", "float32")))
-    total = dict.fromkeys(STAGES, 0)
+    components = {}
     for component, entry in preset["components"].items():
-        stage = family.stage_of(component)
-        if stage is None or "kind" in entry:
+        if not family.stages_of(component) or "kind" in entry:
             continue
         model = build_component(entry, device="meta")
         if isinstance(model, torch.nn.Module):
             count = sum(p.numel() for p in model.parameters())
-            total[stage] += count * element.element_size()
-    return total
+            components[component] = count * element.element_size()
+    experts = preset.get("pipeline_config", {}).get("boundary_ratio") is not None
+    return family.stage_weights(components, experts)

@@ -8,6 +8,7 @@ I/O. The prompt's token limit needs the model's tokenizer, so
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import secrets
@@ -17,6 +18,7 @@ from typing import Any
 
 from dflow import catalog, families
 from dflow.errors import InvalidRequest
+from dflow.images import InputImage
 from dflow.spec import ModelSpec
 
 #: Output formats per kind of model; the first is the default.
@@ -56,6 +58,14 @@ class Request:
     output_format
         ``"pil"`` or ``"png"`` for images, ``"np"`` or ``"gif"`` for video: what
         the VAE worker sends back (raw pixels or encoded bytes).
+    image
+        Image-to-video models only, and required there: the first frame, as a
+        PIL image in mode RGB, an ``(H, W, 3)`` uint8 array, or PNG/JPEG bytes
+        (decoded here, EXIF orientation applied). Any size up to 4096 pixels a
+        side: the encoder resizes it to ``height`` x ``width`` as the stock
+        pipeline does (aspect not kept). Held as a
+        :class:`~dflow.images.InputImage`; only the encoder stage receives its
+        pixels.
 
     Examples
     --------
@@ -72,6 +82,7 @@ class Request:
     guidance_scale: float | None = None
     seed: int | None = None
     output_format: str | None = None
+    image: Any = None
 
     def __post_init__(self) -> None:
         try:
@@ -100,13 +111,17 @@ class Request:
         frames = self.num_frames
         if frames is not None:
             frames = _integer("num_frames", frames)
-        families.of(spec).check_inputs(
+        family = families.of(spec)
+        family.check_inputs(
             spec,
             height=height,
             width=width,
             num_frames=frames,
             negative_prompt=self.negative_prompt,
         )
+        image = None if self.image is None else InputImage.of(self.image)
+        family.check_image(spec, image)
+        set_(self, "image", image)
         set_(self, "height", height)
         set_(self, "width", width)
         set_(self, "num_frames", frames)
@@ -163,6 +178,26 @@ class Request:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Request(**values)
+
+    def with_pixels(self, image: InputImage) -> Request:
+        """This request with its input image's pixels put back (an equal
+        request, not validated again): what the encode task runs. Raises
+        ``ValueError`` for pixels of another image."""
+        if image != self.image or image.pixels is None:
+            raise InvalidRequest("image", "the pixels are not this request's image")
+        full = copy.copy(self)
+        object.__setattr__(full, "image", image)
+        return full
+
+    def without_pixels(self) -> Request:
+        """This request with its input image's pixels left out (an equal
+        request, not validated again): what the stage tasks that do not encode
+        the image get."""
+        if self.image is None or self.image.pixels is None:
+            return self
+        light = copy.copy(self)
+        object.__setattr__(light, "image", self.image.reference())
+        return light
 
 
 def _text(field: str, value: Any, allow_empty: bool = True) -> str:

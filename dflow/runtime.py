@@ -32,11 +32,12 @@ import dask.config
 from dask.utils import parse_bytes
 
 import dflow.config  # noqa: F401
-from dflow import backend, families, prompts
+from dflow import backend, families, prompts, quantization
 from dflow.adapters.denoising import DenoisingState
 from dflow.catalog import resolve
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
+from dflow.pools import MONOLITHIC, WORKER_STAGES, base_stage, expert_of
 from dflow.predictor import batch_limit
 from dflow.request import Request
 from dflow.spec import STAGES, ModelSpec
@@ -48,8 +49,11 @@ logger = logging.getLogger(__name__)
 #: unless their adapter is ``parallel_load_safe``.
 _loading = threading.Lock()
 
-#: The stages a runtime can host: one of ``STAGES``, or ``"all"`` (monolithic).
-RUNTIME_STAGES = (*STAGES, "all")
+#: The stages a runtime can host: one of ``STAGES``, an expert's DiT stage, or
+#: ``"all"`` (monolithic).
+RUNTIME_STAGES = WORKER_STAGES
+#: Input image of the warm-up request of image-to-video models
+_WARMUP_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
 def default_device() -> str:
@@ -284,7 +288,9 @@ class StageRuntime:
     model
         A model name or path (see :class:`~dflow.request.Request`).
     stage
-        ``"encoder"``, ``"dit"``, ``"vae"``, or ``"all"`` for the whole pipeline.
+        ``"encoder"``, ``"dit"``, ``"vae"``, ``"all"`` for the whole pipeline,
+        or one expert's DiT stage (``"dit-high"``, ``"dit-low"``) of a model of
+        two experts.
     device, dtype
         Defaults: CUDA if present, else CPU; the model's dtype on CUDA, float32 on
         CPU (config ``dflow.runtime.device`` / ``dflow.runtime.dtype``).
@@ -300,6 +306,10 @@ class StageRuntime:
         The GPU type an emulated runtime (config ``dflow.runtime.backend:
         emulated``, :mod:`dflow.backend`) costs its calls on; default
         ``dflow.runtime.gpu-type``.
+    quantize
+        ``"int8"`` or ``"fp8"``: the DiT's weights in 8 bits
+        (:mod:`dflow.quantization`); default ``dflow.runtime.quantize`` for
+        the stage.
     """
 
     def __init__(
@@ -311,6 +321,7 @@ class StageRuntime:
         max_batch: int | None = None,
         gpu_type: str | None = None,
         max_dit_batch: int | None = None,
+        quantize: str | None = None,
     ):
         if stage not in RUNTIME_STAGES:
             raise ValueError(
@@ -322,11 +333,17 @@ class StageRuntime:
         self.max_dit_batch = int(
             max_dit_batch or dask.config.get("dflow.runtime.max-dit-batch")
         )
-        stages = STAGES if stage == "all" else (stage,)
+        stages = STAGES if stage == MONOLITHIC else (stage,)
         self.stages = stages
         self.spec = resolve(model)
+        if expert_of(stage) and not families.of(self.spec).chains(self.spec)[1:]:
+            raise ValueError(
+                f"{self.spec.name} has no experts to split its DiT by: serve stage "
+                "'dit' (--expert applies to Wan 2.2 A14B models)"
+            )
         self.device = device or default_device()
         self.dtype = dtype or default_dtype(self.spec, self.device)
+        self.quantize = quantization.configured(stage, quantize)
         adapter, options = backend.current().adapter(self.spec, gpu_type)
         loading = contextlib.nullcontext() if adapter.parallel_load_safe else _loading
         with loading:
@@ -346,7 +363,12 @@ class StageRuntime:
                 )
             start = time.perf_counter()
             self.adapter = adapter(
-                self.spec, stages, self.device, self.dtype, **options
+                self.spec,
+                stages,
+                self.device,
+                self.dtype,
+                quantize=self.quantize,
+                **options,
             )
             self.load_seconds = time.perf_counter() - start
         self.peak_memory: int | None = None
@@ -356,11 +378,12 @@ class StageRuntime:
         self._steps = StepBatcher(self._step, self._step_limit)
         self._limits: dict[tuple, int] = {}
         logger.info(
-            "Loaded %s stage %s on %s (%s) in %.1fs",
+            "Loaded %s stage %s on %s (%s%s) in %.1fs",
             self.spec.name,
             stage,
             self.device,
             self.dtype,
+            f", {self.quantize} DiT weights" if self.quantize else "",
             self.load_seconds,
         )
 
@@ -369,12 +392,21 @@ class StageRuntime:
         return self.spec.name
 
     def serves(self, stage: str) -> bool:
-        return self.stage in (stage, "all")
+        return self.stage in (stage, MONOLITHIC)
+
+    @property
+    def dit_stage(self) -> str | None:
+        """The DiT stage this runtime denoises for: ``"dit"``, an expert's
+        stage, or ``None`` for the encoder and VAE."""
+        if self.stage == MONOLITHIC:
+            return "dit"
+        return self.stage if base_stage(self.stage) == "dit" else None
 
     # -- stage calls ---------------------------------------------------------------
 
     def encode(self, request: Request) -> dict[str, Any]:
-        """Embeddings of the request's prompts, as a dict of tensors plus ``timings``."""
+        """Embeddings of the request's prompts (and its input image's condition,
+        for image-to-video), as a dict of tensors plus ``timings``."""
         self._check(request, "encoder")
         embeddings, seconds, size = self._encode(
             request, self.adapter.batch_key("encoder", request)
@@ -390,13 +422,22 @@ class StageRuntime:
     ) -> dict[str, Any]:
         """Denoised latents (``{"latents": tensor, "timings": ...}``).
 
+        A runtime of one expert runs that expert's steps: the high-noise
+        expert's output is the encoder's with the request's denoising so far
+        added (``"denoising"``), which the low-noise expert's runtime takes as
+        ``embeddings`` and finishes. Experts' runtimes and image-to-video
+        models denoise one request at a time (no step batching).
+
         ``on_step(step)`` is called after each step. ``should_stop`` is polled
         between steps; when it returns True the call raises :class:`Cancelled`
         and frees the device.
         """
-        self._check(request, "dit")
+        stage = self.dit_stage
+        if stage is None:
+            raise RuntimeError(f"this runtime serves stage {self.stage!r}, not 'dit'")
+        self._check(request, stage)
         tensors = {k: v for k, v in embeddings.items() if isinstance(v, torch.Tensor)}
-        if self.max_dit_batch > 1:
+        if self.steps_batch(stage):
             return self._denoise_in_steps(
                 request, tensors, embeddings, should_stop, on_step
             )
@@ -409,10 +450,38 @@ class StageRuntime:
                     f"request stopped after {step + 1} of {request.steps} steps"
                 )
 
+        expert = expert_of(stage)
+        timings = dict(embeddings.get("timings", {}))
+        output: dict[str, Any]
         with self._lock, self._measure() as elapsed:
-            latents = self.adapter.denoise(request, tensors, after_step)
-        timings = {**embeddings.get("timings", {}), "denoise": elapsed()}
-        return {"latents": latents, "timings": timings}
+            if expert is None:
+                output = {"latents": self.adapter.denoise(request, tensors, after_step)}
+            else:
+                state = self.adapter.denoise_expert(
+                    request, tensors, expert, embeddings.get("denoising"), after_step
+                )
+                if expert == "high":
+                    output = {**tensors, "denoising": state}
+                else:
+                    output = {"latents": state.latents}
+        if expert is None:
+            timings["denoise"] = elapsed()
+        else:
+            timings[f"denoise_{expert}"] = elapsed()
+            # the whole denoising, as one DiT stage reports it
+            timings["denoise"] = timings.get("denoise", 0.0) + elapsed()
+        return {**output, "timings": timings}
+
+    def steps_batch(self, stage: str) -> bool:
+        """Whether denoising runs through the step loop that batches concurrent
+        requests: not for one expert's runtime, whose state moves to the other
+        expert's pool, nor an image-to-video model, whose image condition the
+        step seam does not carry."""
+        return (
+            self.max_dit_batch > 1
+            and expert_of(stage) is None
+            and not families.of(self.spec).image_input
+        )
 
     def _denoise_in_steps(
         self,
@@ -508,20 +577,31 @@ class StageRuntime:
         first-call costs (allocator, kernels, lazy imports). Returns seconds."""
         start = time.perf_counter()
         multiple = self.spec.size_multiple
+        family = families.of(self.spec)
+        # enough steps that each expert of a two-expert model runs one
+        steps = next(
+            (
+                n
+                for n in range(1, 9)
+                if min((family.expert_steps(self.spec, n) or {"dit": n}).values())
+            ),
+            1,
+        )
         request = Request(
             model=self.spec.name,
             prompt="warm up",
             height=multiple,
             width=multiple,
             num_frames=1 if self.spec.video else None,
-            steps=1,
+            steps=steps,
             seed=0,
+            image=_WARMUP_PIXEL if family.image_input else None,
         )
         if self.serves("encoder"):
             embeddings = self.encode(request)
         else:
             embeddings = self.zero_embeddings(request)
-        if self.serves("dit"):
+        if self.dit_stage is not None:
             latents = self.denoise(request, embeddings)
         else:
             latents = {"latents": self.zero_latents(request)}
@@ -551,10 +631,14 @@ class StageRuntime:
         """Zero embeddings shaped as this model's encoder sends them for
         ``request`` (masks of ones), in this runtime's dtype: a DiT's input
         without an encoder."""
+        assert request.height is not None and request.width is not None
         described = families.of(self.spec).embeddings(
             self.spec,
             self.adapter.uses_negative(request),
             str(self.dtype).removeprefix("torch."),
+            height=request.height,
+            width=request.width,
+            frames=request.num_frames or 1,
         )
         return {
             name: (torch.zeros if t.floating else torch.ones)(

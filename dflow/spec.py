@@ -36,6 +36,14 @@ class ModelSpec:
         with random weights.
     preset
         The preset's name, for models that are dflow presets.
+    boundary_ratio
+        Models whose denoising two experts share (Wan 2.2 A14B): the high-noise
+        expert runs the steps whose timestep is at least this fraction of the
+        scheduler's training timesteps, the low-noise expert the rest. ``None``
+        for one DiT.
+    scheduler
+        The scheduler's config (``_class_name`` and its keys): which steps
+        each expert runs follows from it.
     """
 
     name: str
@@ -56,6 +64,13 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    boundary_ratio: float | None = None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def experts(self) -> bool:
+        """Whether two experts share the denoising (see ``boundary_ratio``)."""
+        return self.boundary_ratio is not None
 
     @property
     def size_multiple(self) -> int:

@@ -19,7 +19,9 @@ from distributed import Reschedule, get_worker
 from distributed.worker import thread_state
 
 from dflow import events, prompts
+from dflow.images import InputImage
 from dflow.output import Output
+from dflow.pools import EXPERT_STAGES, TASK_PREFIXES
 from dflow.request import Request
 
 if TYPE_CHECKING:
@@ -64,10 +66,12 @@ def _unwanted() -> Callable[[], bool]:
     return unwanted
 
 
-def _progress(request: Request) -> Callable[[int], None]:
+def _progress(request: Request, stage: str = "dit") -> Callable[[int], None]:
     """The ``on_step`` of a denoising loop: reports each step as a progress
-    event (:mod:`dflow.events`)."""
-    report = events.step_reporter(request.steps or 0)
+    event (:mod:`dflow.events`). The low-noise expert's steps follow the
+    high-noise expert's in the request's count."""
+    done = request.features["high_steps"] if stage == EXPERT_STAGES["low"] else 0
+    report = events.step_reporter(request.steps or 0, done=done)
     return lambda step: report()
 
 
@@ -98,27 +102,45 @@ def _report(timings: dict[str, float], call: str) -> None:
         }
 
 
-def encode(request: Request) -> dict[str, Any]:
+def encode(request: Request, image: InputImage | None = None) -> dict[str, Any]:
+    """The encoder stage; ``image``: the pixels of the request's input image,
+    which only this task receives (the request carries a reference)."""
+    if image is not None:
+        request = request.with_pixels(image)
     prompts.check_length(request)
     embeddings = _runtime(request, "encoder").encode(request)
     _report(embeddings["timings"], "encode")
     return embeddings
 
 
-def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
+def _denoise(stage: str, request: Request, inputs: dict[str, Any]) -> dict[str, Any]:
     from dflow.runtime import Drained
 
     try:
-        latents = _runtime(request, "dit").denoise(
+        output = _runtime(request, stage).denoise(
             _validated(request),
-            embeddings,
+            inputs,
             should_stop=_unwanted(),
-            on_step=_progress(request),
+            on_step=_progress(request, stage),
         )
     except Drained:
         raise Reschedule() from None
-    _report(latents["timings"], "denoise")
-    return latents
+    _report(output["timings"], TASK_PREFIXES[stage])
+    return output
+
+
+def denoise(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
+    return _denoise("dit", request, embeddings)
+
+
+def denoise_high(request: Request, embeddings: dict[str, Any]) -> dict[str, Any]:
+    """The high-noise expert's steps; passes the embeddings on with them."""
+    return _denoise(EXPERT_STAGES["high"], request, embeddings)
+
+
+def denoise_low(request: Request, denoising: dict[str, Any]) -> dict[str, Any]:
+    """The low-noise expert's steps, from where the high-noise expert stopped."""
+    return _denoise(EXPERT_STAGES["low"], request, denoising)
 
 
 def decode(request: Request, latents: dict[str, Any]) -> Output:

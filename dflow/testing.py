@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ import dask.config
 from distributed import Client
 
 import dflow.config  # noqa: F401
+from dflow.pools import base_stage, expert_of
 from dflow.spec import canonical_name
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "dflow_events",
     "elastic",
     "emulated_predictor",
+    "equivalence_image",
     "equivalence_request",
     "external_model_paths",
     "fleet_layout",
@@ -338,7 +341,8 @@ def worker_processes(
         The scheduler's address; ``None`` when ``args`` carry
         ``--scheduler-file``.
     workers
-        ``(stage, model)`` pairs, e.g. ``[("dit", "tiny-flux")]``.
+        ``(stage, model)`` pairs, e.g. ``[("dit", "tiny-flux")]``; an expert's
+        stage (``"dit-high"``) starts ``--stage dit --expert high``.
     args
         More ``dflow-worker`` options, for every worker.
     env
@@ -350,11 +354,14 @@ def worker_processes(
         processes: list[ServiceProcess] = []
         try:
             for index, (stage, model) in enumerate(workers):
+                # an expert's pool is served by `--stage dit --expert NAME`
+                expert = expert_of(stage)
                 command = [
                     *worker_command(),
                     *([address] if address else []),
                     "--stage",
-                    stage,
+                    base_stage(stage),
+                    *(["--expert", expert] if expert else []),
                     "--model",
                     model,
                     "--host",
@@ -657,9 +664,24 @@ EQUIVALENCE_CASES: dict[str, dict[str, Any]] = {
 }
 
 
+@cache
+def equivalence_image() -> Any:
+    """The input image of image-to-video requests: another size and aspect than
+    :func:`equivalence_request`'s, so the pipeline's resize runs; big enough to
+    tell a task that carries its pixels from one that does not."""
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(
+        np.random.default_rng(3).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    )
+
+
 def equivalence_request(folder: str, case: Mapping[str, Any], **changes: Any) -> Any:
     """A small, fast :class:`dflow.Request` that still exercises every stage of
-    ``folder``'s model, shaped by one of :data:`EQUIVALENCE_CASES`."""
+    ``folder``'s model, shaped by one of :data:`EQUIVALENCE_CASES`; an
+    image-to-video model's gets :func:`equivalence_image`."""
+    from dflow import families
     from dflow.catalog import resolve
     from dflow.request import Request
 
@@ -678,6 +700,7 @@ def equivalence_request(folder: str, case: Mapping[str, Any], **changes: Any) ->
         "steps": 3,
         "guidance_scale": case["guidance_scale"],
         "seed": case["seed"],
+        "image": equivalence_image() if families.of(spec).image_input else None,
     }
     fields.update(changes)
     return Request(**fields)
@@ -712,6 +735,8 @@ def stock_pixels(pipe: Any, request: Any) -> Any:
     }
     if spec.negative_prompts:
         arguments["negative_prompt"] = request.negative_prompt
+    if request.image is not None:
+        arguments["image"] = request.image.pil()
     # what dflow's adapter passes too (PixArt: no resolution binning)
     arguments.update(families.of(spec).call_options)
     if spec.video:
@@ -723,7 +748,14 @@ def stock_pixels(pipe: Any, request: Any) -> Any:
 
 
 #: The presets the tests build and run (real architectures, tiny random weights)
-TINY_PRESETS = ("tiny-flux", "tiny-pixart", "tiny-wan")
+TINY_PRESETS = (
+    "tiny-flux",
+    "tiny-pixart",
+    "tiny-wan",
+    # Wan 2.2: two experts, text-to-video and image-to-video
+    "tiny-wan22-t2v",
+    "tiny-wan22-i2v",
+)
 #: The environment variable listing extra diffusers folders for the tests
 MODEL_PATHS_ENV = "DFLOW_TEST_MODEL_PATHS"
 

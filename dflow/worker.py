@@ -31,7 +31,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import dflow.config  # noqa: F401
 from dflow import backend, diagnosis, logs
 from dflow import runtime as runtimes
-from dflow.pools import WORKER_STAGES, Pool, stage_resources
+from dflow.pools import MONOLITHIC, WORKER_STAGES, Pool, base_stage, stage_resources
+from dflow.quantization import holds_dit
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ def stage_slots(stage: str) -> int:
     """Concurrent tasks of a stage per worker, so the runtime can batch them:
     ``dflow.runtime.max-dit-batch`` for the DiT (and monolithic) stage, whose
     requests share denoising steps, ``dflow.runtime.max-batch`` for the encoder
-    and VAE."""
-    if stage in ("dit", "all"):
+    and VAE; an expert's stage runs one request at a time."""
+    if stage in ("dit", MONOLITHIC):
         return int(dask.config.get("dflow.runtime.max-dit-batch"))
+    if base_stage(stage) == "dit":
+        return 1
     return int(dask.config.get("dflow.runtime.max-batch"))
 
 
@@ -64,16 +67,28 @@ class StagePlugin(WorkerPlugin):
         (``dflow.runtime.backend: emulated``) emulate this type of
         ``configs/gpus.yaml`` (``"auto"``: ``dflow.runtime.gpu-type``) and publish
         its memory.
+    quantize
+        ``"int8"`` or ``"fp8"``: the DiT weights of the stages this worker
+        serves that hold them, in 8 bits (:mod:`dflow.quantization`); ``None``:
+        ``dflow.runtime.quantize``.
     """
 
     name = "dflow-stage"
 
-    def __init__(self, stage: str, model: str, gpu_type: str = "auto"):
+    def __init__(
+        self,
+        stage: str,
+        model: str,
+        gpu_type: str = "auto",
+        *,
+        quantize: str | None = None,
+    ):
         if stage not in WORKER_STAGES:
             raise ValueError(f"stage must be one of {', '.join(WORKER_STAGES)}")
         self.stage = stage
         self.model = model
         self.gpu_type = gpu_type
+        self.quantize = quantize
         self.worker: Worker | None = None
         self.runtime: runtimes.StageRuntime | None = None
         self.ready: asyncio.Event | None = None
@@ -176,6 +191,7 @@ class StagePlugin(WorkerPlugin):
                 model,
                 stage,
                 gpu_type=None if self.gpu_type == "auto" else self.gpu_type,
+                quantize=self.quantize if holds_dit(stage) else None,
             )
             warming = True
             warmup = await asyncio.to_thread(runtime.warmup)
@@ -195,6 +211,7 @@ class StagePlugin(WorkerPlugin):
             "ready",
             stage=stage,
             model=runtime.model,
+            quantize=runtime.quantize,
             resources=resources,
             # what a switch to this pool costs: load plus warm-up
             load_seconds=runtime.load_seconds + warmup,

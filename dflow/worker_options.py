@@ -59,14 +59,16 @@ def stage_worker_options(
     gpus: Sequence[str] = (),
     index: int | None = None,
     nthreads: int | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of the :class:`~distributed.Nanny` of one worker of
-    ``stage`` of ``model``, pinned to GPU ``index`` of ``gpus`` (``None``: none)."""
+    ``stage`` of ``model``, pinned to GPU ``index`` of ``gpus`` (``None``: none),
+    its DiT weights quantized as ``quantize`` says (:mod:`dflow.quantization`)."""
     return {
         "name": name,
         "nthreads": nthreads or stage_slots(stage),
         "env": worker_environment(gpus, index),
-        "plugins": {StagePlugin(stage, model, gpu_type)},
+        "plugins": {StagePlugin(stage, model, gpu_type, quantize=quantize)},
     }
 
 
@@ -78,6 +80,7 @@ def nanny_specs(
     name: str | None = None,
     nthreads: int | None = None,
     resources: dict[str, float] | None = None,
+    quantize: str | None = None,
 ) -> list[dict[str, Any]]:
     """Keyword arguments of the Nannies of one ``dflow-worker`` process: one per
     GPU in ``gpus`` (``None``: every visible GPU), or a single CPU worker."""
@@ -99,6 +102,7 @@ def nanny_specs(
             gpus=gpus,
             index=None if gpu is None else i,
             nthreads=nthreads,
+            quantize=quantize,
         )
         specs.append({**options, "resources": resources})
     return specs

@@ -1,7 +1,10 @@
-"""Admission: which requests enter, and on which workers their stages may run.
+"""Admission: which requests enter, through which chain of stages, and on which
+workers their stages may run.
 
 ``dflow.submit`` asks the scheduler's ``dflow_admit`` handler before it sends a
-graph. :class:`Admission` waits for workers of every model (else
+graph. A request runs through one of its family's chains of stages that the
+cluster serves: a two-expert model's DiT is one pool of both-expert workers or
+one pool per expert (:func:`_chain` picks). :class:`Admission` waits for workers of every model (else
 :class:`~dflow.errors.ModelNotServed`), routes each stage to the workers with
 the memory for the request's predicted peak (:class:`MemoryRouting`; else
 :class:`~dflow.errors.InvalidRequest` naming the field to shrink), and holds
@@ -12,6 +15,7 @@ each model under ``dflow.admission.max-outstanding`` requests in flight (else
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -21,10 +25,12 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
 import dflow.config  # noqa: F401
+from dflow import families
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.predictions import Predictions
-from dflow.pools import MONOLITHIC, STAGES, Pool
+from dflow.pools import MONOLITHIC, STAGES, Pool, base_stage, expert_of
+from dflow.spec import ModelSpec
 
 GIB = 2**30
 
@@ -112,14 +118,17 @@ class Admission(SchedulerPlugin):
         stages to the workers that can hold them and waits up to
         ``admission_timeout`` for room under ``dflow.admission.max-outstanding``.
 
-        Returns, per request: its mode and, per stage, the workers it must run
-        on (``None``: any worker of the pool).
+        Returns, per request: its mode and, per stage of its chain in order,
+        the workers it must run on (``None``: any worker of the pool).
         """
         deadline = time.monotonic() + model_timeout
         models = {r["model"] for r in requests}
         while True:
             pools = self.extension.pools()
-            missing = sorted(m for m in models if not _serves(pools.get(m, {}), mode))
+            chains = {m: self.chains(m) for m in models}
+            missing = sorted(
+                m for m in models if not _serves(pools.get(m, {}), chains[m], mode)
+            )
             if not missing:
                 break
             if time.monotonic() >= deadline:
@@ -127,8 +136,13 @@ class Admission(SchedulerPlugin):
             await asyncio.sleep(0.1)
         admitted = []
         for request in requests:
-            request_mode = mode or _mode(pools[request["model"]])
-            stages = STAGES if request_mode == "disaggregated" else (MONOLITHIC,)
+            model = request["model"]
+            served = pools[model]
+            request_mode = mode or _mode(served, chains[model])
+            if request_mode == "disaggregated":
+                stages = _chain(served, chains[model], request["features"])
+            else:
+                stages = (MONOLITHIC,)
             admitted.append(
                 {
                     "mode": request_mode,
@@ -183,6 +197,15 @@ class Admission(SchedulerPlugin):
             )
         return text
 
+    def chains(self, model: str) -> tuple[tuple[str, ...], ...]:
+        """The chains of stages a request of ``model`` may run through (its
+        family's, from the spec its workers published; else the three stages)."""
+        data = self.extension.specs.get(model)
+        if data is None:
+            return (STAGES,)
+        spec = ModelSpec.from_dict(data)
+        return families.of(spec).chains(spec)
+
     async def _reserve(self, counts: Counter[str], timeout: float) -> None:
         limit = dask.config.get("dflow.admission.max-outstanding")
         if limit is None:
@@ -210,16 +233,46 @@ class Admission(SchedulerPlugin):
         self.extension.reserve(counts)
 
 
-def _mode(stages: dict[str, Any]) -> str:
-    if all(stage in stages for stage in STAGES):
-        return "disaggregated"
-    return "monolithic"
+def _served_chains(
+    stages: dict[str, Any], chains: tuple[tuple[str, ...], ...]
+) -> list[tuple[str, ...]]:
+    return [chain for chain in chains if all(stage in stages for stage in chain)]
 
 
-def _serves(stages: dict[str, Any], mode: str | None) -> bool:
-    if mode in (None, "disaggregated") and all(s in stages for s in STAGES):
+def _mode(stages: dict[str, Any], chains: tuple[tuple[str, ...], ...]) -> str:
+    return "disaggregated" if _served_chains(stages, chains) else "monolithic"
+
+
+def _serves(
+    stages: dict[str, Any], chains: tuple[tuple[str, ...], ...], mode: str | None
+) -> bool:
+    if mode in (None, "disaggregated") and _served_chains(stages, chains):
         return True
     return mode in (None, "monolithic") and MONOLITHIC in stages
+
+
+def _chain(
+    stages: dict[str, dict[str, int]],
+    chains: tuple[tuple[str, ...], ...],
+    features: dict[str, Any],
+) -> tuple[str, ...]:
+    """The served chain whose DiT workers denoise the most requests at once:
+    a DiT pool's workers over the share of the request's steps it runs (an
+    expert's pool runs its expert's steps); the first chain on a tie."""
+
+    def capacity(chain: tuple[str, ...]) -> float:
+        shares = []
+        for stage in chain:
+            if base_stage(stage) != "dit":
+                continue
+            expert = expert_of(stage)
+            steps = features.get(f"{expert}_steps") if expert else None
+            share = steps / features["steps"] if steps is not None else 1.0
+            workers = stages[stage]["ready"] + stages[stage]["loading"]
+            shares.append(workers / share if share else math.inf)
+        return min(shares, default=math.inf)
+
+    return max(_served_chains(stages, chains), key=capacity)
 
 
 def _limit(limit: int | dict[str, int], model: str) -> int:

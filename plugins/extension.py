@@ -84,6 +84,8 @@ class WorkerRecord:
     speed: float | None = None
     #: why the worker is fenced, or that it is slow ("" while healthy)
     health: str = ""
+    #: the 8-bit format of its DiT weights (``None``: the model's dtype)
+    quantize: str | None = None
 
     @property
     def pool(self) -> Pool | None:
@@ -289,7 +291,15 @@ class DflowExtension(SchedulerPlugin):
         previous = record.pool
         record.state, record.stage, record.model = state, stage, model
         record.since = time.time()
-        for name in ("gpu_type", "device", "memory", "host", "load_seconds", "error"):
+        for name in (
+            "gpu_type",
+            "device",
+            "memory",
+            "host",
+            "load_seconds",
+            "error",
+            "quantize",
+        ):
             if name in info:
                 setattr(record, name, info[name])
         if spec is not None and model is not None:

@@ -298,6 +298,8 @@ def price(
     for gpu_type in gpu_types:
         seconds = service(pool, view, gpu_type, features, predictor) if base else None
         speeds[gpu_type] = base / seconds if base and seconds else 1.0
+    # the predicted peak counts the weights as the workers hold them (8-bit,
+    # offloaded); the spec's bf16 weights bound it only without a prediction
     memory = view.weight_bytes
     if predictor is not None and features:
         try:
@@ -306,7 +308,7 @@ def price(
             ).peak_bytes
         except LookupError:
             peak = None
-        memory = max(memory, peak or 0)
+        memory = memory if peak is None else peak
     known = [s for (p, _), s in load_seconds.items() if p == pool]
     switch = {
         g: load_seconds.get((pool, g), max(known, default=default_switch))

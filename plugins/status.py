@@ -17,7 +17,7 @@ import numpy as np
 from dflow.plugins.extension import DflowExtension, WorkerRecord
 from dflow.plugins.health import Health
 from dflow.plugins.telemetry import Telemetry
-from dflow.pools import WORKER_STAGES
+from dflow.pools import EXPERT_STAGES, WORKER_STAGES
 
 #: Decisions and load failures ``dflow.status`` reports, the newest
 DECISIONS = 20
@@ -31,8 +31,14 @@ def status(
     load failures, including those of workers that left; the recent decisions
     (the elastic controller's moves, and fences, retirements and slow workers);
     each worker's health and speed
-    (:meth:`~dflow.plugins.health.Health.summary`; empty with health off)."""
-    stages = {stage: stage_summary(extension, stage) for stage in WORKER_STAGES}
+    (:meth:`~dflow.plugins.health.Health.summary`; empty with health off). An
+    expert's stage (Wan 2.2) is listed while a worker serves it."""
+    served = {r.stage for r in extension.workers.values()}
+    stages = {
+        stage: stage_summary(extension, stage)
+        for stage in WORKER_STAGES
+        if stage not in EXPERT_STAGES.values() or stage in served
+    }
     for stage, summary in stages.items():
         summary.update(stage_rates(telemetry, stage))
     return {

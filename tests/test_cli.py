@@ -33,7 +33,7 @@ DASK_OPTIONS = (
     "--tls-ca-file",
     "--preload",
 )
-DFLOW_OPTIONS = ("--stage", "--model", "--gpu-type", "--gpus")
+DFLOW_OPTIONS = ("--stage", "--expert", "--quantize", "--model", "--gpu-type", "--gpus")
 
 
 @pytest.mark.slow
@@ -63,6 +63,31 @@ def test_an_unknown_stage_is_rejected():
     assert result.exit_code == 2
     assert "Invalid value for '--stage'" in result.output
     assert "'decoder' is not one of 'encoder', 'dit', 'vae', 'all'" in result.output
+
+
+def test_expert_and_quantize_need_a_stage_with_dit_weights():
+    for options, message in (
+        (["--stage", "vae", "--expert", "high"], "--expert applies to --stage dit"),
+        (["--stage", "encoder", "--quantize", "int8"], "--quantize applies to stages"),
+    ):
+        result = CliRunner().invoke(
+            worker, ["tcp://127.0.0.1:1", *options, "--model", "tiny-wan22-t2v"]
+        )
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+    result = CliRunner().invoke(
+        worker,
+        ["tcp://127.0.0.1:1", "--stage", "dit", "--expert", "middle", "--model", MODEL],
+    )
+    assert result.exit_code == 2
+    assert "'middle' is not one of 'high', 'low'" in result.output
+
+
+def test_worker_options_carry_the_expert_and_quantization():
+    (spec,) = nanny_specs("dit-low", "tiny-wan22-t2v", [], quantize="int8")
+    (plugin,) = spec["plugins"]
+    assert (plugin.stage, plugin.quantize) == ("dit-low", "int8")
+    assert spec["nthreads"] == stage_slots("dit-low") == 1
 
 
 def test_stage_and_model_are_required():

@@ -3,20 +3,25 @@ shapes that must equal what the real diffusers pipelines and encoders return."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import diffusers
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from dflow import families
 from dflow.catalog import resolve
 from dflow.errors import InvalidRequest
+from dflow.images import InputImage
+from dflow.pools import EXPERT_STAGES
 from dflow.request import Request
 from dflow.runtime import StageRuntime
 
-TINY = ["tiny-flux", "tiny-pixart", "tiny-wan"]
+TINY = ["tiny-flux", "tiny-pixart", "tiny-wan", "tiny-wan22-t2v", "tiny-wan22-i2v"]
 
 
 # -- registry ------------------------------------------------------------------------
@@ -60,10 +65,12 @@ def test_every_component_of_a_folder_has_its_stage(tiny_folders, name):
     assert family.stages == ("encoder", "dit", "vae")
     index = json.loads(Path(tiny_folders[name], "model_index.json").read_text())
     components = [c for c, v in index.items() if isinstance(v, list) and v[0]]
-    stages = {c: family.stage_of(c) for c in components}
-    assert set(stages.values()) == set(family.stages), stages
-    assert family.stage_of(family.prompt_tokenizer) == "encoder"
-    assert family.stage_of("feature_extractor") is None
+    stages = {c: family.stages_of(c) for c in components}
+    assert all(stages.values()), stages
+    held = {stage for held in stages.values() for stage in held}
+    assert set(family.stages) <= held <= {*family.stages, *EXPERT_STAGES.values()}
+    assert family.stages_of(family.prompt_tokenizer) == ("encoder",)
+    assert family.stages_of("feature_extractor") == ()
 
 
 # -- rules ---------------------------------------------------------------------------
@@ -114,7 +121,7 @@ def test_image_families_make_one_frame():
 
 
 def test_negative_prompts_and_cfg_rule():
-    flux, pixart, wan = (resolve(n) for n in TINY)
+    flux, pixart, wan = (resolve(n) for n in TINY[:3])
     assert refused("tiny-flux", negative_prompt="blurry") == "negative_prompt"
     check("tiny-pixart", negative_prompt="blurry")
     check("tiny-wan", negative_prompt="blurry", height=32, width=32)
@@ -140,7 +147,15 @@ def test_defaults_and_limits_are_the_familys_unless_a_preset_says():
 # -- tensors against the real pipelines ------------------------------------------------
 
 #: (height, width, frames) per preset: not the default, not square
-SHAPES = {"tiny-flux": (48, 80, 1), "tiny-pixart": (80, 48, 1), "tiny-wan": (32, 48, 9)}
+SHAPES = {
+    "tiny-flux": (48, 80, 1),
+    "tiny-pixart": (80, 48, 1),
+    "tiny-wan": (32, 48, 9),
+    "tiny-wan22-t2v": (32, 48, 9),
+    "tiny-wan22-i2v": (48, 32, 5),
+}
+#: The input image of image-to-video requests: another size than the request's
+IMAGE = np.arange(24 * 40 * 3, dtype=np.uint8).reshape(24, 40, 3)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +187,8 @@ def test_latents_are_what_the_pipeline_returns(stock, name, guidance):
     }
     if spec.video:
         arguments["num_frames"] = frames
+    if family.image_input:
+        arguments["image"] = PIL.Image.fromarray(IMAGE)
     with torch.inference_mode():
         output = stock[name](**arguments)
     latents = output.frames if spec.video else output.images
@@ -197,18 +214,25 @@ def test_embeddings_are_what_the_encoder_returns(tiny_folders, name):
     spec = resolve(name)
     family = families.of(spec)
     encoder = StageRuntime(name, "encoder", device="cpu")
+    height, width, frames = SHAPES[name]
     try:
         for guidance in (1.0, 4.0):
             request = Request(
                 model=name,
                 prompt="a cat",
                 negative_prompt="blurry" if spec.negative_prompts else "",
+                height=height,
+                width=width,
+                num_frames=frames if spec.video else None,
                 guidance_scale=guidance,
                 seed=0,
+                image=IMAGE if family.image_input else None,
             )
             real = {k: v for k, v in encoder.encode(request).items() if k != "timings"}
             cfg = family.uses_cfg(spec, guidance)
-            described = family.embeddings(spec, cfg, dtype="float32")
+            described = family.embeddings(
+                spec, cfg, dtype="float32", height=height, width=width, frames=frames
+            )
             assert described.keys() == real.keys()
             for key, tensor in real.items():
                 assert tuple(tensor.shape) == described[key].shape, key
@@ -218,3 +242,78 @@ def test_embeddings_are_what_the_encoder_returns(tiny_folders, name):
             assert request.features["embedding_bytes"] == floating
     finally:
         encoder.close()
+
+
+# -- Wan 2.2's experts -----------------------------------------------------------------
+
+SCHEDULERS = [
+    pytest.param(
+        diffusers.UniPCMultistepScheduler,
+        {
+            "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True,
+            "flow_shift": shift,
+        },
+        id=f"unipc-shift{shift}",
+    )
+    for shift in (1.0, 3.0, 5.0, 12.0)
+] + [
+    pytest.param(
+        diffusers.FlowMatchEulerDiscreteScheduler,
+        {"shift": shift},
+        id=f"euler-shift{shift}",
+    )
+    for shift in (1.0, 5.0)
+]
+
+
+@pytest.mark.parametrize("scheduler_class, config", SCHEDULERS)
+@pytest.mark.parametrize("ratio", [0.875, 0.9, 0.5])
+def test_expert_steps_are_the_pipelines(scheduler_class, config, ratio):
+    """Which steps each expert runs, known without torch, is what the pipeline
+    does: the high-noise expert while the scheduler's timestep is at least the
+    boundary."""
+    scheduler = scheduler_class(**config)
+    spec = dataclasses.replace(
+        resolve("tiny-wan22-t2v"),
+        boundary_ratio=ratio,
+        scheduler=dict(scheduler.config) | {"_class_name": scheduler_class.__name__},
+    )
+    family = families.of(spec)
+    boundary = ratio * scheduler.config.num_train_timesteps
+    for steps in range(1, 61):
+        scheduler.set_timesteps(steps)
+        high = sum(1 for t in scheduler.timesteps if t >= boundary)
+        assert family.expert_steps(spec, steps) == {"high": high, "low": steps - high}
+
+
+def test_the_seeds_schedule_runs_two_steps_per_expert():
+    """4 distilled steps (timesteps 1000/750/500/250 before the shift), two per
+    expert, no CFG: the seed's schedule is a plain request of the A14B models."""
+    for name in ("wan2.2-i2v-a14b", "wan2.2-t2v-a14b"):
+        spec = resolve(name)
+        family = families.of(spec)
+        assert family.expert_steps(spec, 4) == {"high": 2, "low": 2}
+        assert not family.uses_cfg(spec, 1.0)
+        assert family.chains(spec) == (
+            ("encoder", "dit", "vae"),
+            ("encoder", "dit-high", "dit-low", "vae"),
+        )
+    one = resolve("wan2.1-t2v-14b")
+    assert families.of(one).expert_steps(one, 4) is None
+    assert families.of(one).chains(one) == (("encoder", "dit", "vae"),)
+
+
+def test_image_to_video_takes_an_image_and_others_none():
+    image = InputImage.of(np.zeros((8, 8, 3), dtype=np.uint8))
+    i2v = resolve("tiny-wan22-i2v")
+    families.of(i2v).check_image(i2v, image)
+    with pytest.raises(InvalidRequest) as missing:
+        families.of(i2v).check_image(i2v, None)
+    assert missing.value.field == "image"
+    for name in ("tiny-wan22-t2v", "tiny-wan", "tiny-flux"):
+        spec = resolve(name)
+        families.of(spec).check_image(spec, None)
+        with pytest.raises(InvalidRequest) as unused:
+            families.of(spec).check_image(spec, image)
+        assert unused.value.field == "image"

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -94,6 +95,14 @@ plausible = {
     "guidance_scale": numbers,
     "seed": numbers,
     "output_format": st.sampled_from(["pil", "png", "np", "gif", "PNG", "jpeg", ""]),
+    # image-to-video models' input images: arrays of any small shape and bytes
+    "image": st.one_of(
+        st.builds(
+            lambda shape: np.zeros(shape, dtype=np.uint8),
+            st.lists(st.integers(0, 5), min_size=1, max_size=4).map(tuple),
+        ),
+        st.binary(max_size=64),
+    ),
 }
 
 
@@ -143,7 +152,13 @@ def test_request_is_valid_or_names_the_field(arguments):
     except InvalidRequest as error:
         assert error.field in FIELDS
         assert str(error).startswith(f"{error.field}: ")
-        assert error.field in arguments or error.field in ("height", "width", "steps")
+        # or a field the model needs and the request left to a default
+        assert error.field in arguments or error.field in (
+            "height",
+            "width",
+            "steps",
+            "image",
+        )
         return
     except (ValueError, TypeError) as error:
         # the dataclass's own checks: unknown or missing keyword arguments

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import dask.config
 
-from dflow import catalog, presets, tokenizers
+from dflow import catalog, families, presets, tokenizers
 from dflow.catalog import resolve
 
 GIB = 2**30
@@ -49,6 +49,31 @@ TINY_SPECS = [
     ),
     pytest.param(
         "tiny-wan", "WanPipeline", "wan", True, 16, 16, 32, 0, True, id="tiny-wan"
+    ),
+    pytest.param(
+        "tiny-wan22-t2v",
+        "WanPipeline",
+        "wan",
+        True,
+        16,
+        16,
+        32,
+        0,
+        True,
+        id="tiny-wan22-t2v",
+    ),
+    # 36 DiT input channels: 16 of latents and 20 of the image's condition
+    pytest.param(
+        "tiny-wan22-i2v",
+        "WanImageToVideoPipeline",
+        "wan-i2v",
+        True,
+        16,
+        16,
+        32,
+        0,
+        True,
+        id="tiny-wan22-i2v",
     ),
 ]
 
@@ -92,12 +117,20 @@ def test_tiny_preset_spec(
         "text_dim",
         "pooled_dim",
         "negative_prompts",
+        "boundary_ratio",
     ):
         assert getattr(described, field) == getattr(spec, field), field
+    # the folder's scheduler config lists every key, the preset what it sets
+    family = families.of(spec)
+    for steps in (1, 4, 40):
+        split = family.expert_steps(spec, steps)
+        assert family.expert_steps(described, steps) == split
     assert described.name == described.source == tiny_folders[name]
 
 
-@pytest.mark.parametrize("name", ["tiny-flux", "tiny-pixart", "tiny-wan"])
+@pytest.mark.parametrize(
+    "name", ["tiny-flux", "tiny-pixart", "tiny-wan", "tiny-wan22-t2v", "tiny-wan22-i2v"]
+)
 def test_tiny_folder_loads_with_stock_diffusers(tiny_folders, name):
     folder = Path(tiny_folders[name])
     assert folder.parent == Path(presets.cache_dir(), "models")
@@ -151,6 +184,22 @@ WEIGHT_ANCHORS_GIB = {
     "pixart-sigma-1024": {"encoder": 8.87, "dit": 1.14, "vae": 0.16},
     "wan2.1-t2v-1.3b": {"encoder": 10.58, "dit": 2.64, "vae": 0.24},
     "wan2.1-t2v-14b": {"encoder": 10.58, "dit": 26.61, "vae": 0.24},
+    # Wan 2.2 A14B: two experts of Wan 2.1 14B's size; image-to-video's encoder
+    # stage holds the VAE too
+    "wan2.2-t2v-a14b": {
+        "encoder": 10.58,
+        "dit": 2 * 26.61,
+        "vae": 0.24,
+        "dit-high": 26.61,
+        "dit-low": 26.61,
+    },
+    "wan2.2-i2v-a14b": {
+        "encoder": 10.58 + 0.24,
+        "dit": 2 * 26.61,
+        "vae": 0.24,
+        "dit-high": 26.61,
+        "dit-low": 26.61,
+    },
 }
 
 
@@ -164,8 +213,8 @@ def test_real_size_weight_bytes(name):
         # the profile rounds to 0.01 GiB, which is more than 2% of a VAE
         expected = pytest.approx(gib, rel=0.02, abs=0.005)
         assert spec.weight_bytes[stage] / GIB == expected, stage
-    # DESIGN.md: text encoders hold 8.9-10.6 GiB
-    assert 8.9 * 0.98 <= spec.weight_bytes["encoder"] / GIB <= 10.6 * 1.02
+    # DESIGN.md: text encoders hold 8.9-10.6 GiB (plus a VAE for an image)
+    assert 8.9 * 0.98 <= spec.weight_bytes["encoder"] / GIB <= 10.9 * 1.02
 
 
 @pytest.mark.parametrize(
@@ -175,6 +224,8 @@ def test_real_size_weight_bytes(name):
         ("pixart-sigma-1024", "pixart", 16, False),
         ("wan2.1-t2v-1.3b", "wan", 16, True),
         ("wan2.1-t2v-14b", "wan", 16, True),
+        ("wan2.2-t2v-a14b", "wan", 16, True),
+        ("wan2.2-i2v-a14b", "wan-i2v", 16, True),
     ],
 )
 def test_real_size_spec(name, family, multiple, video):

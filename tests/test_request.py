@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from dflow import prompts
 from dflow.request import MAX_SEED, InvalidRequest, Request
 
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 20
+#: An input image for the image-to-video models
+RGB = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+
+
+def encoded(pixels: np.ndarray, format: str, **options) -> bytes:
+    """``pixels`` as the bytes of an image file in ``format``."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format=format, **options)
+    return buffer.getvalue()
+
 
 # (id, model, changes, the field that must be named). The tiny presets allow sizes
 # that are multiples of 16 up to 512 (Wan: 256), 1 to 200 steps, guidance 0 to 30,
@@ -73,6 +85,43 @@ INVALID = [
     ("format-video-on-image", "tiny-pixart", {"output_format": "gif"}, "output_format"),
     ("format-image-on-video", "tiny-wan", {"output_format": "png"}, "output_format"),
     ("format-not-str", "tiny-wan", {"output_format": 1}, "output_format"),
+    # input images: image-to-video models need one, others take none
+    ("image-missing", "tiny-wan22-i2v", {}, "image"),
+    ("image-on-text-to-video", "tiny-wan22-t2v", {"image": RGB}, "image"),
+    ("image-on-images", "tiny-flux", {"image": RGB}, "image"),
+    ("image-float-array", "tiny-wan22-i2v", {"image": RGB / 255}, "image"),
+    ("image-gray-array", "tiny-wan22-i2v", {"image": RGB[..., 0]}, "image"),
+    (
+        "image-rgba-array",
+        "tiny-wan22-i2v",
+        {"image": np.dstack([RGB, RGB[..., :1]])},
+        "image",
+    ),
+    ("image-empty-array", "tiny-wan22-i2v", {"image": RGB[:0]}, "image"),
+    (
+        "image-too-tall",
+        "tiny-wan22-i2v",
+        {"image": np.zeros((4097, 2, 3), np.uint8)},
+        "image",
+    ),
+    (
+        "image-pil-rgba",
+        "tiny-wan22-i2v",
+        {"image": PIL.Image.new("RGBA", (8, 8))},
+        "image",
+    ),
+    (
+        "image-pil-gray",
+        "tiny-wan22-i2v",
+        {"image": PIL.Image.new("L", (8, 8))},
+        "image",
+    ),
+    ("image-bytes-garbage", "tiny-wan22-i2v", {"image": b"not an image"}, "image"),
+    ("image-bytes-empty", "tiny-wan22-i2v", {"image": b""}, "image"),
+    ("image-bytes-gif", "tiny-wan22-i2v", {"image": encoded(RGB, "GIF")}, "image"),
+    ("image-bytes-cut", "tiny-wan22-i2v", {"image": encoded(RGB, "PNG")[:60]}, "image"),
+    ("image-path", "tiny-wan22-i2v", {"image": "cat.png"}, "image"),
+    ("image-list", "tiny-wan22-i2v", {"image": [RGB]}, "image"),
 ]
 
 
@@ -241,6 +290,7 @@ def test_features_of_flux_1024():
         "frames": 1,
         "steps": 28,
         "cfg": False,  # guidance is embedded
+        "image": False,
         "latent_shape": [16, 128, 128],  # 1024 / 8
         "dit_tokens": 4096,  # (128 / 2) ** 2
         # bf16 T5 states (512 x 4096) plus the pooled CLIP vector (768)
@@ -260,6 +310,7 @@ def test_features_of_wan_480p():
         "frames": 81,
         "steps": 50,
         "cfg": True,
+        "image": False,
         "latent_shape": [16, 21, 60, 104],  # (81 - 1) / 4 + 1, 480 / 8, 832 / 8
         "dit_tokens": 32760,  # 21 x 30 x 52
         # bf16 UMT5 states (512 x 4096), prompt and negative prompt
@@ -267,6 +318,37 @@ def test_features_of_wan_480p():
         # Wan keeps its latents in float32
         "latent_bytes": 16 * 21 * 60 * 104 * 4,
         "output_bytes": 480 * 832 * 3 * 81,
+    }
+
+
+def test_features_of_the_seeds_wan22_i2v_request():
+    """The seed's schedule: 4 distilled steps, two per expert, no CFG, 480x832x81."""
+    image = np.zeros((480, 832, 3), dtype=np.uint8)
+    request = Request(
+        model="wan2.2-i2v-a14b",
+        prompt="a cat",
+        steps=4,
+        guidance_scale=1.0,
+        seed=0,
+        image=image,
+    )
+    assert request.features == {
+        "family": "wan-i2v",
+        "height": 480,
+        "width": 832,
+        "frames": 81,
+        "steps": 4,
+        "cfg": False,
+        "image": True,
+        "latent_shape": [16, 21, 60, 104],
+        "dit_tokens": 32760,
+        # bf16 UMT5 states, and the image's condition: a 4-channel first-frame
+        # mask and 16 latent channels per latent frame, float32
+        "embedding_bytes": 512 * 4096 * 2 + 20 * 21 * 60 * 104 * 4,
+        "latent_bytes": 16 * 21 * 60 * 104 * 4,
+        "output_bytes": 480 * 832 * 3 * 81,
+        "high_steps": 2,
+        "low_steps": 2,
     }
 
 
@@ -318,3 +400,55 @@ def test_pickle_roundtrip(model):
     assert hash(copy) == hash(request)
     assert copy.features == features
     assert copy.spec == request.spec
+
+
+# -- input images ----------------------------------------------------------------------
+
+
+def test_an_image_is_the_same_whichever_way_it_comes():
+    """A PIL image, its array and its PNG bytes make equal requests: the
+    image's pixels (and a digest of them) are what the request holds."""
+    requests = [
+        Request(model="tiny-wan22-i2v", prompt="a cat", seed=0, image=image)
+        for image in (RGB, PIL.Image.fromarray(RGB), encoded(RGB, "PNG"))
+    ]
+    assert requests[0] == requests[1] == requests[2]
+    assert len({hash(r) for r in requests}) == 1
+    image = requests[2].image
+    assert (image.height, image.width) == (24, 40)
+    np.testing.assert_array_equal(image.array(), RGB)
+    np.testing.assert_array_equal(np.asarray(image.pil()), RGB)
+    # another picture is another request
+    other = Request(model="tiny-wan22-i2v", prompt="a cat", seed=0, image=RGB[::-1])
+    assert other != requests[0]
+
+
+def test_jpeg_bytes_are_decoded_upright():
+    """JPEG bytes decode as diffusers' load_image decodes a file: turned by
+    their EXIF orientation, in RGB."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored rotated: turn 90 degrees clockwise to view
+    data = encoded(RGB, "JPEG", quality=95, exif=exif)
+    request = Request(model="tiny-wan22-i2v", prompt="a cat", seed=0, image=data)
+    assert (request.image.height, request.image.width) == (40, 24)
+    gray = encoded(RGB[..., 0], "JPEG")
+    request = Request(model="tiny-wan22-i2v", prompt="a cat", seed=0, image=gray)
+    assert request.image.array().shape == (24, 40, 3)
+
+
+def test_stages_that_do_not_encode_the_image_get_no_pixels():
+    request = Request(model="tiny-wan22-i2v", prompt="a cat", seed=0, image=RGB)
+    light = request.without_pixels()
+    assert light == request and hash(light) == hash(request)
+    assert light.image.pixels is None and request.image.pixels is not None
+    assert light.features == request.features
+    # cheap to send: the pixels are what weighs
+    assert len(pickle.dumps(request)) - len(pickle.dumps(light)) >= RGB.nbytes
+    assert len(pickle.dumps(light)) < 2048
+    # a request without pixels is still a valid request of its model
+    assert light.replace(seed=1).image == request.image
+    with pytest.raises(ValueError, match=r"^image: "):
+        light.image.array()
+    copy = pickle.loads(pickle.dumps(request))
+    assert copy == request
+    np.testing.assert_array_equal(copy.image.array(), RGB)

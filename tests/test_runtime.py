@@ -242,8 +242,14 @@ def test_runtime_refuses_other_stages_and_models(runtimes):
 
 
 def test_runtime_rejects_unknown_stage(tiny_folders):
-    with pytest.raises(ValueError, match="stage must be one of encoder, dit, vae, all"):
+    with pytest.raises(
+        ValueError,
+        match="stage must be one of encoder, dit, vae, dit-high, dit-low, all",
+    ):
         StageRuntime("tiny-flux", "decoder")
+    # an expert's stage needs a model of two experts
+    with pytest.raises(ValueError, match="tiny-wan has no experts"):
+        StageRuntime("tiny-wan", "dit-high")
 
 
 def test_install_and_lookup(runtimes, clean_registry):

@@ -15,6 +15,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     flux.FAMILY.name: FluxAdapter,
     pixart.FAMILY.name: PixArtAdapter,
     wan.FAMILY.name: WanAdapter,
+    wan.IMAGE_TO_VIDEO.name: WanAdapter,
 }
 
 

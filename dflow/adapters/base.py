@@ -19,6 +19,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 import dask.config
 
-from dflow import catalog, families, presets
+from dflow import catalog, families, presets, quantization
 from dflow.adapters.denoising import DenoisingState, per_request
 from dflow.families import Family
 from dflow.logs import quiet_progress_bars
@@ -38,6 +39,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Embeddings = dict[str, torch.Tensor]
+
+
+@dataclass
+class Denoising:
+    """A request's denoising between two steps, as it moves from the high-noise
+    expert's worker to the low-noise expert's: the latents, the scheduler (set
+    for the request's steps, holding its multistep state; ``None`` where no
+    real scheduler runs) and the next step."""
+
+    latents: torch.Tensor
+    scheduler: Any
+    step: int
+
+
 #: How a pipeline too large for its device runs (config ``dflow.runtime.offload``):
 #: resident, diffusers' model offload, or block-level group offload with streams
 OFFLOAD_MODES = ("none", "model", "group")
@@ -52,10 +67,14 @@ class Adapter:
     spec
         The model.
     stages
-        The stages this instance serves: ``("dit",)`` on a DiT worker, all three
-        for a monolithic worker. Only those stages' components are loaded.
+        The stages this instance serves: ``("dit",)`` on a DiT worker,
+        ``("dit-high",)`` on a worker of one expert, all three for a monolithic
+        worker. Only those stages' components are loaded.
     device, dtype
         Where and in which precision the components run.
+    quantize
+        ``"int8"`` or ``"fp8"``: load the DiT's transformers with 8-bit
+        weights (:mod:`dflow.quantization`); ``None``: in ``dtype``.
     """
 
     #: Whether several instances may load at once in one process; loading
@@ -72,11 +91,14 @@ class Adapter:
         stages: Sequence[str],
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        quantize: str | None = None,
     ):
         self.spec = spec
         self.stages = tuple(stages)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.quantize = quantize
         self.pipe = self._load()
         # each request steps its own copy of the scheduler as loaded
         self.scheduler = copy.deepcopy(getattr(self.pipe, "scheduler", None))
@@ -103,20 +125,41 @@ class Adapter:
         if source is not None:
             import diffusers
 
+            configs = catalog.read_configs(source)[1]
             skipped = {
                 name: None
-                for name in catalog.read_configs(source)[1]
-                if self.family.stage_of(name) not in self.stages
+                for name in configs
+                if not name.startswith("_")
+                and not set(self.family.stages_of(name)) & set(self.stages)
             }
+            options = {}
+            if self.quantize:
+                present = [
+                    name
+                    for name in self.family.transformers
+                    if name in configs
+                    and configs[name].get("_class_name")
+                    and name not in skipped
+                ]
+                options["quantization_config"] = quantization.pipeline_config(
+                    self.quantize, present, self.device
+                )
             with quiet_progress_bars():
                 pipe = getattr(diffusers, self.spec.pipeline).from_pretrained(
-                    source, dtype=self.dtype, **skipped
+                    source, dtype=self.dtype, **skipped, **options
                 )
             pipe.to(home)
         else:
             pipe = presets.build(
                 self.spec.preset or "", self.stages, str(home), self.dtype
             )
+            if self.quantize:
+                built = {
+                    name: getattr(pipe, name)
+                    for name in self.family.transformers
+                    if getattr(pipe, name, None) is not None
+                }
+                quantization.quantize_built(built, self.quantize, self.device)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=self.device)
         elif offload == "group":
@@ -174,6 +217,21 @@ class Adapter:
                 return_dict=False,
             )
         return latents
+
+    def denoise_expert(
+        self,
+        request: Request,
+        embeddings: Embeddings,
+        expert: str,
+        state: Denoising | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Denoising:
+        """One expert's share of the steps of a model of two experts: the
+        high-noise expert's from the start to the boundary, or the low-noise
+        expert's from ``state`` (where the high-noise expert left it) to the
+        end. Without ``state`` the low-noise expert starts from fresh noise at
+        the boundary (what warming it up runs)."""
+        raise NotImplementedError(f"{self.spec.name} has no experts")
 
     # -- step-level denoising (dflow.adapters.denoising) -----------------------------
 

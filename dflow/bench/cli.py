@@ -20,8 +20,9 @@ DIT_BATCH = 8
     required=True,
     help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift; S2-80: its "
     "earlier 80/10/10 variant), "
-    "S3 (heterogeneous fleet), S4 (1,000 workers) or S6 (PixArt 512/1024px, "
-    "light then heavy, where DiT batching pays).",
+    "S3 (heterogeneous fleet), S4 (1,000 workers), S5 (the seed's Wan 2.2 I2V "
+    "on 8 A10s) or S6 (PixArt 512/1024px, light then heavy, where DiT batching "
+    "pays).",
 )
 @click.option(
     "--out",

@@ -21,8 +21,9 @@ import numpy as np
 import dask.config
 
 from dflow.errors import StageOutOfMemory
-from dflow.pools import MONOLITHIC, STAGES, Pool
+from dflow.pools import MONOLITHIC, STAGES, Pool, base_stage
 from dflow.predictor import batch_limit
+from dflow.quantization import configured
 
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
@@ -47,21 +48,31 @@ BOUNDS = {
 
 
 def request_seconds(
-    cost: Any, request: Any, pool: Pool, gpu_type: str, max_batch: int | None = None
+    cost: Any,
+    request: Any,
+    pool: Pool,
+    gpu_type: str,
+    max_batch: int | None = None,
+    quantize: str | None = None,
 ) -> float:
     """Emulated seconds one request costs ``pool`` on ``gpu_type`` (``inf``: does
     not fit), at the cheapest per-request batch up to ``max_batch`` that fits:
     default ``dflow.runtime.max-batch`` for encoder and VAE calls,
     ``dflow.runtime.max-dit-batch`` for DiT and monolithic ones, whose batches
     stop where the runtime's would (:func:`~dflow.predictor.batch_limit`: no
-    more than gains ``dflow.runtime.dit-batch-min-gain``)."""
+    more than gains ``dflow.runtime.dit-batch-min-gain``); an expert's pool
+    runs one request at a time. ``quantize``: the DiT's weights in 8 bits
+    (int8, fp8; default the pool's stage's ``dflow.runtime.quantize``)."""
     stage, _ = pool
     spec, features = request.spec, request.features
+    quantize = quantize or configured(stage)
     stages = STAGES if stage == MONOLITHIC else (stage,)
     denoises = stage in ("dit", MONOLITHIC)
     if max_batch is None:
         setting = "max-dit-batch" if denoises else "max-batch"
         max_batch = int(dask.config.get(f"dflow.runtime.{setting}"))
+    if base_stage(stage) == "dit" and not denoises:
+        max_batch = 1
     if denoises and max_batch > 1:
         price = cost.dit_batch_price(spec, stages, gpu_type)
         max_batch = batch_limit(
@@ -72,7 +83,9 @@ def request_seconds(
     best = math.inf
     for batch in range(1, max_batch + 1):
         try:
-            seconds = cost.placement(spec, stages, gpu_type, features, batch)
+            seconds = cost.placement(
+                spec, stages, gpu_type, features, batch, quantize=quantize
+            )
         except StageOutOfMemory:
             break
         best = min(best, seconds.seconds / batch)
@@ -84,11 +97,15 @@ def pool_work(
     mix: Sequence[tuple[Any, float]],
     gpu_types: Iterable[str],
     monolithic: bool,
+    chain: Sequence[str] = STAGES,
+    quantize: str | None = None,
 ) -> dict[Pool, dict[str, float]]:
     """Seconds per request of ``mix`` (``(request, weight)`` pairs, weights
-    summing to 1) that each pool costs on each GPU type."""
+    summing to 1) that each pool costs on each GPU type; a disaggregated
+    request runs through ``chain`` (:data:`~dflow.pools.EXPERT_CHAIN`: one
+    pool per expert)."""
     gpu_types = sorted(set(gpu_types))
-    stages = (MONOLITHIC,) if monolithic else STAGES
+    stages = (MONOLITHIC,) if monolithic else tuple(chain)
     total = sum(w for _, w in mix)
     work: dict[Pool, dict[str, float]] = {}
     for request, weight in mix:
@@ -98,7 +115,11 @@ def pool_work(
             pool = Pool(stage, request.model)
             entry = work.setdefault(pool, dict.fromkeys(gpu_types, 0.0))
             for gpu in gpu_types:
-                entry[gpu] += weight / total * request_seconds(cost, request, pool, gpu)
+                entry[gpu] += (
+                    weight
+                    / total
+                    * request_seconds(cost, request, pool, gpu, quantize=quantize)
+                )
     return work
 
 
@@ -331,6 +352,7 @@ def mix_of(
     templates: Sequence[Any], weights: Sequence[float]
 ) -> list[tuple[Any, float]]:
     """``(request, weight)`` pairs of a phase's templates (model defaults filled)."""
+    from dflow.bench.workload import BLANK_IMAGE
     from dflow.request import Request
 
     pairs = []
@@ -341,6 +363,8 @@ def mix_of(
             for k in ("height", "width", "num_frames", "steps", "guidance_scale")
             if getattr(template, k) is not None
         }
+        if template.image:
+            fields["image"] = BLANK_IMAGE
         request = Request(model=template.model, prompt="x", seed=0, **fields)
         pairs.append((request, weight / total))
     return pairs

@@ -131,7 +131,8 @@ def _run_scenario(
     scale = scenario.time_scale
     with dask.config.set({"dflow.runtime.backend": "emulated"}):
         cost = cost_model()
-    physics_ = physics(scenario, cost)
+    with dask.config.set(scenario.config):
+        physics_ = physics(scenario, cost)
     entries = generate(scenario.workload, scenario.duration)
     window = (scenario.warmup, scenario.duration)
     results: dict[str, Any] = {

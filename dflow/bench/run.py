@@ -95,6 +95,7 @@ def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
         "dflow.predictor.refit-interval": 3600,
         "dflow.client.model-timeout": "120s",
         "dflow.scheduler.unserved-timeout": "3600s",
+        **scenario.config,
     }
 
 
@@ -136,7 +137,6 @@ def run_mode(
 
     monolithic = mode in MONOLITHIC
     workers = fleet_workers(allocation, monolithic)
-    predictor = fleet_predictor(cost, list(scenario.fleet), scale)
     recorder = Recorder(interval=max(0.05, scenario.sample_every * scale))
     autoscaler = (
         ReplicaAutoscaler(scale=scale, **scenario.autoscaler)
@@ -145,6 +145,8 @@ def run_mode(
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(dask.config.set(run_config(scenario, mode, scale)))
+        # the run's config may quantize the DiT: the predictor prices that
+        predictor = fleet_predictor(cost, list(scenario.fleet), scale)
         cluster = stack.enter_context(
             StageCluster(
                 workers[0][1],

@@ -18,6 +18,7 @@ from dflow.bench.workload import Arrivals, Phase, Template, Workload
 FLUX = "flux.1-dev"
 PIXART = "pixart-sigma-1024"
 WAN = "wan2.1-t2v-1.3b"
+WAN22_I2V = "wan2.2-i2v-a14b"
 
 #: dflow's controller settings, in emulated seconds: its defaults but for the
 #: interval (5 s rather than 2 s: each plan walks the scheduler's tasks, and at
@@ -77,6 +78,8 @@ class Scenario:
     goals: str
     slo_factor: float = 5.0
     sample_every: float = 5.0
+    #: dask config of the scenario's runs and its physics (8-bit DiT weights)
+    config: dict[str, Any] = field(default_factory=dict)
     controller: dict[str, Any] = field(default_factory=lambda: dict(CONTROLLER))
     autoscaler: dict[str, Any] = field(default_factory=lambda: dict(AUTOSCALER))
     quick: dict[str, Any] = field(default_factory=dict)
@@ -265,6 +268,52 @@ def s3() -> Scenario:
     )
 
 
+#: 8-bit DiT weights on every worker holding DiT weights
+INT8 = {
+    "dflow.runtime.quantize": {s: "int8" for s in ("all", "dit", "dit-high", "dit-low")}
+}
+
+
+def s5() -> Scenario:
+    """The seed's experiment: Wan 2.2 I2V A14B, 4 steps (two per expert), no
+    guidance, int8 DiT weights, 480x832x81, on eight emulated A10s (24 GB).
+
+    Physics (stage costs derived from Wan 2.1 14B's H200 anchors, not measured;
+    ``benchmarks/s5_physics.py``): a monolithic worker streams one int8 expert a
+    step under block offload (1.0 s, hidden behind a 25.8 s step), 120.5 s a
+    request: 8 / 120.5 = 0.0664 requests/s. A DiT worker of both experts offloads
+    too (103.2 s a request); the best split is 1 encoder / 6 DiT / 1 VAE: 6 /
+    103.2 = 0.0582 (0.88x). Arrivals at 0.064/s (1.1x the split's bound) saturate
+    the split and load the monolithic workers to 0.96.
+    """
+    template = Template(
+        WAN22_I2V,
+        height=480,
+        width=832,
+        num_frames=81,
+        steps=4,
+        guidance_scale=1.0,
+        image=True,
+    )
+    workload = Workload(
+        [Phase(0, Arrivals("poisson", rate=0.064), [template], name="wan22-i2v")],
+        seed=5,
+    )
+    return Scenario(
+        name="S5",
+        title="Wan 2.2 I2V A14B, int8, 4 steps, 480x832x81, 8 x A10 (24 GB)",
+        fleet={"a10": 8},
+        workload=workload,
+        duration=3600,
+        warmup=600,
+        drain=900,
+        time_scale=0.02,
+        goals="dflow >= 3.4x monolithic capacity (the seed's 3.5x)",
+        config=INT8,
+        quick={"duration": 1800, "warmup": 300, "drain": 600, "time_scale": 0.01},
+    )
+
+
 def s6() -> Scenario:
     """PixArt-Sigma at 512px and 1024px, alternating at random (half each), on
     four emulated H200s: light load, then heavy.
@@ -313,7 +362,7 @@ def s6() -> Scenario:
     )
 
 
-SCENARIOS = {"S1": s1, "S2": s2, "S2-80": s2_80, "S3": s3, "S6": s6}
+SCENARIOS = {"S1": s1, "S2": s2, "S2-80": s2_80, "S3": s3, "S5": s5, "S6": s6}
 
 
 def get(name: str) -> Scenario:

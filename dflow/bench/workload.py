@@ -143,6 +143,8 @@ class Template:
     guidance_scale: float | None = None
     negative_prompt: str = ""
     output_format: str | None = None
+    #: image-to-video models: the requests carry an input image
+    image: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and self.weight > 0):
@@ -224,6 +226,11 @@ class Workload:
         )
 
 
+#: The input image of image-to-video requests in a trace (emulated runs cost
+#: the encode by the request's size, not the image's)
+BLANK_IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)
+
+
 @dataclass(frozen=True)
 class TraceEntry:
     """One request of a trace, arriving ``t`` seconds after the start; the other
@@ -241,13 +248,16 @@ class TraceEntry:
     seed: int | None = None
     output_format: str | None = None
     phase: str = ""
+    image: bool = False
 
     def request(self) -> Request:
-        """The validated request (model defaults fill fields left ``None``)."""
+        """The validated request (model defaults fill fields left ``None``;
+        ``image``: a blank input image, whose pixels cost nothing emulated)."""
         from dflow.request import Request
 
         values = asdict(self)
         del values["t"], values["phase"]
+        values["image"] = BLANK_IMAGE if self.image else None
         return Request(**values)
 
     def to_json(self) -> str:
@@ -304,6 +314,7 @@ def generate(workload: Workload, duration: float) -> list[TraceEntry]:
                     seed=int(rng.integers(2**63)),
                     output_format=template.output_format,
                     phase=phase.name,
+                    image=template.image,
                 )
             )
     return entries

@@ -20,7 +20,7 @@ import torch
 import dask.config
 from dask.utils import parse_timedelta
 
-from dflow.adapters.base import Adapter, Embeddings, StepCallback
+from dflow.adapters.base import Adapter, Denoising, Embeddings, StepCallback
 from dflow.adapters.denoising import DenoisingState
 from dflow.emulation.cost import (
     CostModel,
@@ -31,6 +31,7 @@ from dflow.emulation.cost import (
 )
 from dflow.errors import StageOutOfMemory
 from dflow.hardware import resolve_gpu
+from dflow.pools import EXPERT_STAGES, base_stage
 from dflow.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class EmulatedAdapter(Adapter):
         The model and the stages served (all three for a monolithic worker).
     device, dtype
         Accepted for the interface; outputs take the model's own dtypes.
+    quantize
+        8-bit DiT weights (int8, fp8): half the DiT's bytes on the device, at
+        the profiles' bf16 times (:meth:`CostModel.placement`).
     gpu_type
         The emulated GPU type (default ``dflow.runtime.gpu-type``, else the
         catalog's reference).
@@ -124,6 +128,7 @@ class EmulatedAdapter(Adapter):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         *,
+        quantize: str | None = None,
         gpu_type: str | None = None,
         cost: CostModel | None = None,
     ):
@@ -132,6 +137,7 @@ class EmulatedAdapter(Adapter):
         self.stages = tuple(stages)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.quantize = quantize
         self.cost = cost or cost_model()
         self.gpu = resolve_gpu(gpu_type)
         self.speed = float(dask.config.get("dflow.emulation.speed"))
@@ -152,7 +158,10 @@ class EmulatedAdapter(Adapter):
         # draw the random bytes of the outputs now, as part of the load
         output_bytes = {"encoder": "embedding_bytes", "dit": "latent_bytes"}
         _noise.reserve(
-            max(default[output_bytes.get(s, "output_bytes")] for s in self.stages)
+            max(
+                default[output_bytes.get(base_stage(s), "output_bytes")]
+                for s in self.stages
+            )
         )
         self.load_seconds = self.cost.load_seconds(spec, self.stages)
         logger.info(
@@ -171,7 +180,12 @@ class EmulatedAdapter(Adapter):
         placement = self._placements.get(key)
         if placement is None:
             placement = self.cost.placement(
-                self.spec, self.stages, self.gpu.name, features, batch
+                self.spec,
+                self.stages,
+                self.gpu.name,
+                features,
+                batch,
+                quantize=self.quantize,
             )
             if len(self._placements) < 1024:
                 self._placements[key] = placement
@@ -271,6 +285,23 @@ class EmulatedAdapter(Adapter):
         for state in states:
             state.index += 1
 
+    def denoise_expert(
+        self,
+        request: Request,
+        embeddings: Embeddings,
+        expert: str,
+        state: Denoising | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Denoising:
+        stage = EXPERT_STAGES[expert]
+        sleep = self._run(stage, request, 1, on_step)
+        latents = self._latents(request)
+        sleep()
+        assert request.steps is not None
+        split = self.family.expert_steps(self.spec, request.steps) or {}
+        done = split.get("high", 0) if expert == "high" else request.steps
+        return Denoising(latents, None, done)
+
     def decode(
         self, requests: Sequence[Request], latents: Sequence[torch.Tensor]
     ) -> list[np.ndarray]:
@@ -288,7 +319,14 @@ class EmulatedAdapter(Adapter):
     def _embeddings(self, request: Request) -> Embeddings:
         """What the family's encoder returns for one request
         (:meth:`dflow.families.Family.embeddings`): random embeddings, masks of ones."""
-        described = self.family.embeddings(self.spec, self.uses_negative(request))
+        assert request.height is not None and request.width is not None
+        described = self.family.embeddings(
+            self.spec,
+            self.uses_negative(request),
+            height=request.height,
+            width=request.width,
+            frames=request.num_frames or 1,
+        )
         return {
             name: _noise.tensor(t.shape, getattr(torch, t.dtype))
             if t.floating

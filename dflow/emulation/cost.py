@@ -24,17 +24,21 @@ from dask.utils import parse_bytes
 import dflow.config  # noqa: F401
 from dflow.catalog import resolve
 from dflow.errors import StageOutOfMemory
+from dflow.families import priced_as
 from dflow.hardware import GIB, Catalog, read_catalog
+from dflow.pools import base_stage
 from dflow.predictor import (
     Prediction,
     Predictor,
     Row,
     anchor_rows,
     batch_rows,
+    derived_rows,
     dit_work,
     load_profile,
     row_features,
 )
+from dflow.quantization import configured
 from dflow.spec import STAGES, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,11 @@ logger = logging.getLogger(__name__)
 #: Share of a component's weights that group offload keeps on the device at once
 GROUP_WINDOW = 0.1
 OFFLOAD_MODES = ("auto", "model", "group")
+#: DiT weight bytes in 8 bits over bf16: torchao's weight-only int8 keeps a
+#: byte per linear weight, the norms, biases and per-channel scales in bf16 (a
+#: Wan 2.2 expert: 13.42 of 26.67 GiB, counted on the meta device by
+#: ``benchmarks/gpu_costs.py --weights``); fp8 taken as the same
+QUANTIZED_SHARE = 13.42 / 26.67
 
 
 def time_scale() -> float:
@@ -141,7 +150,7 @@ class CostModel:
         out of spare capacity at ``1/n`` of the reference's work.
         """
         reference = self.catalog.reference
-        slowdown = self.catalog.slowdown(gpu, spec.family, stage)
+        slowdown = self.catalog.slowdown(gpu, spec.family, base_stage(stage))
         seconds = self.predictor.predict(
             spec.name, stage, reference, features, batch, corrected=False
         ).seconds
@@ -186,23 +195,36 @@ class CostModel:
         features: Mapping[str, Any],
         batch: int = 1,
         mode: str | None = None,
+        quantize: str | None = None,
     ) -> Placement:
         """How a worker serving ``stages`` runs a request with ``features``.
 
         A stage worker holds its stage resident; a monolithic worker (all three
-        stages) too when the pipeline fits, else it offloads (``mode``: ``"auto"``
-        picks the cheaper of model and group offload, ``"model"`` or ``"group"``
-        force one; default ``dflow.emulation.offload``). ``batch`` prices each
-        stage's call on that many requests (a DiT batch shares its steps). Raises :class:`~dflow.errors.StageOutOfMemory`, naming the
-        stages, model, GPU type and sizes, when no way fits.
+        stages), or a DiT worker of both experts of a two-expert model, too when
+        they fit, else it offloads (``mode``: ``"auto"`` picks the cheaper of
+        model and group offload, ``"model"`` or ``"group"`` force one; default
+        ``dflow.emulation.offload``). ``batch`` prices each stage's call on that
+        many requests (a DiT batch shares its steps); ``quantize`` (int8, fp8)
+        takes the DiT's weights in 8 bits, at the bf16 compute time. Raises
+        :class:`~dflow.errors.StageOutOfMemory`, naming the stages, model, GPU
+        type and sizes, when no way fits.
         """
         usable = self.usable_bytes(gpu)
-        weights = {s: spec.weight_bytes[s] for s in stages}
+        weights = {s: self.weight_bytes(spec, s, quantize) for s in stages}
+        # what one denoising step uses: one expert of a two-expert DiT
+        active = {
+            s: weights[s] // 2 if spec.experts and s == "dit" else weights[s]
+            for s in stages
+        }
         activations = {
             s: self.activation_bytes(spec, s, features, batch) for s in stages
         }
         compute = {s: self.seconds(spec, s, gpu, features, batch) for s in stages}
-        steps = {s: features["steps"] if s == "dit" else 1 for s in stages}
+        # an expert's pool runs its share of the steps
+        steps = {
+            s: priced_as(s, features)[1]["steps"] if base_stage(s) == "dit" else 1
+            for s in stages
+        }
         resident_peak = sum(weights.values()) + max(activations.values())
         if resident_peak <= usable:
             costs = {s: StageCost(0.0, compute[s], steps[s]) for s in stages}
@@ -214,9 +236,9 @@ class CostModel:
                 f"dflow.emulation.offload must be one of {', '.join(OFFLOAD_MODES)}, "
                 f"got {mode!r}"
             )
-        if len(stages) > 1:
+        if len(stages) > 1 or (spec.experts and list(stages) == ["dit"]):
             model_rate, group_rate = self.offload_rates(gpu)
-            model_peak = max(weights[s] + activations[s] for s in stages)
+            model_peak = max(active[s] + activations[s] for s in stages)
             if mode in ("auto", "model") and model_peak <= usable:
                 costs = {
                     s: StageCost(weights[s] / model_rate, compute[s], steps[s])
@@ -224,13 +246,14 @@ class CostModel:
                 }
                 options.append(Placement("model-offload", costs, model_peak))
             group_peak = max(
-                activations[s] + round(GROUP_WINDOW * weights[s]) for s in stages
+                activations[s] + round(GROUP_WINDOW * active[s]) for s in stages
             )
             if mode in ("auto", "group") and group_peak <= usable:
+                # each step streams the blocks it runs while computing the last
                 costs = {
                     s: StageCost(
                         0.0,
-                        steps[s] * max(compute[s] / steps[s], weights[s] / group_rate),
+                        steps[s] * max(compute[s] / steps[s], active[s] / group_rate),
                         steps[s],
                     )
                     for s in stages
@@ -264,6 +287,14 @@ class CostModel:
             return Prediction(placement.stages["dit"].seconds, placement.peak_bytes)
 
         return price
+
+    @staticmethod
+    def weight_bytes(spec: ModelSpec, stage: str, quantize: str | None = None) -> int:
+        """Device bytes of ``stage``'s weights, its DiT's in 8 bits if quantized."""
+        weights = spec.weight_bytes[stage]
+        if quantize is not None and base_stage(stage) == "dit":
+            return round(weights * QUANTIZED_SHARE)
+        return weights
 
     def offload_rates(self, gpu: str) -> tuple[float, float]:
         """Bytes per second that model offload and group offload move weights at
@@ -322,17 +353,39 @@ class CostModel:
         prices ``gpu`` as this emulation charges it (for planners of emulated
         fleets, which then know each type's speed per stage as a profiled
         deployment would), its seconds times ``scale`` (a run's time scale).
-        DiT batch speedups move to the work that fills ``gpu`` as much."""
+        DiT batch speedups move to the work that fills ``gpu`` as much. A DiT
+        stage quantized (``dflow.runtime.quantize``) or offloading on ``gpu``
+        is priced as its placement there: its time and peak memory as a
+        deployment would profile them."""
         rows = []
         for row in self.rows:
-            family = resolve(row["model"]).family
-            factor = self.catalog.slowdown(gpu, family, row["stage"])
+            spec = resolve(row["model"])
+            stage = row["stage"]
+            factor = self.catalog.slowdown(gpu, spec.family, base_stage(stage))
             if "speedup" in row:
                 work = row.get("work") or dit_work(row_features(row))
                 rows.append({**row, "gpu_type": gpu, "work": work / factor})
-            else:
-                seconds = row["seconds"] * factor * scale
-                rows.append({**row, "gpu_type": gpu, "seconds": seconds})
+                continue
+            scaled = {
+                **row,
+                "gpu_type": gpu,
+                "seconds": row["seconds"] * factor * scale,
+            }
+            quantize = configured(stage) if base_stage(stage) == "dit" else None
+            fits = (row.get("peak_bytes") or 0) <= self.usable_bytes(gpu)
+            if base_stage(stage) == "dit" and (quantize or not fits):
+                features = row_features(row)
+                try:
+                    placement = self.placement(
+                        spec, [stage], gpu, features, quantize=quantize
+                    )
+                except StageOutOfMemory:
+                    pass
+                else:
+                    scaled["seconds"] = placement.seconds * scale
+                    scaled["peak_bytes"] = placement.peak_bytes
+                    scaled["weight_bytes"] = self.weight_bytes(spec, stage, quantize)
+            rows.append(scaled)
         return rows
 
 
@@ -355,7 +408,7 @@ def _cost_model(profiles: tuple[str, ...] | None, gpus: str | None) -> CostModel
         paths: list[Any] = [files("dflow.configs").joinpath("profiles/h200-dflow.json")]
     else:
         paths = [Path(p) for p in profiles]
-    rows = anchor_rows()
+    rows = anchor_rows() + derived_rows()
     for path in paths:
         if isinstance(path, Path):
             rows += load_profile(path)

@@ -11,11 +11,12 @@ family is a module here plus its adapter in :mod:`dflow.adapters`.
 from __future__ import annotations
 
 from dflow.families import flux, pixart, wan
-from dflow.families.base import Family, TensorSpec
+from dflow.families.base import Family, TensorSpec, priced_as
 from dflow.spec import ModelSpec
 
 FAMILIES: dict[str, Family] = {
-    module.FAMILY.name: module.FAMILY for module in (flux, pixart, wan)
+    family.name: family
+    for family in (flux.FAMILY, pixart.FAMILY, wan.FAMILY, wan.IMAGE_TO_VIDEO)
 }
 
 
@@ -47,4 +48,12 @@ def for_pipeline(pipeline: str) -> Family:
     )
 
 
-__all__ = ["FAMILIES", "Family", "TensorSpec", "family", "for_pipeline", "of"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "TensorSpec",
+    "family",
+    "for_pipeline",
+    "of",
+    "priced_as",
+]

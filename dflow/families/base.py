@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dflow.errors import InvalidRequest
+from dflow.images import InputImage
+from dflow.pools import EXPERT_CHAIN, EXPERT_STAGES, STAGES, expert_of
 from dflow.spec import ModelSpec
 
 #: Bytes per element of the dtypes stage tensors travel in
@@ -38,7 +40,8 @@ class Family:
     stages that hold them, reads its geometry from the component configs
     (:meth:`geometry`) and says how its pipeline's tensors look: embeddings as
     ``encode_prompt`` returns them and latents as the pipeline returns them for
-    ``output_type="latent"``.
+    ``output_type="latent"``. Families of two-expert models also say which
+    steps each expert runs (:meth:`expert_steps`).
     """
 
     name: ClassVar[str]
@@ -46,9 +49,16 @@ class Family:
     pipelines: ClassVar[tuple[str, ...]]
     video: ClassVar[bool] = False
     #: The chain of stages a request runs through, in order
-    stages: ClassVar[tuple[str, ...]] = ("encoder", "dit", "vae")
-    #: Which stage holds each pipeline component (others: no stage needs them)
-    components: ClassVar[Mapping[str, str]]
+    stages: ClassVar[tuple[str, ...]] = STAGES
+    #: Which stage holds each pipeline component, or which stages do (a DiT
+    #: worker holds both experts, an expert's worker one); others: no stage
+    #: needs them
+    components: ClassVar[Mapping[str, str | tuple[str, ...]]]
+    #: Whether requests bring an input image (image-to-video), which the
+    #: encoder stage encodes
+    image_input: ClassVar[bool] = False
+    #: The DiT's transformer components (what ``quantize`` quantizes)
+    transformers: ClassVar[tuple[str, ...]] = ("transformer",)
     #: The tokenizer whose sequence length limits the prompt
     prompt_tokenizer: ClassVar[str] = "tokenizer"
     #: Classifier-free guidance on a negative prompt (else guidance is embedded)
@@ -88,10 +98,12 @@ class Family:
         defaults: Mapping[str, Any] | None = None,
         limits: Mapping[str, Any] | None = None,
     ) -> ModelSpec:
-        """A :class:`ModelSpec` from the pipeline's component configs; ``defaults``
-        and ``limits`` (a preset's) override the family's."""
+        """A :class:`ModelSpec` from the pipeline's component configs (and the
+        pipeline's own under ``"_pipeline"``); ``defaults`` and ``limits`` (a
+        preset's) override the family's."""
         merged = {**self.defaults, **(defaults or {})}
         length = merged.pop("max_sequence_length", self.max_sequence_length)
+        scheduler = configs.get("scheduler", {})
         return ModelSpec(
             name=name,
             family=self.name,
@@ -104,13 +116,55 @@ class Family:
             max_sequence_length=length,
             negative_prompts=self.negative_prompts,
             defaults=merged,
-            limits={**self.limits, **(limits or {})},
+            limits={**self.limits, **self.config_limits(configs), **(limits or {})},
             weight_bytes=dict(weight_bytes),
+            boundary_ratio=self.boundary_ratio(configs),
+            scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")}
+            | {"_class_name": scheduler.get("_class_name")},
         )
 
-    def stage_of(self, component: str) -> str | None:
-        """Which stage holds a pipeline component (``None``: no stage needs it)."""
-        return self.components.get(component)
+    def config_limits(self, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Limits the component configs set below the family's (a preset's
+        limits still override them)."""
+        return {}
+
+    def boundary_ratio(self, configs: Mapping[str, Mapping[str, Any]]) -> float | None:
+        """The timestep fraction where the low-noise expert takes over, for a
+        model of two experts (:attr:`ModelSpec.boundary_ratio`); else ``None``."""
+        return None
+
+    def stages_of(self, component: str) -> tuple[str, ...]:
+        """The stages whose workers hold a pipeline component (none: no stage
+        needs it)."""
+        stages = self.components.get(component, ())
+        return (stages,) if isinstance(stages, str) else tuple(stages)
+
+    def stage_weights(
+        self, component_bytes: Mapping[str, int], experts: bool
+    ) -> dict[str, int]:
+        """Bytes of weights each stage's workers hold, from each component's:
+        the chain's stages, and each expert's stage for a model of two experts."""
+        stages = (*STAGES, *EXPERT_STAGES.values()) if experts else STAGES
+        total = dict.fromkeys(stages, 0)
+        for component, nbytes in component_bytes.items():
+            for stage in self.stages_of(component):
+                if stage in total:
+                    total[stage] += nbytes
+        return total
+
+    def chains(self, spec: ModelSpec) -> tuple[tuple[str, ...], ...]:
+        """The chains of stages a request of ``spec`` can run through, preferred
+        first: one DiT stage, or one per expert for a model of two experts
+        whose steps per expert :meth:`expert_steps` can tell."""
+        if spec.experts and self.expert_steps(spec, 1) is not None:
+            return (self.stages, EXPERT_CHAIN)
+        return (self.stages,)
+
+    def expert_steps(self, spec: ModelSpec, steps: int) -> dict[str, int] | None:
+        """Denoising steps each expert runs in a request of ``steps`` steps
+        (``{"high": n, "low": steps - n}``), for a model of two experts; ``None``
+        for one DiT, or a scheduler whose timesteps the family cannot tell."""
+        return None
 
     # -- rules --------------------------------------------------------------------------
 
@@ -139,6 +193,20 @@ class Family:
                     f"{multiple} from {multiple} to {largest}",
                 )
         self.check_frames(spec, num_frames)
+
+    def check_image(self, spec: ModelSpec, image: InputImage | None) -> None:
+        """Reject a missing input image where the model needs one, or one the
+        model would not use, naming ``image``."""
+        if image is None and self.image_input:
+            raise InvalidRequest(
+                "image",
+                f"{spec.name} makes videos from an image: give one (a PIL image, "
+                "an HxWx3 uint8 array, or PNG/JPEG bytes)",
+            )
+        if image is not None and not self.image_input:
+            raise InvalidRequest(
+                "image", f"{spec.name} takes no input image; leave image unset"
+            )
 
     def check_frames(self, spec: ModelSpec, num_frames: int | None) -> None:
         if num_frames not in (None, 1):
@@ -198,12 +266,21 @@ class Family:
         return latent_frames * (latent_h // spec.patch) * (latent_w // spec.patch)
 
     def embeddings(
-        self, spec: ModelSpec, cfg: bool, dtype: str | None = None
+        self,
+        spec: ModelSpec,
+        cfg: bool,
+        dtype: str | None = None,
+        *,
+        height: int = 0,
+        width: int = 0,
+        frames: int = 1,
     ) -> dict[str, TensorSpec]:
         """What the encoder sends for one request, by pipeline argument name:
         embeddings of the padded prompt (in ``dtype``, default the model's), the
         attention masks and pooled embeddings of families that have them, and
-        the negative prompt's under classifier-free guidance."""
+        the negative prompt's under classifier-free guidance. Families whose
+        encoder also encodes an input image add what it makes of it, which
+        depends on the request's shape (``height``, ``width``, ``frames``)."""
         dtype = dtype or spec.dtype
         length = spec.max_sequence_length
         tensors = {}
@@ -232,23 +309,32 @@ class Family:
         """What the scheduler, predictor and planner price a request by.
 
         ``embedding_bytes`` counts the floating-point embeddings (masks are
-        small); ``latent_bytes`` the latents at the model's dtype.
+        small); ``latent_bytes`` the latents at the model's dtype; ``image``
+        says whether the encoder also encodes an input image; two-expert models
+        add the steps each expert runs (``high_steps``, ``low_steps``).
         """
         latent_shape = self.latent_shape(spec, height, width, frames)
-        embeddings = self.embeddings(spec, cfg)
-        return {
+        embeddings = self.embeddings(
+            spec, cfg, height=height, width=width, frames=frames
+        )
+        features = {
             "family": self.name,
             "height": height,
             "width": width,
             "frames": frames,
             "steps": steps,
             "cfg": cfg,
+            "image": self.image_input,
             "latent_shape": latent_shape,
             "dit_tokens": self.dit_tokens(spec, height, width, frames),
             "embedding_bytes": sum(t.nbytes for t in embeddings.values() if t.floating),
             "latent_bytes": self.latents(spec, height, width, frames).nbytes,
             "output_bytes": height * width * 3 * frames,
         }
+        split = self.expert_steps(spec, steps)
+        if split is not None:
+            features.update({f"{expert}_steps": n for expert, n in split.items()})
+        return features
 
     def default_features(self, spec: ModelSpec) -> dict[str, Any]:
         """The features of the model's default request."""
@@ -261,3 +347,13 @@ class Family:
             steps=defaults["steps"],
             cfg=self.uses_cfg(spec, defaults["guidance_scale"]),
         )
+
+
+def priced_as(stage: str, features: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """The stage whose costs price a call of ``stage``, and the features to
+    price it with: an expert's stage costs what the DiT stage costs for that
+    expert's share of the steps."""
+    expert = expert_of(stage)
+    if expert is None:
+        return stage, features
+    return "dit", {**features, "steps": features[f"{expert}_steps"]}
