@@ -63,3 +63,16 @@ def check_length(request: Request) -> None:
                 f"{count} tokens is over the limit of {spec.max_sequence_length} "
                 f"tokens of {spec.name}'s text encoder",
             )
+
+
+def encoding_fields(request: Request) -> tuple[Any, ...]:
+    """What a request's text encodings depend on: the model, the prompts and
+    whether guidance encodes the negative prompt. Requests with equal fields
+    share one encode task (:func:`dflow.client.encoding_key`) and an encoder
+    worker's cached encoding."""
+    return (
+        request.model,
+        request.prompt,
+        request.negative_prompt,
+        request.features["cfg"],
+    )

@@ -39,7 +39,8 @@ async def worker_environment() -> dict[str, str]:
     """Start a scheduler and one StageNanny; the environment its worker process
     started with."""
     async with Scheduler(host="127.0.0.1", dashboard_address=":0") as scheduler:
-        async with StageNanny(scheduler.address, host="127.0.0.1", nthreads=1) as nanny:
+        nanny = StageNanny(scheduler.address, host="127.0.0.1", nthreads=1)
+        async with nanny:
             assert nanny.process is not None and nanny.process.pid is not None
             return started_with(nanny.process.pid)
 
