@@ -264,7 +264,9 @@ class Admission(SchedulerPlugin):
 
     async def _reserve(self, counts: Counter[str], timeout: float) -> None:
         limit = dask.config.get("dflow.admission.max-outstanding")
-        if limit is None:
+        # slots of limited models only: a standing answer's graph frees none
+        counts = Counter({m: n for m, n in counts.items() if not _unlimited(limit, m)})
+        if not counts:
             return
         reserved = self.extension.reserved
         deadline = time.monotonic() + timeout
