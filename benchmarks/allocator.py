@@ -46,10 +46,14 @@ def serve(conn: Any, folder: str) -> None:
     import psutil
     import torch
 
+    import dask.config
+
     from dflow import runtime
     from dflow.request import Request
 
     torch.set_num_threads(1)
+    # every call encodes its prompt (all calls repeat it)
+    dask.config.set({"dflow.runtime.encoding-cache": 0})
     stages = runtime.StageRuntime(folder, "all")
     stages.warmup()
     while (message := conn.recv()) is not None:
