@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                     "dflow.client.model-timeout": "600s",
                     # fixed pools: no role switching during the measurement
                     "dflow.elastic.enabled": False,
+                    # every run encodes its prompts (runs repeat them)
+                    "dflow.runtime.encoding-cache": 0,
                 }
             )
         )

@@ -331,7 +331,14 @@ def worker_environment(changes: dict[str, int | None]) -> Iterator[None]:
     for key in saved:
         del os.environ[key]
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        settings = {
+            "distributed.nanny.pre-spawn-environ": environ,
+            # the variant decides the MALLOC_* variables, not dflow's defaults
+            "dflow.worker.pre-spawn-environ": {},
+            # each round repeats the prompts: encode them as the peers do
+            "dflow.runtime.encoding-cache": 0,
+        }
+        with dask.config.set(settings):
             yield
     finally:
         for key in [k for k in os.environ if k.startswith("MALLOC_")]:

@@ -75,6 +75,7 @@ class DflowMetricCollector(PrometheusCollector):
                 *self._pools(extension),
                 *self._decisions(extension),
                 *self._health(),
+                *self._encoding_cache(),
             ]
         except Exception:
             # a failing collector fails the whole page: keep distributed's metrics
@@ -156,6 +157,19 @@ class DflowMetricCollector(PrometheusCollector):
         yield queue
         yield observed
         yield predicted
+
+    def _encoding_cache(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self.build_name("encoding_cache_lookups"),
+            "Encode tasks per model whose encoding the encoder worker had cached "
+            '("hit") or computed ("miss")',
+            labels=["model", "result"],
+        )
+        telemetry: Any = self.server.plugins.get("dflow-telemetry")
+        if telemetry is not None:
+            for (model, result), n in sorted(telemetry.encoding_cache.items()):
+                family.add_metric([model, result], n)
+        yield family
 
     def _decisions(self, extension: DflowExtension) -> Iterator[Metric]:
         family = CounterMetricFamily(

@@ -5,14 +5,19 @@ embeddings and latents move worker to worker as soon as they exist and each
 stage worker fetches its next input while computing the current one. The
 client holds only the output future: intermediates are released as soon as
 the next stage has consumed them, and cancelling the output releases the chain.
+The scheduler admits requests before their graph is sent
+(:mod:`dflow.plugins.admission`); a client reuses a standing answer without
+asking again (:class:`StandingAdmissions`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import threading
 import uuid
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dask.config
@@ -25,7 +30,13 @@ import dflow.config  # noqa: F401
 from dflow import prompts, tasks
 from dflow.catalog import register
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
-from dflow.pools import MONOLITHIC, TASK_PREFIXES, Pool, task_resources
+from dflow.pools import (
+    ADMISSION_TOPIC,
+    MONOLITHIC,
+    TASK_PREFIXES,
+    Pool,
+    task_resources,
+)
 from dflow.request import Request
 from dflow.spec import ModelSpec
 
@@ -92,11 +103,21 @@ def submit(
     RuntimeError
         If the scheduler does not run dflow (started without ``--preload
         dflow.preload``).
+
     ConnectionError
         If the client lost its scheduler (its futures were cancelled with reason
         ``scheduler-connection-lost``).
     ValueError, TypeError
         If ``mode`` or ``deadline`` is not one the docs above allow.
+
+    Notes
+    -----
+    A request whose admission is standing (the scheduler answered the same for
+    this model and these features before, no limit applies to the model and no
+    stage is restricted to some workers) is submitted without asking again. If
+    the pools changed in the moment before this client heard of it, the
+    scheduler routes the request again when it arrives, and a refusal (no worker
+    can hold it) comes through its future instead.
 
     Examples
     --------
@@ -144,23 +165,12 @@ def map(
     if deadline is None:
         deadline = dask.config.get("dflow.client.deadline")
     seconds = _deadline_seconds(deadline)
-    answer = client.sync(
-        _scheduler_call,
-        client,
-        "dflow_admit",
-        requests=[
-            {"model": r.model, "features": _annotated_features(r)} for r in requests
-        ],
-        mode=mode,
-        model_timeout=parse_timedelta(dask.config.get("dflow.client.model-timeout")),
-        admission_timeout=parse_timedelta(dask.config.get("dflow.admission.timeout")),
-    )
-    if "error" in answer:
-        raise _refusal(answer)
+    features = [_annotated_features(r) for r in requests]
+    admitted = _admit(client, requests, features, mode)
     layers: dict[str, MaterializedLayer] = {}
     dependencies: dict[str, set[str]] = {}
     final_keys = []
-    for request, admission in zip(requests, answer["admitted"]):
+    for request, request_features, admission in zip(requests, features, admitted):
         request_id = uuid.uuid4().hex[:16]
         previous: str | None = None
         # an input image's pixels go to the task that encodes it, in its own
@@ -188,8 +198,10 @@ def map(
                     "model": request.model,
                     "request": request_id,
                     "mode": admission["mode"],
-                    "features": _annotated_features(request),
+                    "features": request_features,
                     "deadline": seconds,
+                    "epoch": admission["epoch"],
+                    "standing": admission["standing"],
                 },
             }
             if workers is not None:
@@ -214,23 +226,150 @@ class RequestFuture(Future):
         return super().cancel(reason=reason or "cancelled", msg=msg, **kwargs)
 
 
+def _admit(
+    client: Client,
+    requests: Sequence[Request],
+    features: Sequence[dict[str, Any]],
+    mode: str | None,
+) -> list[dict[str, Any]]:
+    """The scheduler's admission of ``requests``: their standing answers where
+    this client has them all, else its answer now (raising its refusal)."""
+    standing = _standing_admissions(client)
+    # the scheduler the client is connected to now: answers of one it lost and
+    # reconnected to at the same address do not hold
+    scheduler = client._scheduler_identity.get("id")
+    admitted = standing.lookup(scheduler, requests, features, mode)
+    if admitted is not None:
+        return admitted
+    answer = client.sync(
+        _scheduler_call,
+        client,
+        "dflow_admit",
+        client_id=client.id,
+        requests=[
+            {"model": r.model, "features": f} for r, f in zip(requests, features)
+        ],
+        mode=mode,
+        model_timeout=parse_timedelta(dask.config.get("dflow.client.model-timeout")),
+        admission_timeout=parse_timedelta(dask.config.get("dflow.admission.timeout")),
+    )
+    if "error" in answer:
+        raise _refusal(answer)
+    standing.keep(requests, features, mode, answer)
+    return [{**a, "epoch": answer["epoch"]} for a in answer["admitted"]]
+
+
+class StandingAdmissions:
+    """A client's standing admission answers (:mod:`dflow.plugins.admission`):
+    per model, mode asked and request features, the mode requests run in, for as
+    long as the scheduler's admission epoch is the one they were given in. The
+    scheduler publishes each new epoch on ``dflow-admission``; a client that
+    asked hears it."""
+
+    #: Most answers kept; past it they are dropped and asked again
+    size = 1024
+
+    def __init__(self, client: Client):
+        self._lock = threading.Lock()
+        self._scheduler: str | None = None
+        self._epoch = -1
+        #: question -> (mode, the stages of its chain, epoch)
+        self._answers: dict[tuple, tuple[str, tuple[str, ...], int]] = {}
+        client.subscribe_topic(ADMISSION_TOPIC, self._on_epoch)
+
+    def lookup(
+        self,
+        scheduler: str | None,
+        requests: Sequence[Request],
+        features: Sequence[dict[str, Any]],
+        mode: str | None,
+    ) -> list[dict[str, Any]] | None:
+        """Admissions of all ``requests`` from the standing answers of
+        ``scheduler`` (its id), or ``None``."""
+        admitted = []
+        with self._lock:
+            if scheduler is None or scheduler != self._scheduler:
+                return None
+            for request, request_features in zip(requests, features):
+                answer = self._answers.get(_question(request, request_features, mode))
+                if answer is None or answer[2] < self._epoch:
+                    return None
+                request_mode, stages, epoch = answer
+                admitted.append(
+                    {
+                        "mode": request_mode,
+                        "workers": dict.fromkeys(stages),
+                        "standing": True,
+                        "epoch": epoch,
+                    }
+                )
+        return admitted
+
+    def keep(
+        self,
+        requests: Sequence[Request],
+        features: Sequence[dict[str, Any]],
+        mode: str | None,
+        answer: dict[str, Any],
+    ) -> None:
+        """Keep the standing answers of an admission's ``answer``."""
+        with self._lock:
+            self._observe(answer["scheduler"], answer["epoch"])
+            if len(self._answers) > self.size:
+                self._answers.clear()
+            for request, request_features, admission in zip(
+                requests, features, answer["admitted"]
+            ):
+                if admission["standing"]:
+                    question = _question(request, request_features, mode)
+                    self._answers[question] = (
+                        admission["mode"],
+                        tuple(admission["workers"]),
+                        answer["epoch"],
+                    )
+
+    def _on_epoch(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, message = event
+        with self._lock:
+            self._observe(message["scheduler"], message["epoch"])
+
+    def _observe(self, scheduler: str, epoch: int) -> None:
+        """Note the newest epoch of ``scheduler``: answers of older epochs
+        lapse, and all answers of another scheduler (a restarted one)."""
+        if scheduler != self._scheduler:
+            self._answers.clear()
+            self._scheduler, self._epoch = scheduler, epoch
+        else:
+            self._epoch = max(self._epoch, epoch)
+
+
+_standing: weakref.WeakKeyDictionary[Client, StandingAdmissions] = (
+    weakref.WeakKeyDictionary()
+)
+_standing_lock = threading.Lock()
+
+
+def _standing_admissions(client: Client) -> StandingAdmissions:
+    with _standing_lock:
+        if client not in _standing:
+            _standing[client] = StandingAdmissions(client)
+        return _standing[client]
+
+
+def _question(
+    request: Request, features: dict[str, Any], mode: str | None
+) -> tuple[Any, ...]:
+    return (request.model, mode, tuple(sorted(features.items())))
+
+
 def encoding_key(request: Request) -> str:
     """The key of a request's encode task: equal for requests whose text
-    encodings are equal (model, prompt, negative prompt, and whether guidance
-    encodes the negative prompt), so requests in flight together run the encoder
-    once (a graph's key already on the scheduler is reused, not run again). An
-    input image's encoding also depends on the image and the output's shape."""
-    image = request.image
-    token = tokenize(
-        request.model,
-        request.prompt,
-        request.negative_prompt,
-        request.features["cfg"],
-        None
-        if image is None
-        else (image.digest, request.height, request.width, request.num_frames),
-    )
-    return f"encode-{token}"
+    encodings are equal (:func:`dflow.prompts.encoding_fields`: model, prompt,
+    negative prompt, whether guidance encodes the negative prompt, and an input
+    image with the output's shape), so requests in flight together run the
+    encoder once (a graph's key already on the scheduler is reused, not run
+    again)."""
+    return f"encode-{tokenize(*prompts.encoding_fields(request))}"
 
 
 def status(client: Client) -> dict[str, Any]:

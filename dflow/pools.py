@@ -34,6 +34,9 @@ TASK_PREFIXES = {
     "vae": "decode",
     "all": "generate",
 }
+#: The scheduler's event topic of admission epochs: ``{"scheduler": id, "epoch": n}``
+#: whenever the pools change, so what admission answered before may no longer hold
+ADMISSION_TOPIC = "dflow-admission"
 #: Key prefixes of a request's final task: the end of the chain, or the one
 #: monolithic task
 FINAL_PREFIXES = (f"{TASK_PREFIXES['vae']}-", f"{TASK_PREFIXES['all']}-")

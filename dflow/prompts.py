@@ -63,3 +63,21 @@ def check_length(request: Request) -> None:
                 f"{count} tokens is over the limit of {spec.max_sequence_length} "
                 f"tokens of {spec.name}'s text encoder",
             )
+
+
+def encoding_fields(request: Request) -> tuple[Any, ...]:
+    """What a request's encodings depend on: the model, the prompts, whether
+    guidance encodes the negative prompt and, for image-to-video, the input
+    image and the output's shape (its condition is encoded with them). Requests
+    with equal fields share one encode task (:func:`dflow.client.encoding_key`)
+    and an encoder worker's cached encoding."""
+    image = request.image
+    return (
+        request.model,
+        request.prompt,
+        request.negative_prompt,
+        request.features["cfg"],
+        None
+        if image is None
+        else (image.digest, request.height, request.width, request.num_frames),
+    )

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,6 +281,41 @@ class StepBatcher:
                 entry.on_step(entry.state.index - 1)
 
 
+class EncodingCache:
+    """Recent text encodings of one encoder, by
+    :func:`dflow.prompts.encoding_fields`; past ``size`` the least recently used
+    is dropped. ``hits`` and ``misses`` count the lookups."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict[str, Any] | None:
+        with self._lock:
+            embeddings = self._entries.get(key)
+            if embeddings is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return embeddings
+
+    def put(self, key: tuple, embeddings: dict[str, Any]) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._entries[key] = embeddings
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 class StageRuntime:
     """The resident model of one stage of one model, on one device.
 
@@ -372,6 +408,12 @@ class StageRuntime:
             )
             self.load_seconds = time.perf_counter() - start
         self.peak_memory: int | None = None
+        #: encodings kept for equal prompts (``dflow.runtime.encoding-cache``)
+        self.encodings = EncodingCache(
+            int(dask.config.get("dflow.runtime.encoding-cache"))
+        )
+        #: one VAE call per request (``dflow.runtime.exact-decode``)
+        self.exact_decode = bool(dask.config.get("dflow.runtime.exact-decode"))
         self._lock = threading.Lock()
         self._encode = Batcher(self._encode_each, max_batch)
         self._decode = Batcher(self._decode_each, max_batch)
@@ -406,11 +448,18 @@ class StageRuntime:
 
     def encode(self, request: Request) -> dict[str, Any]:
         """Embeddings of the request's prompts (and its input image's condition,
-        for image-to-video), as a dict of tensors plus ``timings``."""
+        for image-to-video), as a dict of tensors plus ``timings``
+        (``encode_cached`` 1: reused from :attr:`encodings`)."""
         self._check(request, "encoder")
+        key = prompts.encoding_fields(request)
+        cached = self.encodings.get(key)
+        if cached is not None:
+            timings = {"encode": 0.0, "encode_batch": 1, "encode_cached": 1}
+            return {**cached, "timings": timings}
         embeddings, seconds, size = self._encode(
             request, self.adapter.batch_key("encoder", request)
         )
+        self.encodings.put(key, embeddings)
         return {**embeddings, "timings": {"encode": seconds, "encode_batch": size}}
 
     def denoise(
@@ -622,9 +671,21 @@ class StageRuntime:
         self, requests: Sequence[Request], latents: Sequence[torch.Tensor]
     ) -> tuple[list[np.ndarray], float]:
         """uint8 pixels of ``requests`` from their latents in one call, and its
-        seconds (the batch that :meth:`decode` forms, given outright)."""
+        seconds (the batch that :meth:`decode` forms, given outright).
+
+        With ``dflow.runtime.exact-decode`` each request's latents decode in a
+        VAE call of their own: a batched convolution may round differently
+        (pixels within 1 level of 255 of a single call's).
+        """
         with self._lock, self._measure() as elapsed:
-            pixels = self.adapter.decode(requests, latents)
+            if self.exact_decode:
+                pixels = [
+                    p
+                    for r, x in zip(requests, latents, strict=True)
+                    for p in self.adapter.decode([r], [x])
+                ]
+            else:
+                pixels = self.adapter.decode(requests, latents)
         return pixels, elapsed()
 
     def zero_embeddings(self, request: Request) -> dict[str, torch.Tensor]:
@@ -662,6 +723,7 @@ class StageRuntime:
 
     def close(self) -> None:
         """Drop the model and return its device memory."""
+        self.encodings.clear()
         del self.adapter
         gc.collect()
         if torch.device(self.device).type == "cuda":

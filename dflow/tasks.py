@@ -99,6 +99,8 @@ def _report(timings: dict[str, float], call: str) -> None:
             # a denoising call's batch changes as requests join and leave: its
             # mean, weighted so that seconds / batch is this request's share
             "batch": float(timings.get(f"{call}_batch", 1)),
+            # reused from the encoder's cache: no call ran
+            "cached": bool(timings.get(f"{call}_cached")),
         }
 
 

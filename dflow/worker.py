@@ -17,10 +17,14 @@ Kubernetes, dask-jobqueue) sees the failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import socket
+import threading
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dask.config
@@ -280,9 +284,61 @@ class StagePlugin(WorkerPlugin):
             await asyncio.to_thread(runtime.close)
 
 
+def spawn_environment() -> dict[str, str | None]:
+    """Variables a stage worker process starts with (``None``: without it), from
+    ``dflow.worker.pre-spawn-environ``. glibc reads its allocator's settings
+    when the process starts, so they cannot be set once it runs."""
+    changes = dask.config.get("dflow.worker.pre-spawn-environ") or {}
+    return {k: None if v is None else str(v) for k, v in changes.items()}
+
+
+#: Stage worker processes being spawned in this process, and the variables of
+#: :func:`spawn_environment` as they were before the first of them
+_spawning = 0
+_saved: dict[str, str | None] = {}
+_spawning_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _spawning_with(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """This process's environment with ``changes`` while worker processes are
+    spawned (a child inherits it), as it was once the last of them has started:
+    the Nanny copies its spawn environment into its own process, which would
+    reach every later child (and override the config of later Nannies)."""
+    global _spawning
+    with _spawning_lock:
+        if _spawning == 0:
+            _saved.clear()
+        for key in changes:
+            _saved.setdefault(key, os.environ.get(key))
+        _spawning += 1
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        yield
+    finally:
+        with _spawning_lock:
+            _spawning -= 1
+            if _spawning == 0:
+                for key, value in _saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+
 class StageNanny(Nanny):
     """A Nanny that stops, rather than restarts, a worker whose stage could not
     load (its :class:`StagePlugin` says so through ``dflow_load_failed``).
+
+    Its worker process starts with :func:`spawn_environment` over
+    ``distributed.nanny.pre-spawn-environ``: dflow's config decides the
+    variables it names (a value this process inherited or was left by another
+    Nanny does not override it), and the Nanny leaves this process's
+    environment as it found it.
 
     Attributes
     ----------
@@ -297,6 +353,20 @@ class StageNanny(Nanny):
         self.load_error: str | None = None
         self.failed = asyncio.Event()
         self.handlers["dflow_load_failed"] = self.load_failed
+        changes = spawn_environment()
+        for key, value in changes.items():
+            for environment in (self.pre_spawn_env, self.env):
+                if value is None:
+                    environment.pop(key, None)
+                else:
+                    environment[key] = value
+        removed = {k: None for k, v in changes.items() if v is None}
+        #: this process's environment while the worker process is spawned
+        self.spawn_changes: dict[str, str | None] = {**self.pre_spawn_env, **removed}
+
+    async def instantiate(self) -> Any:
+        with _spawning_with(self.spawn_changes):
+            return await super().instantiate()
 
     async def close(
         self, timeout: float | None = 30, reason: str = "nanny-close"

@@ -10,6 +10,15 @@ the memory for the request's predicted peak (:class:`MemoryRouting`; else
 :class:`~dflow.errors.InvalidRequest` naming the field to shrink), and holds
 each model under ``dflow.admission.max-outstanding`` requests in flight (else
 :class:`~dflow.errors.Overloaded`).
+
+An answer that only the pools could change (no limit applies to the model, no
+stage is restricted to some workers, the predictor is in place) is *standing*:
+the client reuses it for requests of the same model and features without asking
+again, until the pools change (:meth:`DflowExtension.new_epoch
+<dflow.plugins.extension.DflowExtension.new_epoch>` publishes the new epoch to
+the clients that asked). The scheduler polices what arrives from an older epoch:
+its stages are routed again when the graph arrives, and a request no worker can
+hold any more fails with the reason (:mod:`dflow.plugins.policing`).
 """
 
 from __future__ import annotations
@@ -29,10 +38,21 @@ from dflow import families
 from dflow.errors import InvalidRequest, ModelNotServed, Overloaded
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.predictions import Predictions
-from dflow.pools import MONOLITHIC, STAGES, Pool, base_stage, expert_of
+from dflow.pools import (
+    ADMISSION_TOPIC,
+    MONOLITHIC,
+    STAGES,
+    Pool,
+    base_stage,
+    expert_of,
+)
 from dflow.spec import ModelSpec
 
 GIB = 2**30
+#: The worker restriction of a task no worker can hold: no worker has this
+#: address, so the task waits for a worker and task policing fails it with the
+#: reason (:meth:`~dflow.plugins.policing.TaskPolicing.repin`)
+NO_WORKER = "dflow-no-worker-can-hold"
 
 
 class MemoryRouting:
@@ -41,12 +61,31 @@ class MemoryRouting:
     def __init__(self, extension: DflowExtension, predictions: Predictions):
         self.extension = extension
         self.predictions = predictions
+        #: answers of :meth:`capable` in the epoch and with the predictor they
+        #: were computed in: requests of one shape ask the same question
+        self._answers: dict[tuple, list[str] | None] = {}
+        self._answered_in: tuple[int, Any] = (-1, None)
+
+    @property
+    def exact(self) -> bool:
+        """Whether routing has predictions to go by (the predictor is in place)."""
+        return self.predictions.predictor is not None
 
     def capable(self, pool: Pool, features: dict[str, Any]) -> list[str] | None:
         """Addresses of the workers of ``pool`` with memory for a request of
         ``features`` at its predicted peak (``None``: all of them, or no
         prediction to go by). Raises :class:`~dflow.errors.InvalidRequest` when
         no worker of the pool has enough."""
+        now = (self.extension.epoch, self.predictions.predictor)
+        if self._answered_in[0] != now[0] or self._answered_in[1] is not now[1]:
+            self._answers.clear()
+            self._answered_in = now
+        question = (pool, tuple(sorted(features.items())))
+        if question not in self._answers:
+            self._answers[question] = self._capable(pool, features)
+        return self._answers[question]
+
+    def _capable(self, pool: Pool, features: dict[str, Any]) -> list[str] | None:
         members = self.extension.members(pool)
         # one prediction per GPU type: a fleet has a few types and many workers
         try:
@@ -89,21 +128,64 @@ class Admission(SchedulerPlugin):
     def __init__(self, extension: DflowExtension, routing: MemoryRouting):
         self.extension = extension
         self.routing = routing
+        self.scheduler: Scheduler | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
         scheduler.handlers["dflow_admit"] = self.admit
 
-    async def admit(self, **kwargs: Any) -> dict[str, Any]:
+    async def admit(
+        self, client_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """Handler of :meth:`admit_requests`: refusals come back as data, so the
-        client raises them and the scheduler's log stays quiet."""
+        client raises them and the scheduler's log stays quiet. The client
+        (``client_id``) is subscribed to the admission epochs, so that it hears when its
+        standing answers lapse; the answer names the epoch it holds in."""
+        assert self.scheduler is not None
+        if client_id is not None:
+            self.scheduler.subscribe_topic(ADMISSION_TOPIC, client_id)
         try:
-            return {"admitted": await self.admit_requests(**kwargs)}
+            admitted = await self.admit_requests(**kwargs)
         except (InvalidRequest, ModelNotServed, Overloaded) as error:
             return {
                 "error": type(error).__name__,
                 "field": getattr(error, "field", None),
                 "message": str(error),
             }
+        # standing answers were routed after the last await (they reserve
+        # nothing): the epoch is still theirs
+        return {
+            "admitted": admitted,
+            "epoch": self.extension.epoch,
+            "scheduler": self.scheduler.id,
+        }
+
+    def update_graph(
+        self, scheduler: Scheduler, *, annotations: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Police the stage tasks of requests admitted in an older epoch (a
+        standing answer the pools changed under): route them again, as admission
+        would now. A request that reused a standing answer for a model that has
+        since been given a limit starts a new epoch, so clients ask again."""
+        epoch = self.extension.epoch
+        limit = dask.config.get("dflow.admission.max-outstanding")
+        lapsed = False
+        for key, info in ((annotations or {}).get("dflow") or {}).items():
+            if info.get("epoch", epoch) == epoch:
+                continue
+            ts = scheduler.tasks.get(key)
+            if ts is None or ts.state != "released":
+                continue  # placed already (a shared encoding)
+            pool = Pool(info["stage"], info["model"])
+            try:
+                capable = self.routing.capable(pool, info.get("features", {}))
+            except InvalidRequest:
+                capable = [NO_WORKER]
+            ts.worker_restrictions = set(capable) if capable else None
+            standing = info.get("standing", False)
+            lapsed |= standing and not _unlimited(limit, pool.model)
+        if lapsed:
+            self.extension.new_epoch()
 
     async def admit_requests(
         self,
@@ -118,8 +200,10 @@ class Admission(SchedulerPlugin):
         stages to the workers that can hold them and waits up to
         ``admission_timeout`` for room under ``dflow.admission.max-outstanding``.
 
-        Returns, per request: its mode and, per stage of its chain in order,
-        the workers it must run on (``None``: any worker of the pool).
+        Returns, per request: its mode, per stage of its chain in order the
+        workers it must run on (``None``: any worker of the pool), and whether
+        the answer is standing (only the pools can change it: the client may
+        reuse it).
         """
         deadline = time.monotonic() + model_timeout
         models = {r["model"] for r in requests}
@@ -134,6 +218,7 @@ class Admission(SchedulerPlugin):
             if time.monotonic() >= deadline:
                 raise ModelNotServed(self.not_served(missing[0], pools, mode))
             await asyncio.sleep(0.1)
+        limit = dask.config.get("dflow.admission.max-outstanding")
         admitted = []
         for request in requests:
             model = request["model"]
@@ -143,16 +228,17 @@ class Admission(SchedulerPlugin):
                 stages = _chain(served, chains[model], request["features"])
             else:
                 stages = (MONOLITHIC,)
+            workers = {
+                stage: self.routing.capable(Pool(stage, model), request["features"])
+                for stage in stages
+            }
+            standing = (
+                _unlimited(limit, model)
+                and self.routing.exact
+                and all(w is None for w in workers.values())
+            )
             admitted.append(
-                {
-                    "mode": request_mode,
-                    "workers": {
-                        stage: self.routing.capable(
-                            Pool(stage, request["model"]), request["features"]
-                        )
-                        for stage in stages
-                    },
-                }
+                {"mode": request_mode, "workers": workers, "standing": standing}
             )
         await self._reserve(Counter(r["model"] for r in requests), admission_timeout)
         return admitted
@@ -208,7 +294,9 @@ class Admission(SchedulerPlugin):
 
     async def _reserve(self, counts: Counter[str], timeout: float) -> None:
         limit = dask.config.get("dflow.admission.max-outstanding")
-        if limit is None:
+        # slots of limited models only: a standing answer's graph frees none
+        counts = Counter({m: n for m, n in counts.items() if not _unlimited(limit, m)})
+        if not counts:
             return
         reserved = self.extension.reserved
         deadline = time.monotonic() + timeout
@@ -273,6 +361,13 @@ def _chain(
         return min(shares, default=math.inf)
 
     return max(_served_chains(stages, chains), key=capacity)
+
+
+def _unlimited(limit: int | dict[str, int] | None, model: str) -> bool:
+    """Whether no ``dflow.admission.max-outstanding`` applies to ``model``."""
+    if isinstance(limit, dict):
+        return model not in limit and "default" not in limit
+    return limit is None
 
 
 def _limit(limit: int | dict[str, int], model: str) -> int:

@@ -34,7 +34,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
 import dflow.config  # noqa: F401
-from dflow.pools import FINAL_PREFIXES, Pool
+from dflow.pools import ADMISSION_TOPIC, FINAL_PREFIXES, Pool
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ class DflowExtension(SchedulerPlugin):
         #: leave (a worker that fails its first load exits), for status and
         #: for ModelNotServed to say why a pool has no workers
         self.failures: deque[WorkerRecord] = deque(maxlen=history)
+        #: counts the changes of the pools: admission answers from an older
+        #: epoch may no longer hold (:meth:`new_epoch`)
+        self.epoch = 0
 
     # -- plugin hooks ----------------------------------------------------------------
 
@@ -212,6 +215,7 @@ class DflowExtension(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         record = self.workers.pop(worker, None)
         if record is not None and record.pool is not None:
+            self.new_epoch()
             self.event(
                 "worker-removed",
                 worker=record.name,
@@ -239,7 +243,8 @@ class DflowExtension(SchedulerPlugin):
             self.requests[record.request_id] = record
             self.final_keys[key] = record.request_id
             self.counts[record.model, "submitted"] += 1
-            if self.reserved[record.model] > 0:
+            # a standing admission reserved no slot
+            if not info.get("standing") and self.reserved[record.model] > 0:
                 self.reserved[record.model] -= 1
 
     def transition(
@@ -306,6 +311,7 @@ class DflowExtension(SchedulerPlugin):
             self.specs[model] = spec
         if state == "failed":
             self.failures.append(replace(record))
+        self.new_epoch()
         self.event(
             f"worker-{state}",
             worker=record.name,
@@ -368,6 +374,15 @@ class DflowExtension(SchedulerPlugin):
 
     def in_flight(self) -> list[RequestRecord]:
         return [r for r in self.requests.values() if r.status == "pending"]
+
+    def new_epoch(self) -> None:
+        """The pools changed: start a new admission epoch and publish it on
+        ``dflow-admission``, so clients stop reusing older answers."""
+        assert self.scheduler is not None
+        self.epoch += 1
+        self.scheduler.log_event(
+            ADMISSION_TOPIC, {"scheduler": self.scheduler.id, "epoch": self.epoch}
+        )
 
     def reserve(self, counts: Counter[str]) -> None:
         """Hold admission slots for requests whose graph is on its way."""

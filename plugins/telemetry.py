@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +106,9 @@ class Telemetry(SchedulerPlugin):
         self.alpha = float(dask.config.get("dflow.telemetry.ewma-alpha"))
         #: called with each new record (the health collaborator's worker speeds)
         self.listeners: list[Callable[[StageRecord], None]] = []
+        #: encode tasks per model whose encoding the encoder had cached ("hit")
+        #: or computed ("miss")
+        self.encoding_cache: Counter[tuple[str, str]] = Counter()
         self._last_sample_completed = 0
 
     async def start(self, scheduler: Scheduler) -> None:
@@ -147,6 +150,9 @@ class Telemetry(SchedulerPlugin):
         worker = kwargs.get("worker", "")
         record = self.extension.workers.get(worker)
         call = (kwargs.get("metadata") or {}).get("dflow") or {}
+        cached = bool(call.get("cached"))
+        if pool.stage == "encoder":
+            self.encoding_cache[pool.model, "hit" if cached else "miss"] += 1
         entry = StageRecord(
             finished=finished,
             key=str(key),
@@ -163,6 +169,8 @@ class Telemetry(SchedulerPlugin):
             batch=float(call.get("batch", 1)),
         )
         self.records.append(entry)
+        if cached:
+            return  # no stage call ran: nothing to time or predict from
         self.recent[pool].append(entry.features)
         service = entry.service_s
         previous = self.service.get(pool)

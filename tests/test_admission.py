@@ -14,6 +14,9 @@ peak memory for admission.
 - a request past its deadline is cancelled on the scheduler
   (``FutureCancelledError``, reason ``deadline-exceeded``): its denoising loop
   stops and its tasks are forgotten;
+- an admission only the pools could change is *standing*: the client reuses it
+  without a round trip until the pools change, and a request sent on an answer
+  the pools changed under is routed again when it reaches the scheduler;
 - a request no worker of a stage has the memory for is refused at submit
   (:class:`~dflow.errors.InvalidRequest` naming ``height``); in a fleet of mixed
   GPU types its stage runs only on the workers that can hold it, and when those
@@ -33,11 +36,12 @@ import pytest
 import yaml
 
 import dask.config
+from distributed import Worker
 from distributed.client import FutureCancelledError
 from distributed.utils_test import gen_cluster
 
 import dflow
-from dflow.client import encoding_key
+from dflow.client import _standing_admissions, encoding_key
 from dflow.errors import InvalidRequest, Overloaded
 from dflow.request import Request
 from dflow.testing import wait_for_pools
@@ -371,6 +375,98 @@ async def test_a_pinned_task_fails_clearly_when_no_worker_left_can_hold_it(
     # the fleet serves on
     output = await (await in_thread(dflow.submit, c, request(1024, seed=3)))
     assert output.request == request(1024, seed=3)
+
+
+def count_admissions(s) -> list[dict]:
+    """The scheduler's ``dflow_admit`` calls from now on (their arguments)."""
+    calls: list[dict] = []
+    admit = s.handlers["dflow_admit"]
+
+    async def counted(**kwargs: Any) -> dict:
+        calls.append(kwargs)
+        return await admit(**kwargs)
+
+    s.handlers["dflow_admit"] = counted
+    return calls
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers(*STAGES),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_a_standing_admission_is_reused_until_the_pools_change(
+    c, s, *workers, session_config
+):
+    """No limit and no restricted stage: the second request of the same shape is
+    submitted without asking the scheduler; a worker joining a pool lapses the
+    answer, so the next request asks again."""
+    await in_thread(wait_for_pools, c, {MODEL: STAGES})
+    await predictor_ready(s)
+    calls = count_admissions(s)
+    outputs = []
+    for seed in range(3):
+        future = await in_thread(dflow.submit, c, request(seed=seed))
+        outputs.append(await future)
+    assert [o.request.seed for o in outputs] == [0, 1, 2]
+    assert len(calls) == 1
+    # another shape is another question
+    await (await in_thread(dflow.submit, c, request(512)))
+    assert len(calls) == 2
+
+    extension = s.extensions["dflow"]
+    epoch = extension.epoch
+    plugin = StagePlugin("vae", MODEL, gpu_type="h200")
+    async with Worker(s.address, nthreads=1, plugins={plugin}):
+        await in_thread(wait_for_pools, c, {MODEL: [*STAGES, "vae"]})
+        assert extension.epoch > epoch
+        standing = _standing_admissions(c)
+        await until(lambda: standing._epoch == extension.epoch)
+        output = await (await in_thread(dflow.submit, c, request(seed=4)))
+        assert output.request == request(seed=4)
+        assert len(calls) == 3
+        await (await in_thread(dflow.submit, c, request(seed=5)))
+        assert len(calls) == 3
+
+
+@gen_cluster(
+    client=True,
+    nthreads=stage_workers(*STAGES),
+    scheduler_kwargs=SCHEDULER,
+    config=CONFIG,
+    timeout=120,
+)
+async def test_a_request_sent_on_a_lapsed_answer_is_routed_again(
+    c, s, *workers, session_config
+):
+    """A VAE worker too small for a 2048x2048 decode joins in the moment before
+    the client hears of it: the request, sent on its standing answer (any VAE
+    worker), is pinned to the worker that holds it when it reaches the
+    scheduler."""
+    await in_thread(wait_for_pools, c, {MODEL: STAGES})
+    await predictor_ready(s)
+    big = request(2048, seed=1)
+    await (await in_thread(dflow.submit, c, big))
+    standing = _standing_admissions(c)
+    heard = standing._epoch
+    large = workers[2].address
+
+    plugin = StagePlugin("vae", MODEL, gpu_type=SMALL_GPU)
+    async with Worker(s.address, nthreads=1, plugins={plugin}) as small:
+        await in_thread(wait_for_pools, c, {MODEL: [*STAGES, "vae"]})
+        await until(lambda: standing._epoch == s.extensions["dflow"].epoch)
+        standing._epoch = heard  # as if the news had not reached the client yet
+        calls = count_admissions(s)
+        future = await in_thread(dflow.submit, c, big.replace(seed=2))
+        assert not calls
+        decode = f"decode-{request_id(future.key)}"
+        await until(lambda: decode in s.tasks)
+        assert s.tasks[decode].worker_restrictions == {large}
+        output = await future
+        assert output.request == big.replace(seed=2)
+        assert ran_on(s, decode) == large != small.address
 
 
 # -- a scheduler without dflow --------------------------------------------------------------

@@ -13,6 +13,10 @@ match stock diffusers loaded with the same ``TorchAoConfig``. For two-expert and
 image-to-video folders a real cluster (scheduler and ``dflow-worker``
 processes) serves both layouts of the DiT: both experts on each worker, then
 one expert per worker.
+
+A VAE call that batches several requests' latents gives each within 1 level (of
+255) of its single call, and exactly its single call with
+``dflow.runtime.exact-decode``.
 """
 
 from __future__ import annotations
@@ -462,3 +466,36 @@ def fleet_workers_by_address(client: Client) -> dict[str, str]:
     """The stage each ready worker serves, by address."""
     records = client.sync(client.scheduler.dflow_workers)
     return {r["address"]: r["stage"] for r in records if r["state"] == "ready"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batched_decodes_are_within_one_level_or_exact(
+    model_folder, stages, case, record_property
+):
+    requests = [
+        equivalence_request(model_folder, case).replace(seed=seed)
+        for seed in (11, 12, 13)
+    ]
+    latents = [
+        stages.dit.denoise(r, stages.encoder.encode(r))["latents"] for r in requests
+    ]
+    singles = [
+        stages.vae.decode_batch([r], [x])[0][0] for r, x in zip(requests, latents)
+    ]
+    batched, _ = stages.vae.decode_batch(requests, latents)
+    assert [p.shape for p in batched] == [p.shape for p in singles]
+    diff = max(
+        int(np.abs(b.astype(np.int16) - p.astype(np.int16)).max())
+        for b, p in zip(batched, singles)
+    )
+    record_property("batched_max_abs_diff", diff)
+    assert diff <= 1
+
+    assert not stages.vae.exact_decode  # the default
+    stages.vae.exact_decode = True
+    try:
+        exact, _ = stages.vae.decode_batch(requests, latents)
+    finally:
+        stages.vae.exact_decode = False
+    for one, single in zip(exact, singles, strict=True):
+        np.testing.assert_array_equal(one, single)

@@ -274,3 +274,14 @@ def test_request_counters_match_the_requests(served) -> None:
         pool = labels(stage=stage, model=MODEL)
         assert samples["dflow_queue_depth", pool] == 0
         assert samples["dflow_service_observed_seconds", pool] > 0
+
+    # the first request's prompt again: the encoder worker reuses its encoding
+    lookups = "dflow_encoding_cache_lookups_total"
+    assert samples[lookups, labels(model=MODEL, result="miss")] == 5
+    assert (lookups, labels(model=MODEL, result="hit")) not in samples
+    again = requests[0].replace(seed=100)
+    assert dflow_client.submit(client, again).result().request == again
+    with urllib.request.urlopen(url, timeout=30) as response:
+        _, samples = parse(response.read().decode())
+    assert samples[lookups, labels(model=MODEL, result="hit")] == 1
+    assert samples[lookups, labels(model=MODEL, result="miss")] == 5

@@ -1,5 +1,5 @@
-"""Batcher and StageRuntime: batching, warm-up, refusals, the process registry,
-cancellation."""
+"""Batcher and StageRuntime: batching, the encoding cache, warm-up, refusals, the
+process registry, cancellation."""
 
 from __future__ import annotations
 
@@ -173,6 +173,7 @@ def test_concurrent_encodes_batch_and_equal_unbatched(runtimes, preset):
     requests = requests_for(preset, 4)
     alone = [encoder.encode(r) for r in requests]
     assert all(e["timings"]["encode_batch"] == 1 for e in alone)
+    encoder.encodings.clear()  # encoded again, not reused
 
     batched = call_concurrently(
         encoder, encoder._encode, [lambda r=r: encoder.encode(r) for r in requests]
@@ -186,6 +187,45 @@ def test_concurrent_encodes_batch_and_equal_unbatched(runtimes, preset):
         for name in tensors:
             assert other[name].shape[0] == 1
             assert torch.equal(one[name], other[name]), name
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_encoder_reuses_recent_encodings(runtimes, preset):
+    encoder = runtimes(preset, "encoder")
+    encoder.encodings.clear()
+    first = Request(model=preset, prompt="a lighthouse in fog", seed=1, steps=2)
+    computed = encoder.encode(first)
+    assert "encode_cached" not in computed["timings"]
+    hits, misses = encoder.encodings.hits, encoder.encodings.misses
+
+    # same prompts, another seed, size and step count: the same encoding, no call
+    again = encoder.encode(first.replace(seed=2, steps=3, height=64, width=64))
+    assert again["timings"]["encode_cached"] == 1
+    assert (encoder.encodings.hits, encoder.encodings.misses) == (hits + 1, misses)
+    tensors = [k for k, v in computed.items() if isinstance(v, torch.Tensor)]
+    assert "prompt_embeds" in tensors
+    for name in tensors:
+        assert torch.equal(again[name], computed[name]), name
+
+    # another prompt is another encoding
+    other = encoder.encode(first.replace(prompt="a lighthouse at dusk"))
+    assert "encode_cached" not in other["timings"]
+    assert not torch.equal(other["prompt_embeds"], computed["prompt_embeds"])
+
+    # bounded: past its size, the least recently used goes first
+    assert encoder.encode(first)["timings"]["encode_cached"] == 1
+    for i in range(encoder.encodings.size - 1):
+        encoder.encode(first.replace(prompt=f"filler {i}"))
+    assert encoder.encode(first)["timings"]["encode_cached"] == 1
+    dusk = encoder.encode(first.replace(prompt="a lighthouse at dusk"))
+    assert "encode_cached" not in dusk["timings"]
+
+
+def test_encoding_cache_of_size_zero_keeps_nothing():
+    cache = runtime.EncodingCache(0)
+    cache.put(("m", "a fox", "", True), {"prompt_embeds": torch.zeros(1)})
+    assert cache.get(("m", "a fox", "", True)) is None
+    assert (cache.hits, cache.misses) == (0, 1)
 
 
 @pytest.mark.parametrize("preset", TINY)
