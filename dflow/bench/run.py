@@ -19,10 +19,11 @@ import dask.config
 from distributed import Client
 
 import dflow.client
-from dflow.bench import MONOLITHIC
+from dflow.bench import MONOLITHIC_MODES
 from dflow.bench.metrics import ModeRun
 from dflow.bench.physics import Allocation
 from dflow.bench.recorder import Recorder
+from dflow.pools import MONOLITHIC
 
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
@@ -124,6 +125,7 @@ def run_mode(
     duration: float,
     drain: float,
     progress: Callable[[float], None] | None = None,
+    slos: Sequence[float] = (),
 ) -> ModeRun:
     """Serve ``entries`` on a fresh in-process fleet laid out as ``allocation``.
 
@@ -134,7 +136,7 @@ def run_mode(
     from dflow.bench.baselines import ReplicaAutoscaler
     from dflow.cluster import StageCluster
 
-    monolithic = mode in MONOLITHIC
+    monolithic = mode in MONOLITHIC_MODES
     workers = fleet_workers(allocation, monolithic)
     predictor = fleet_predictor(cost, list(scenario.fleet), scale)
     recorder = Recorder(interval=max(0.05, scenario.sample_every * scale))
@@ -214,14 +216,25 @@ def run_mode(
                 finals[keys[key]] = value
         extension = cluster.scheduler.extensions["dflow"]
         decisions = [
-            {**d, "time": (d["time"] - start) / scale}
+            {
+                **d,
+                "time": (d["time"] - start) / scale,
+                "source": _pool_text(d["source"]),
+                "target": _pool_text(d["target"]),
+            }
             for d in extension.recent_decisions()
         ]
         if autoscaler is not None:
             decisions += [
-                {**asdict(d), "time": (d.time - start) / scale}
+                {
+                    **asdict(d),
+                    "time": (d.time - start) / scale,
+                    "source": d.source and f"{MONOLITHIC}:{d.source}",
+                    "target": f"{MONOLITHIC}:{d.target}",
+                }
                 for d in autoscaler.decisions
             ]
+        decisions.sort(key=lambda d: d["time"])
         roles = {
             r.name: (r.gpu_type, "/".join(r.pool) if r.pool else None)
             for r in extension.workers.values()
@@ -234,6 +247,7 @@ def run_mode(
             for r in cluster.scheduler.plugins["dflow-telemetry"].records
             if r.stage in ("dit", "all")
         ]
+        planning_cpu = controller.planning_seconds(cpu=True)
         futures.clear()
     return ModeRun(
         mode=mode,
@@ -250,4 +264,12 @@ def run_mode(
         planning=planning,
         plans=list(recorder.plans),
         dit_batches=dit_batches,
+        events=list(recorder.events),
+        controller_cpu=planning_cpu,
+        slos=list(slos),
     )
+
+
+def _pool_text(pool: Any) -> str | None:
+    """A decision's pool as ``"stage:model"`` (``None``: no pool)."""
+    return None if pool is None else ":".join(pool)
