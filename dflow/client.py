@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dask.config
@@ -54,6 +54,7 @@ def submit(
     *,
     mode: str | None = None,
     deadline: str | float | None = None,
+    slo: str | float | None = None,
 ) -> Future:
     """Submit one request; returns a future of its :class:`~dflow.output.Output`.
 
@@ -74,6 +75,13 @@ def submit(
         request is cancelled: its future raises ``FutureCancelledError`` with
         reason ``deadline-exceeded`` and its work stops (config
         ``dflow.client.deadline``; default none).
+    slo
+        Seconds (or a duration) after submission by which the request should
+        be done: each stage pool serves its tasks earliest deadline first, and
+        a request past saving after those that can still make theirs, but
+        unlike ``deadline`` it is never cancelled. Default: ``deadline`` if
+        given, else config ``dflow.slo`` (per model, or a factor of its
+        predicted latency alone).
 
     Raises
     ------
@@ -94,14 +102,14 @@ def submit(
         If the client lost its scheduler (its futures were cancelled with reason
         ``scheduler-connection-lost``).
     ValueError, TypeError
-        If ``mode`` or ``deadline`` is not one the docs above allow.
+        If ``mode``, ``deadline`` or ``slo`` is not one the docs above allow.
 
     Examples
     --------
     >>> future = dflow.submit(client, dflow.Request(model="tiny-flux", prompt="a fox"))  # doctest: +SKIP
     >>> future.result().images[0]  # doctest: +SKIP
     """
-    (future,) = map(client, [request], mode=mode, deadline=deadline)
+    (future,) = map(client, [request], mode=mode, deadline=deadline, slo=slo)
     return future
 
 
@@ -111,10 +119,12 @@ def map(
     *,
     mode: str | None = None,
     deadline: str | float | None = None,
+    slo: str | float | Sequence[str | float | None] | None = None,
 ) -> list[Future]:
     """Submit many requests in one graph; returns their output futures in order.
 
-    Takes the arguments of :func:`submit`; admission is all or nothing.
+    Takes the arguments of :func:`submit` (``slo`` also as one value per
+    request); admission is all or nothing.
     """
     requests = list(requests)
     if not requests:
@@ -142,6 +152,7 @@ def map(
     if deadline is None:
         deadline = dask.config.get("dflow.client.deadline")
     seconds = _deadline_seconds(deadline)
+    slos = _slos(slo, len(requests))
     answer = client.sync(
         _scheduler_call,
         client,
@@ -158,7 +169,7 @@ def map(
     layers: dict[str, MaterializedLayer] = {}
     dependencies: dict[str, set[str]] = {}
     final_keys = []
-    for request, admission in zip(requests, answer["admitted"]):
+    for request, admission, request_slo in zip(requests, answer["admitted"], slos):
         request_id = uuid.uuid4().hex[:16]
         previous: str | None = None
         for stage, workers in admission["workers"].items():
@@ -183,6 +194,7 @@ def map(
                     "mode": admission["mode"],
                     "features": _annotated_features(request),
                     "deadline": seconds,
+                    "slo": request_slo,
                 },
             }
             if workers is not None:
@@ -265,15 +277,26 @@ def _refusal(answer: dict[str, Any]) -> Exception:
     return error(answer["message"])
 
 
-def _deadline_seconds(deadline: Any) -> float | None:
-    """A deadline in seconds; else a ValueError or TypeError naming it (dask's
-    ``parse_timedelta`` raises KeyError, AttributeError or OverflowError on some
-    input)."""
+def _slos(slo: Any, count: int) -> list[float | None]:
+    """Each request's SLO in seconds (``None``: the configured one)."""
+    if isinstance(slo, Sequence) and not isinstance(slo, str):
+        if len(slo) != count:
+            raise ValueError(
+                f"slo: expected one value per request ({count}), got {len(slo)}"
+            )
+        return [_deadline_seconds(s, "slo") for s in slo]
+    return [_deadline_seconds(slo, "slo")] * count
+
+
+def _deadline_seconds(deadline: Any, name: str = "deadline") -> float | None:
+    """A deadline (or ``name``) in seconds; else a ValueError or TypeError naming
+    it (dask's ``parse_timedelta`` raises KeyError, AttributeError or
+    OverflowError on some input)."""
     if deadline is None:
         return None
     if isinstance(deadline, bool) or not isinstance(deadline, (numbers.Real, str)):
         raise TypeError(
-            "deadline: expected seconds or a duration like '30s', "
+            f"{name}: expected seconds or a duration like '30s', "
             f"got {type(deadline).__name__}"
         )
     if isinstance(deadline, numbers.Real):
@@ -286,11 +309,11 @@ def _deadline_seconds(deadline: Any) -> float | None:
             seconds = parse_timedelta(deadline)
         except (ValueError, KeyError, OverflowError):
             raise ValueError(
-                f"deadline: {deadline!r:.40} is not a duration (use seconds or "
+                f"{name}: {deadline!r:.40} is not a duration (use seconds or "
                 "e.g. '30s')"
             ) from None
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"deadline: must be positive and finite, got {deadline!r:.40}")
+        raise ValueError(f"{name}: must be positive and finite, got {deadline!r:.40}")
     return float(seconds)
 
 
