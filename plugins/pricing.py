@@ -28,6 +28,11 @@ from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
 from dflow.pools import MONOLITHIC, Pool
 from dflow.predictor import Predictor
 
+#: Service times the controller can plan with (``dflow.elastic.pricing``):
+#: the predictor's, observed ones where no profile covers a pool; the
+#: predictor's alone; observed ones alone
+PRICING = ("hybrid", "prediction", "feedback")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -40,6 +45,8 @@ class Settings:
     default_switch: float
     window: float
     target_utilization: float
+    #: service times planned with (:data:`PRICING`)
+    pricing: str = "hybrid"
 
     @classmethod
     def from_config(cls) -> Settings:
@@ -54,7 +61,17 @@ class Settings:
             target_utilization=float(
                 dask.config.get("dflow.elastic.target-utilization")
             ),
+            pricing=pricing(dask.config.get("dflow.elastic.pricing")),
         )
+
+
+def pricing(value: str) -> str:
+    """``dflow.elastic.pricing``, checked."""
+    if value not in PRICING:
+        raise ValueError(
+            f"dflow.elastic.pricing must be one of {', '.join(PRICING)}, got {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -268,15 +285,17 @@ def service(
     gpu_type: str,
     features: Mapping[str, Any] | None,
     predictor: Predictor | None,
+    observed: bool = True,
 ) -> float | None:
     """Predicted seconds of one task of ``pool`` on ``gpu_type``: the predictor
-    where a profile covers the pool, else the observed average."""
+    where a profile covers the pool, else (with ``observed``) the observed
+    average."""
     if predictor is not None and features:
         try:
             return predictor.predict(pool.model, pool.stage, gpu_type, features).seconds
         except LookupError:
             pass
-    return view.observed_s
+    return view.observed_s if observed else None
 
 
 def price(
@@ -287,16 +306,21 @@ def price(
     predictor: Predictor | None,
     load_seconds: Mapping[tuple[Pool, str], float],
     default_switch: float,
+    observed: bool = True,
 ) -> Price:
     """Service time on the reference GPU type, speeds, memory and switch time of
     ``pool``, priced by the features of the newest task it owes (else of its
     latest finished one): the work ahead is priced by its own requests, so a
     new mix is priced as itself before its first task finishes."""
     features = view.newest if view.newest is not None else view.recent
-    base = service(pool, view, reference, features, predictor)
+    base = service(pool, view, reference, features, predictor, observed)
     speeds = {}
     for gpu_type in gpu_types:
-        seconds = service(pool, view, gpu_type, features, predictor) if base else None
+        seconds = (
+            service(pool, view, gpu_type, features, predictor, observed)
+            if base
+            else None
+        )
         speeds[gpu_type] = base / seconds if base and seconds else 1.0
     memory = view.weight_bytes
     if predictor is not None and features:
@@ -326,7 +350,11 @@ def price_pools(
     predictor: Predictor | None,
     settings: Settings,
 ) -> dict[Pool, Price]:
-    """:func:`price` of each of ``pools``."""
+    """:func:`price` of each of ``pools``, with the service times
+    ``settings.pricing`` names (feedback: a GPU type's speed is then unknown,
+    1)."""
+    if settings.pricing == "feedback":
+        predictor = None
     return {
         pool: price(
             pool,
@@ -336,6 +364,7 @@ def price_pools(
             predictor,
             observation.load_seconds,
             settings.default_switch,
+            observed=settings.pricing != "prediction",
         )
         for pool in pools
     }

@@ -215,6 +215,58 @@ def test_tiny_run_of_all_four_modes(tmp_path):
     assert (tmp_path / "pools.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_ablation_and_disagfusion_modes(tmp_path):
+    """A Flux-heavy phase, then a PixArt-heavy one, on eight emulated 4090s at
+    1/50 of real time: DisagFusion's thresholds move stage workers, and the
+    controller's prediction-only and feedback-only ablations serve the trace."""
+    from dflow.bench.report import quiet, run_scenario
+    from dflow.bench.scenarios import Scenario
+    from dflow.bench.workload import Arrivals, Phase, Template, Workload
+
+    modes = ("disagfusion", "prediction_only", "feedback_only")
+    flux, pixart = "flux.1-dev", "pixart-sigma-1024"
+    scenario = Scenario(
+        name="tiny-shift",
+        title="tiny shift",
+        fleet={"rtx4090": 8},
+        workload=Workload(
+            [
+                Phase(
+                    0,
+                    Arrivals("poisson", rate=0.15),
+                    [Template(flux, weight=0.9), Template(pixart, weight=0.1)],
+                ),
+                Phase(
+                    300,
+                    Arrivals("poisson", rate=1.0),
+                    [Template(flux, weight=0.1), Template(pixart, weight=0.9)],
+                ),
+            ],
+            seed=0,
+        ),
+        duration=600,
+        warmup=50,
+        drain=150,
+        time_scale=0.02,
+        goals="",
+        modes=modes,
+    )
+    with quiet():
+        run_scenario(scenario, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert set(written["modes"]) == set(modes)
+    for mode in modes:
+        assert written["modes"][mode]["completed"] > 0, mode
+    moves = written["modes"]["disagfusion"]["decision_log"]
+    assert moves, "DisagFusion's thresholds moved no worker"
+    for move in moves:
+        assert move["source"].split(":")[0] in ("encoder", "dit", "vae"), move
+        assert move["target"].split(":")[0] in ("encoder", "dit", "vae"), move
+    for mode in ("prediction_only", "feedback_only"):
+        assert written["modes"][mode]["controller_cpu_ms"]["p50"] is not None, mode
+
+
 def test_s2_offers_twice_what_the_static_partition_sustains():
     """S2's rates (quoted in ``configs/scenarios/S2.yaml``) follow from the
     bounds: every phase at the same share of its best disaggregated

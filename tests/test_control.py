@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import dask.config
 from distributed.utils_test import gen_cluster
 
 import dflow
@@ -33,6 +34,7 @@ from dflow.plugins.pricing import (
     planner_workers,
     pool_targets,
     price,
+    price_pools,
     target_sizes,
     timing,
 )
@@ -225,6 +227,31 @@ def test_a_pool_is_priced_by_the_work_it_owes():
         ).seconds
         == 0.0
     )
+
+
+def test_pricing_modes_of_the_ablation():
+    """hybrid: the profile, observed times where none covers; prediction: the
+    profile alone; feedback: observed times alone."""
+    costs = StageCosts(covers=("dit",))
+    views = {
+        DIT: PoolView(owed=1, newest=DIT_HEAVY, observed_s=9.0),
+        VAE: PoolView(owed=1, newest=DIT_HEAVY, observed_s=0.5),
+    }
+    observation = Observation(time.time(), (), views)
+
+    def seconds(pricing: str) -> dict[Pool, float]:
+        settings = dataclasses.replace(SETTINGS, pricing=pricing)
+        prices = price_pools(observation, [DIT, VAE], "h200", ["h200"], costs, settings)
+        return {pool: p.seconds for pool, p in prices.items()}
+
+    assert seconds("hybrid") == {DIT: pytest.approx(2.0), VAE: 0.5}
+    assert seconds("prediction") == {DIT: pytest.approx(2.0), VAE: 0.0}
+    assert seconds("feedback") == {DIT: 9.0, VAE: 0.5}
+    with (
+        dask.config.set({"dflow.elastic.pricing": "oracle"}),
+        pytest.raises(ValueError, match=r"dflow\.elastic\.pricing must be one of"),
+    ):
+        Settings.from_config()
 
 
 def test_forecast_takes_the_recent_rate_only_after_a_shift():
