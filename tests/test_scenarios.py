@@ -341,3 +341,30 @@ def test_bench_cli_runs_a_file_with_repeats_and_capacity(tmp_path):
         0.75 * first["saturation_multiple"]
     )
     assert "Capacity: highest offered rate" in result.output
+
+
+def test_s6_offers_four_fifths_of_each_phase_s_bound():
+    """S6 alternates resolution and images per prompt at 0.8 of what the best
+    stage pools sustain in each phase, one allocation for both; S6-MIX's
+    phases need different allocations (its static pools sustain half the low
+    phase's bound)."""
+    from dflow.bench.physics import physics
+    from dflow.emulation import cost_model
+
+    cost = cost_model()
+    for name in ("S6", "S6-MIX"):
+        result = physics(get(name).quick_variant(), cost)
+        best = result.capacity["disaggregated"]
+        assert [r / b for r, b in zip(result.rates, best)] == pytest.approx(
+            [0.8] * len(best), abs=0.01
+        ), name
+        # the offload-bound replicas saturate in every phase
+        for rate, mono in zip(result.rates, result.capacity["monolithic"]):
+            assert rate > mono, name
+    s6 = physics(get("S6").quick_variant(), cost)
+    assert s6.static_capacity["disaggregated"] == pytest.approx(
+        s6.capacity["disaggregated"]
+    )
+    mix = physics(get("S6-MIX").quick_variant(), cost)
+    low = mix.static_capacity["disaggregated"][1]
+    assert low < 0.55 * mix.capacity["disaggregated"][1]
