@@ -106,8 +106,6 @@ class Scenario:
     modes, repeats
         The serving modes to run, and how many times each (seeds ``seed``,
         ``seed + 1``, ...).
-    jitter
-        Transfer delays added to stage hand-offs (:mod:`dflow.bench.run`).
     data
         The file's content (``quick_variant`` and ``reseeded`` rebuild from it).
     """
@@ -129,7 +127,6 @@ class Scenario:
     controller: dict[str, Any] = field(default_factory=lambda: dict(CONTROLLER))
     autoscaler: dict[str, Any] = field(default_factory=lambda: dict(AUTOSCALER))
     disagfusion: dict[str, Any] = field(default_factory=lambda: dict(DISAGFUSION))
-    jitter: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     data: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -274,9 +271,6 @@ def check(data: Mapping[str, Any], source: str) -> None:
         for name in data.get(key, {}):
             if name not in defaults:
                 fail(f"{key}.{name}", f"unknown setting; known: {', '.join(defaults)}")
-    jitter = data.get("jitter", {})
-    if jitter.get("kind") == "uniform" and jitter.get("low", 0) > jitter.get("high", 0):
-        fail("jitter.high", "must be at least jitter.low")
     workload = data["workload"]
     durations = [("workload.phase-duration", workload.get("phase-duration"))]
     for index, phase in enumerate(workload["phases"]):
@@ -344,7 +338,6 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Scenario:
         controller={**CONTROLLER, **values.get("controller", {})},
         autoscaler={**AUTOSCALER, **values.get("autoscaler", {})},
         disagfusion={**DISAGFUSION, **values.get("disagfusion", {})},
-        jitter=dict(values.get("jitter", {})),
         source=source,
         data=copy.deepcopy(dict(data)),
     )
