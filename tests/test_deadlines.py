@@ -1,7 +1,8 @@
 """Deadlines: each pool serves earliest deadline first, requests past saving
 last (:mod:`dflow.plugins.deadlines`), on a real in-process cluster of emulated
 PixArt-Sigma-1024 workers (one per stage: a DiT call of 50 steps takes 1.8
-emulated seconds, 0.36 s of wall time at the scale below)."""
+emulated seconds, 0.9 s of wall time at the scale below, long
+enough for a request's encode to reach the DiT during one on a busy host)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dflow.plugins.install import install
 from dflow.request import Request
 
 MODEL = "pixart-sigma-1024"
-SCALE = 0.2
+SCALE = 0.5
 CONFIG = {
     "dflow.elastic.enabled": False,
     "dflow.runtime.backend": "emulated",
