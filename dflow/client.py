@@ -67,6 +67,7 @@ def submit(
     *,
     mode: str | None = None,
     deadline: str | float | None = None,
+    slo: str | float | None = None,
 ) -> Future:
     """Submit one request; returns a future of its :class:`~dflow.output.Output`.
 
@@ -87,6 +88,13 @@ def submit(
         request is cancelled: its future raises ``FutureCancelledError`` with
         reason ``deadline-exceeded`` and its work stops (config
         ``dflow.client.deadline``; default none).
+    slo
+        Seconds (or a duration) after submission by which the request should
+        be done: each stage pool serves its tasks earliest deadline first, and
+        a request past saving after those that can still make theirs, but
+        unlike ``deadline`` it is never cancelled. Default: ``deadline`` if
+        given, else config ``dflow.slo`` (per model, or a factor of its
+        predicted latency alone).
 
     Raises
     ------
@@ -108,7 +116,7 @@ def submit(
         If the client lost its scheduler (its futures were cancelled with reason
         ``scheduler-connection-lost``).
     ValueError, TypeError
-        If ``mode`` or ``deadline`` is not one the docs above allow.
+        If ``mode``, ``deadline`` or ``slo`` is not one the docs above allow.
 
     Notes
     -----
@@ -124,7 +132,7 @@ def submit(
     >>> future = dflow.submit(client, dflow.Request(model="tiny-flux", prompt="a fox"))  # doctest: +SKIP
     >>> future.result().images[0]  # doctest: +SKIP
     """
-    (future,) = map(client, [request], mode=mode, deadline=deadline)
+    (future,) = map(client, [request], mode=mode, deadline=deadline, slo=slo)
     return future
 
 
@@ -134,10 +142,12 @@ def map(
     *,
     mode: str | None = None,
     deadline: str | float | None = None,
+    slo: str | float | Sequence[str | float | None] | None = None,
 ) -> list[Future]:
     """Submit many requests in one graph; returns their output futures in order.
 
-    Takes the arguments of :func:`submit`; admission is all or nothing.
+    Takes the arguments of :func:`submit` (``slo`` also as one value per
+    request); admission is all or nothing.
     """
     requests = list(requests)
     if not requests:
@@ -166,11 +176,14 @@ def map(
         deadline = dask.config.get("dflow.client.deadline")
     seconds = _deadline_seconds(deadline)
     features = [_annotated_features(r) for r in requests]
+    slos = _slos(slo, len(requests))
     admitted = _admit(client, requests, features, mode)
     layers: dict[str, MaterializedLayer] = {}
     dependencies: dict[str, set[str]] = {}
     final_keys = []
-    for request, request_features, admission in zip(requests, features, admitted):
+    for request, request_features, admission, request_slo in zip(
+        requests, features, admitted, slos
+    ):
         request_id = uuid.uuid4().hex[:16]
         previous: str | None = None
         # an input image's pixels go to the task that encodes it, in its own
@@ -202,6 +215,7 @@ def map(
                     "deadline": seconds,
                     "epoch": admission["epoch"],
                     "standing": admission["standing"],
+                    "slo": request_slo,
                 },
             }
             if workers is not None:
@@ -420,15 +434,26 @@ def _refusal(answer: dict[str, Any]) -> Exception:
     return error(answer["message"])
 
 
-def _deadline_seconds(deadline: Any) -> float | None:
-    """A deadline in seconds; else a ValueError or TypeError naming it (dask's
-    ``parse_timedelta`` raises KeyError, AttributeError or OverflowError on some
-    input)."""
+def _slos(slo: Any, count: int) -> list[float | None]:
+    """Each request's SLO in seconds (``None``: the configured one)."""
+    if isinstance(slo, Sequence) and not isinstance(slo, str):
+        if len(slo) != count:
+            raise ValueError(
+                f"slo: expected one value per request ({count}), got {len(slo)}"
+            )
+        return [_deadline_seconds(s, "slo") for s in slo]
+    return [_deadline_seconds(slo, "slo")] * count
+
+
+def _deadline_seconds(deadline: Any, name: str = "deadline") -> float | None:
+    """A deadline (or ``name``) in seconds; else a ValueError or TypeError naming
+    it (dask's ``parse_timedelta`` raises KeyError, AttributeError or
+    OverflowError on some input)."""
     if deadline is None:
         return None
     if isinstance(deadline, bool) or not isinstance(deadline, (numbers.Real, str)):
         raise TypeError(
-            "deadline: expected seconds or a duration like '30s', "
+            f"{name}: expected seconds or a duration like '30s', "
             f"got {type(deadline).__name__}"
         )
     if isinstance(deadline, numbers.Real):
@@ -441,11 +466,11 @@ def _deadline_seconds(deadline: Any) -> float | None:
             seconds = parse_timedelta(deadline)
         except (ValueError, KeyError, OverflowError):
             raise ValueError(
-                f"deadline: {deadline!r:.40} is not a duration (use seconds or "
+                f"{name}: {deadline!r:.40} is not a duration (use seconds or "
                 "e.g. '30s')"
             ) from None
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"deadline: must be positive and finite, got {deadline!r:.40}")
+        raise ValueError(f"{name}: must be positive and finite, got {deadline!r:.40}")
     return float(seconds)
 
 

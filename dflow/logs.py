@@ -41,6 +41,30 @@ def _closed_websocket_assertion(record: logging.LogRecord) -> bool:
     )
 
 
+def _closed_stop_queue(record: logging.LogRecord) -> bool:
+    """distributed's worker process watches its Nanny's stop queue from a
+    thread; a worker that closes on its own (its scheduler stopped) closes the
+    queue under that thread, whose read then fails on the closed handle with a
+    ``TypeError`` logged as "Worker process died unexpectedly". A dead Nanny
+    (``EOFError``, ``OSError``) is still logged."""
+    error = record.exc_info[1] if record.exc_info else None
+    return (
+        isinstance(error, TypeError)
+        and "died unexpectedly" in str(record.msg)
+        and _innermost_frame(error).f_code.co_filename.endswith(
+            "multiprocessing/connection.py"
+        )
+    )
+
+
+def _innermost_frame(error: BaseException):
+    traceback = error.__traceback__
+    assert traceback is not None
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame
+
+
 def _torchvision_fallback(record: logging.LogRecord) -> bool:
     """transformers' notice that an image processor falls back to PIL without
     torchvision: diffusers' Flux and Wan modules import image processors for
@@ -53,6 +77,10 @@ _FILTERS = (
     (
         "tornado.application",
         _DropRecords("aborted dashboard websocket", _closed_websocket_assertion),
+    ),
+    (
+        "distributed.nanny",
+        _DropRecords("stop queue closed at shutdown", _closed_stop_queue),
     ),
     (
         "transformers.utils.import_utils",

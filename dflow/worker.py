@@ -107,6 +107,7 @@ class StagePlugin(WorkerPlugin):
         worker.handlers["dflow_drain"] = self.drain
         worker.handlers["dflow_assign"] = self.reassign
         worker.handlers["dflow_running"] = self.running_keys
+        worker.stream_handlers["dflow-priorities"] = self.reprioritize
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
         self._loading = asyncio.create_task(
@@ -127,6 +128,25 @@ class StagePlugin(WorkerPlugin):
         health check unfences a fenced worker only once none is left."""
         assert self.worker is not None
         return [str(key) for key in self.worker.active_keys]
+
+    def reprioritize(self, priorities: dict[str, Any]) -> None:
+        """New priorities of tasks queued here (requests past saving go behind
+        the others: :mod:`dflow.plugins.deadlines`). A queue's heap keeps the
+        place a task had when it joined, so the queues are rebuilt."""
+        assert self.worker is not None
+        state = self.worker.state
+        tasks = [state.tasks.get(key) for key in priorities]
+        changed = [ts for ts in tasks if ts is not None]
+        if not changed:
+            return
+        for ts in changed:
+            ts.priority = tuple(priorities[str(ts.key)])
+        for queue in (state.constrained, state.ready):
+            if any(ts in queue for ts in changed):
+                queued = list(queue)
+                queue.clear()
+                for ts in queued:
+                    queue.add(ts)
 
     async def drain(self) -> list[str]:
         """Stop taking tasks of the current pool; returns the keys still running.

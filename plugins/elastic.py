@@ -295,7 +295,7 @@ class ElasticController(SchedulerPlugin):
                 recent=recent[-1] if recent else None,
                 observed_s=telemetry.service.get(pool),
                 rate=telemetry.arrival_rate(pool, settings.window),
-                long_rate=telemetry.arrival_rate(pool, long_window),
+                arrivals=telemetry.arrival_ages(pool, long_window),
                 waiting=waiting[pool],
                 weight_bytes=int(spec.get("weight_bytes", {}).get(pool.stage, 0)),
             )

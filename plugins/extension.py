@@ -106,6 +106,9 @@ class RequestRecord:
     features: dict[str, Any]
     #: absolute time past which the request is cancelled (None: no deadline)
     deadline: float | None = None
+    #: absolute time it should be done by, its arrival plus its SLO
+    #: (:mod:`dflow.plugins.deadlines`; None: not known yet, inf: no SLO)
+    due: float | None = None
     finished: float | None = None
     status: str = "pending"  # pending | completed | failed | cancelled
 

@@ -22,6 +22,7 @@ import dflow.config  # noqa: F401
 from dflow.dashboards import metrics
 from dflow.plugins.actuators import Actuator
 from dflow.plugins.admission import Admission, MemoryRouting
+from dflow.plugins.deadlines import Deadlines
 from dflow.plugins.elastic import ElasticController, make_actuator
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.health import Health
@@ -47,6 +48,7 @@ class Installation:
     policing: TaskPolicing
     telemetry: Telemetry
     controller: ElasticController
+    deadlines: Deadlines
     #: ``None`` with ``dflow.health.enabled`` (placement: ``.placement``) off
     health: Health | None = None
     placement: SpeedPlacement | None = None
@@ -58,10 +60,10 @@ async def install(
     predictor: Predictor | None = None,
     actuator: Actuator | None = None,
 ) -> Installation:
-    """Put dflow on ``scheduler``: its state (the extension), admission, task
-    policing, telemetry, the elastic controller, the health collaborator
-    (hung and slow workers) with placement by speed, ``dflow.status`` and the
-    Prometheus metrics.
+    """Put dflow on ``scheduler``: its state (the extension), deadlines,
+    admission, task policing, telemetry, the elastic controller, the health
+    collaborator (hung and slow workers) with placement by speed,
+    ``dflow.status`` and the Prometheus metrics.
 
     Parameters
     ----------
@@ -106,11 +108,14 @@ async def install(
         controller=ElasticController(
             scheduler, extension, telemetry, predictions, actuator
         ),
+        deadlines=Deadlines(extension, predictions),
         health=health,
         placement=placement,
     )
+    # the extension first: the others read its request records
     plugins: list[SchedulerPlugin] = [
         parts.extension,
+        parts.deadlines,
         parts.admission,
         parts.policing,
         parts.telemetry,

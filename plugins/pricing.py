@@ -13,10 +13,11 @@ of past moves.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,11 @@ import dflow.config  # noqa: F401
 from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
 from dflow.pools import MONOLITHIC, Pool
 from dflow.predictor import Predictor
+
+#: Service times the controller can plan with (``dflow.elastic.pricing``):
+#: the predictor's, observed ones where no profile covers a pool; the
+#: predictor's alone; observed ones alone
+PRICING = ("hybrid", "prediction", "feedback")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class Settings:
     default_switch: float
     window: float
     target_utilization: float
+    #: service times planned with (:data:`PRICING`)
+    pricing: str = "hybrid"
 
     @classmethod
     def from_config(cls) -> Settings:
@@ -54,7 +62,17 @@ class Settings:
             target_utilization=float(
                 dask.config.get("dflow.elastic.target-utilization")
             ),
+            pricing=pricing(dask.config.get("dflow.elastic.pricing")),
         )
+
+
+def pricing(value: str) -> str:
+    """``dflow.elastic.pricing``, checked."""
+    if value not in PRICING:
+        raise ValueError(
+            f"dflow.elastic.pricing must be one of {', '.join(PRICING)}, got {value!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -88,10 +106,11 @@ class PoolView:
     recent: Mapping[str, Any] | None = None
     #: observed seconds per request (telemetry's moving average)
     observed_s: float | None = None
-    #: stage tasks arriving per second over the telemetry window, and over the
-    #: planning horizon (at least the window)
+    #: stage tasks arriving per second over the telemetry window
     rate: float = 0.0
-    long_rate: float = 0.0
+    #: seconds since each arrival over the planning horizon (at least the
+    #: window), youngest first
+    arrivals: Sequence[float] = ()
     #: stage tasks waiting for a worker of the pool
     waiting: int = 0
     #: bytes of the pool's weights on a device
@@ -268,15 +287,17 @@ def service(
     gpu_type: str,
     features: Mapping[str, Any] | None,
     predictor: Predictor | None,
+    observed: bool = True,
 ) -> float | None:
     """Predicted seconds of one task of ``pool`` on ``gpu_type``: the predictor
-    where a profile covers the pool, else the observed average."""
+    where a profile covers the pool, else (with ``observed``) the observed
+    average."""
     if predictor is not None and features:
         try:
             return predictor.predict(pool.model, pool.stage, gpu_type, features).seconds
         except LookupError:
             pass
-    return view.observed_s
+    return view.observed_s if observed else None
 
 
 def price(
@@ -287,16 +308,21 @@ def price(
     predictor: Predictor | None,
     load_seconds: Mapping[tuple[Pool, str], float],
     default_switch: float,
+    observed: bool = True,
 ) -> Price:
     """Service time on the reference GPU type, speeds, memory and switch time of
     ``pool``, priced by the features of the newest task it owes (else of its
     latest finished one): the work ahead is priced by its own requests, so a
     new mix is priced as itself before its first task finishes."""
     features = view.newest if view.newest is not None else view.recent
-    base = service(pool, view, reference, features, predictor)
+    base = service(pool, view, reference, features, predictor, observed)
     speeds = {}
     for gpu_type in gpu_types:
-        seconds = service(pool, view, gpu_type, features, predictor) if base else None
+        seconds = (
+            service(pool, view, gpu_type, features, predictor, observed)
+            if base
+            else None
+        )
         speeds[gpu_type] = base / seconds if base and seconds else 1.0
     # the predicted peak counts the weights as the workers hold them (8-bit,
     # offloaded); the spec's bf16 weights bound it only without a prediction
@@ -328,7 +354,11 @@ def price_pools(
     predictor: Predictor | None,
     settings: Settings,
 ) -> dict[Pool, Price]:
-    """:func:`price` of each of ``pools``."""
+    """:func:`price` of each of ``pools``, with the service times
+    ``settings.pricing`` names (feedback: a GPU type's speed is then unknown,
+    1)."""
+    if settings.pricing == "feedback":
+        predictor = None
     return {
         pool: price(
             pool,
@@ -338,30 +368,65 @@ def price_pools(
             predictor,
             observation.load_seconds,
             settings.default_switch,
+            observed=settings.pricing != "prediction",
         )
         for pool in pools
     }
 
 
-def forecast_rate(view: PoolView, settings: Settings) -> float:
-    """Tasks of a pool arriving per second, the forecast for the horizon.
+#: Splits of the forecast's span tried as change points, and twice the
+#: log-likelihood ratio past which the arrival rates before and after one
+#: differ (chi-square of one degree of freedom at p = 0.0002: about 0.004
+#: over the splits tried, so a steady load is seldom split)
+CHANGE_SPLITS = 20
+CHANGE_THRESHOLD = 13.8
 
-    Counted over the planning horizon (at least the telemetry window): over a
-    short window the randomness of arrivals swings demand, and moves workers.
-    Unless the last window's count is one the longer window's rate makes
-    unlikely, more than two standard deviations of a Poisson count away from
-    it: then the load has shifted (a phase of a moving mix began or ended),
-    and the recent rate is the better forecast; a long window alone would
-    take half the horizon to see a shift. (At a cold start both read low,
-    which the backlog makes up for.)
+
+def forecast_rate(view: PoolView, settings: Settings) -> float:
+    """Tasks of a pool arriving per second, the forecast for the horizon: the
+    rate since the arrivals' last change point (:func:`rate_since_change`)
+    over the planning horizon (at least the telemetry window).
+
+    With no change, the whole span's rate: over a short window the randomness
+    of arrivals swings demand, and moves workers. After a shift (a phase of a
+    moving mix began or ended) the rate since it, as soon as the test sees it:
+    a phase shift moves workers once, and the old phase's rate no longer
+    holds them back. (At a cold start the rate reads low, which the backlog
+    makes up for.)
     """
-    short = settings.window
-    if max(short, settings.horizon) <= short:
-        return view.rate
-    expected = view.long_rate * short
-    if abs(view.rate * short - expected) > 2 * math.sqrt(max(expected, 1.0)):
-        return view.rate
-    return view.long_rate
+    span = max(settings.window, settings.horizon)
+    return rate_since_change(view.arrivals, span, least=settings.window / 6)
+
+
+def rate_since_change(ages: Sequence[float], span: float, least: float) -> float:
+    """Arrivals per second since the likeliest change point of their Poisson
+    rate within the last ``span`` seconds, or over all of it when no split
+    passes the likelihood-ratio test (:data:`CHANGE_THRESHOLD`).
+
+    ``ages`` are seconds since each arrival, youngest first; a split leaves at
+    least ``least`` seconds on either side.
+    """
+    if span <= 0:
+        return 0.0
+    total = bisect.bisect_right(ages, span)
+    whole = _poisson_fit(total, span)
+    best, split = 0.0, span
+    for index in range(1, CHANGE_SPLITS):
+        age = span * index / CHANGE_SPLITS
+        if age < least or span - age < least:
+            continue
+        recent = bisect.bisect_left(ages, age)
+        ratio = _poisson_fit(recent, age) + _poisson_fit(total - recent, span - age)
+        ratio -= whole
+        if 2 * ratio > CHANGE_THRESHOLD and ratio > best:
+            best, split = ratio, age
+    return bisect.bisect_left(ages, split) / split
+
+
+def _poisson_fit(count: int, seconds: float) -> float:
+    """The Poisson log-likelihood of ``count`` arrivals in ``seconds`` at their
+    own rate, less the terms every split shares."""
+    return count * math.log(count / seconds) if count else 0.0
 
 
 def demands(

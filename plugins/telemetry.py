@@ -194,6 +194,17 @@ class Telemetry(SchedulerPlugin):
         times = self.arrivals.get(pool, ())
         return sum(1 for t in times if t >= now - window) / window
 
+    def arrival_ages(self, pool: Pool, window: float) -> tuple[float, ...]:
+        """Seconds since each stage task of ``pool`` was submitted over the last
+        ``window``, youngest first."""
+        now = time.time()
+        ages = []
+        for t in reversed(self.arrivals.get(pool, ())):
+            if now - t > window:
+                break
+            ages.append(now - t)
+        return tuple(ages)
+
     def queue(self, pool: Pool) -> int:
         """Tasks of ``pool`` waiting for a worker or placed on one (queued or running)."""
         assert self.scheduler is not None

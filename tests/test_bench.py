@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dflow.bench import MODES
 from dflow.bench.baselines import apportion
 from dflow.bench.metrics import (
     Outcome,
@@ -157,6 +156,9 @@ def test_bench_cli_rejects_unknown_scenarios():
     assert "unknown scenario" in result.output
 
 
+FOUR = ("monolithic", "monolithic_autoscaled", "static", "elastic")
+
+
 @pytest.mark.slow
 def test_tiny_run_of_all_four_modes(tmp_path):
     """Steady Flux on four emulated 4090s, 400 emulated seconds at 1/100 of
@@ -178,19 +180,20 @@ def test_tiny_run_of_all_four_modes(tmp_path):
         drain=100,
         time_scale=0.01,
         goals="",
+        modes=FOUR,
     )
     with quiet():
         results = run_scenario(scenario, tmp_path)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["scenario"] == "tiny"
-    assert set(written["modes"]) == set(MODES)
+    assert set(written["modes"]) == set(FOUR)
     physics = written["physics"]
     # 2 DiT workers at 25.3 s against 4 offloading replicas at 48.6 s
     assert physics["best_static_disaggregated"]["dit/flux.1-dev"] == {"rtx4090": 2}
     assert physics["physics_ratio"] == pytest.approx(
         (2 / 25.31) / (4 / 48.59), rel=0.05
     )
-    for mode in MODES:
+    for mode in FOUR:
         m = written["modes"][mode]
         for key in (
             "throughput_rps",
@@ -212,24 +215,76 @@ def test_tiny_run_of_all_four_modes(tmp_path):
     assert (tmp_path / "pools.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_ablation_and_disagfusion_modes(tmp_path):
+    """A Flux-heavy phase, then a PixArt-heavy one, on eight emulated 4090s at
+    1/50 of real time: DisagFusion's thresholds move stage workers, and the
+    controller's prediction-only and feedback-only ablations serve the trace."""
+    from dflow.bench.report import quiet, run_scenario
+    from dflow.bench.scenarios import Scenario
+    from dflow.bench.workload import Arrivals, Phase, Template, Workload
+
+    modes = ("disagfusion", "prediction_only", "feedback_only")
+    flux, pixart = "flux.1-dev", "pixart-sigma-1024"
+    scenario = Scenario(
+        name="tiny-shift",
+        title="tiny shift",
+        fleet={"rtx4090": 8},
+        workload=Workload(
+            [
+                Phase(
+                    0,
+                    Arrivals("poisson", rate=0.15),
+                    [Template(flux, weight=0.9), Template(pixart, weight=0.1)],
+                ),
+                Phase(
+                    300,
+                    Arrivals("poisson", rate=1.0),
+                    [Template(flux, weight=0.1), Template(pixart, weight=0.9)],
+                ),
+            ],
+            seed=0,
+        ),
+        duration=600,
+        warmup=50,
+        drain=150,
+        time_scale=0.02,
+        goals="",
+        modes=modes,
+    )
+    with quiet():
+        run_scenario(scenario, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert set(written["modes"]) == set(modes)
+    for mode in modes:
+        assert written["modes"][mode]["completed"] > 0, mode
+    moves = written["modes"]["disagfusion"]["decision_log"]
+    assert moves, "DisagFusion's thresholds moved no worker"
+    for move in moves:
+        assert move["source"].split(":")[0] in ("encoder", "dit", "vae"), move
+        assert move["target"].split(":")[0] in ("encoder", "dit", "vae"), move
+    for mode in ("prediction_only", "feedback_only"):
+        assert written["modes"][mode]["controller_cpu_ms"]["p50"] is not None, mode
+
+
 def test_s2_offers_twice_what_the_static_partition_sustains():
-    """S2's rates (quoted in ``scenarios.s2``) follow from the bounds: every
-    phase at the same share of its best disaggregated allocation, and the
-    phase that saturates (a), the best static monolithic split for the run's
-    average mix, offered 2.0x what (a) sustains there."""
+    """S2's rates (quoted in ``configs/scenarios/S2.yaml``) follow from the
+    bounds: every phase at the same share of its best disaggregated
+    allocation, and the phase that saturates (a), the best static monolithic
+    split for the run's average mix, offered 2.0x what (a) sustains there."""
     import dask.config
 
     from dflow.bench.physics import physics
-    from dflow.bench.scenarios import S2_RATES, s2
+    from dflow.bench.scenarios import get
 
     with dask.config.set({"dflow.runtime.backend": "emulated"}):
         from dflow.emulation import cost_model
 
         cost = cost_model()
-    scenario = s2()
+    scenario = get("S2")
     p = physics(scenario, cost)
     rates = [phase.arrivals.rate for phase in scenario.workload.phases]
-    assert rates[:3] == [S2_RATES[k] for k in ("flux", "pixart", "wan")]
+    assert rates[:3] == [0.549, 1.976, 0.300]
     shares = [r / c for r, c in zip(rates, p.capacity["disaggregated"])]
     assert max(shares) == pytest.approx(min(shares), rel=0.01)
     static = p.static_capacity["monolithic"]

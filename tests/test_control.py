@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
+import dask.config
 from distributed.utils_test import gen_cluster
 
 import dflow
@@ -33,6 +35,8 @@ from dflow.plugins.pricing import (
     planner_workers,
     pool_targets,
     price,
+    price_pools,
+    rate_since_change,
     target_sizes,
     timing,
 )
@@ -227,19 +231,70 @@ def test_a_pool_is_priced_by_the_work_it_owes():
     )
 
 
-def test_forecast_takes_the_recent_rate_only_after_a_shift():
-    settings = dataclasses.replace(SETTINGS, window=10.0, horizon=40.0)
-    # 10 arrivals in the window against 12 expected: noise, the long rate
-    assert forecast_rate(PoolView(rate=1.0, long_rate=1.2), settings) == 1.2
-    # 30 against 12: a shift, the recent rate
-    assert forecast_rate(PoolView(rate=3.0, long_rate=1.2), settings) == 3.0
-    # a window as long as the horizon: the window's rate
-    short = dataclasses.replace(SETTINGS, horizon=10.0, window=30.0)
-    assert forecast_rate(PoolView(rate=3.0, long_rate=1.0), short) == 3.0
+def test_pricing_modes_of_the_ablation():
+    """hybrid: the profile, observed times where none covers; prediction: the
+    profile alone; feedback: observed times alone."""
+    costs = StageCosts(covers=("dit",))
+    views = {
+        DIT: PoolView(owed=1, newest=DIT_HEAVY, observed_s=9.0),
+        VAE: PoolView(owed=1, newest=DIT_HEAVY, observed_s=0.5),
+    }
+    observation = Observation(time.time(), (), views)
+
+    def seconds(pricing: str) -> dict[Pool, float]:
+        settings = dataclasses.replace(SETTINGS, pricing=pricing)
+        prices = price_pools(observation, [DIT, VAE], "h200", ["h200"], costs, settings)
+        return {pool: p.seconds for pool, p in prices.items()}
+
+    assert seconds("hybrid") == {DIT: pytest.approx(2.0), VAE: 0.5}
+    assert seconds("prediction") == {DIT: pytest.approx(2.0), VAE: 0.0}
+    assert seconds("feedback") == {DIT: 9.0, VAE: 0.5}
+    with (
+        dask.config.set({"dflow.elastic.pricing": "oracle"}),
+        pytest.raises(ValueError, match=r"dflow\.elastic\.pricing must be one of"),
+    ):
+        Settings.from_config()
+
+
+def poisson_ages(*phases: tuple[float, float], seed: int = 0) -> tuple[float, ...]:
+    """Seconds since each arrival of Poisson phases ``(rate, seconds)``, the
+    oldest phase first; youngest first."""
+    rng = np.random.default_rng(seed)
+    times, start = [], 0.0
+    for rate, seconds in phases:
+        count = rng.poisson(rate * seconds)
+        times += sorted(start + rng.uniform(0, seconds, count))
+        start += seconds
+    return tuple(sorted(start - t for t in times))
+
+
+def test_forecast_takes_the_rate_since_a_change_point():
+    settings = dataclasses.replace(SETTINGS, window=10.0, horizon=60.0)
+    # a steady load: no change point in any of 20 draws, the whole span's rate
+    for seed in range(20):
+        ages = poisson_ages((1.2, 60.0), seed=seed)
+        assert forecast_rate(PoolView(arrivals=ages), settings) == pytest.approx(
+            len(ages) / 60.0
+        )
+    # a shift from 0.5 to 3 per second 9 s ago: the rate since it, at once
+    shifted = poisson_ages((0.5, 51.0), (3.0, 9.0))
+    assert forecast_rate(PoolView(arrivals=shifted), settings) == pytest.approx(
+        3.0, rel=0.35
+    )
+    # and back down: a backlog's phase ended 15 s ago
+    dropped = poisson_ages((3.0, 45.0), (0.3, 15.0))
+    assert forecast_rate(PoolView(arrivals=dropped), settings) < 0.8
+    # nothing arrived
+    assert forecast_rate(PoolView(), settings) == 0.0
+    assert rate_since_change((1.0, 2.0), 0.0, 1.0) == 0.0
+
+
+#: one arrival every 2 s over the last 30 s (0.5 per second)
+STEADY_HALF = tuple(2.0 * i + 1.0 for i in range(15))
 
 
 def test_demand_and_targets():
-    observation = fleet(DIT, dit_m=PoolView(owed=4, rate=0.5, long_rate=0.5))
+    observation = fleet(DIT, dit_m=PoolView(owed=4, rate=0.5, arrivals=STEADY_HALF))
     prices = {
         DIT: price(
             DIT, PoolView(newest=DIT_HEAVY), "h200", ["h200"], StageCosts(), {}, 10.0

@@ -196,12 +196,16 @@ def test_the_planner_sizes_expert_pools_by_their_share_and_moves_workers_between
                 for i, pool in enumerate(layout)
             ),
             # half a request a second: more DiT work than the DiT workers do
-            pools={pool: PoolView(newest=shape, rate=0.5) for pool in pools},
+            pools={
+                pool: PoolView(newest=shape, rate=0.5, arrivals=ages) for pool in pools
+            },
         )
 
     settings = dataclasses.replace(
         Settings.from_config(), cooldown=0.0, dwell=0.0, horizon=60.0
     )
+    # an arrival every 2 s over the horizon, youngest first
+    ages = tuple(np.arange(1.0, settings.horizon, 2.0))
     prices = predictor()
     eight = plan_pools(observe(8), prices, Memory(), settings).plan
     assert eight is not None and eight.feasible

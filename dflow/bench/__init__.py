@@ -17,7 +17,21 @@ from __future__ import annotations
 
 #: The label every figure of ``dflow bench`` carries
 LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
-#: The serving modes a scenario runs
-MODES = ("monolithic", "monolithic_autoscaled", "static", "elastic")
+#: The serving modes a scenario can run: (a) monolithic replicas partitioned per
+#: model; (b) the same moved by a Ray-Serve-style autoscaler; (c) dflow's stage
+#: pools at a static ratio; DisagFusion's threshold policy on the same pools;
+#: dflow's controller with prediction alone, with feedback alone, and (d) as
+#: shipped, the hybrid (:mod:`dflow.bench.run` says what each runs)
+MODES = (
+    "monolithic",
+    "monolithic_autoscaled",
+    "static",
+    "disagfusion",
+    "prediction_only",
+    "feedback_only",
+    "elastic",
+)
 #: The modes served by monolithic replicas
-MONOLITHIC = ("monolithic", "monolithic_autoscaled")
+MONOLITHIC_MODES = ("monolithic", "monolithic_autoscaled")
+#: The modes in which dflow's elastic controller moves workers
+CONTROLLED = ("prediction_only", "feedback_only", "elastic")

@@ -1,4 +1,4 @@
-"""``dflow bench``: run a benchmark scenario against the four serving modes."""
+"""``dflow bench``: run a benchmark scenario against the serving modes."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ DIT_BATCH = 8
     "--scenario",
     "name",
     required=True,
-    help="S1 (steady Flux, 24 GiB cards), S2 (multi-model shift; S2-80: its "
-    "earlier 80/10/10 variant), "
-    "S3 (heterogeneous fleet), S4 (1,000 workers), S5 (the seed's Wan 2.2 I2V "
-    "on 8 A10s) or S6 (PixArt 512/1024px, light then heavy, where DiT batching "
-    "pays).",
+    help="A shipped scenario (S1: steady Flux on 24 GiB cards; S2: multi-model "
+    "shift, S2-80 its earlier 80/10/10 variant; S3: heterogeneous fleet; S5: "
+    "the seed's Wan 2.2 I2V on 8 A10s; S6, S6-MIX: resolution and batch "
+    "alternating quickly; S7: PixArt 512/1024px, light then heavy, where DiT "
+    "batching pays; S4: 1,000 workers) or a scenario YAML file "
+    "(docs/scenarios.md).",
 )
 @click.option(
     "--out",
@@ -30,13 +31,13 @@ DIT_BATCH = 8
     required=True,
     help="Directory for results.json and the plots.",
 )
-@click.option("--quick", is_flag=True, help="A shorter run (a few minutes).")
+@click.option("--quick", is_flag=True, help="A shorter run (the file's quick keys).")
 @click.option(
     "--mode",
     "modes",
     multiple=True,
     type=click.Choice(MODES),
-    help="Run only these modes (repeatable; default all four).",
+    help="Run only these modes (repeatable; default the scenario's modes).",
 )
 @click.option(
     "--dit-batch",
@@ -46,14 +47,42 @@ DIT_BATCH = 8
     help=f"DiT batching: 'on' lets every worker batch up to {DIT_BATCH} requests' "
     "denoising steps (dflow.runtime.max-dit-batch), where the profiles say it gains.",
 )
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run each mode this many times with different seeds and report the "
+    "median with min and max (default the scenario's repeats, else 1).",
+)
+@click.option(
+    "--capacity",
+    is_flag=True,
+    help="Also find, per mode, the highest rate with SLO attainment >= 90% by "
+    "a rate sweep (--capacity-steps runs per mode and repeat).",
+)
+@click.option(
+    "--capacity-steps",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Rates --capacity tries per mode and repeat (a bisection).",
+)
 def bench(
-    name: str, out: Path, quick: bool, modes: tuple[str, ...], dit_batch: str
+    name: str,
+    out: Path,
+    quick: bool,
+    modes: tuple[str, ...],
+    dit_batch: str,
+    repeats: int | None,
+    capacity: bool,
+    capacity_steps: int,
 ) -> None:
-    """Run one workload on one emulated fleet, served four ways: monolithic
-    replicas partitioned per model, the same autoscaled per model, stage pools
-    at a static ratio, and dflow's elastic pools. Writes OUT/results.json and
-    PNG plots. Figures are emulated (cost model: H200 profile scaled by GPU
-    type)."""
+    """Run one workload on one emulated fleet, served by each mode of the
+    scenario: monolithic replicas partitioned per model, the same autoscaled
+    per model, stage pools at a static ratio, DisagFusion's threshold policy,
+    and dflow's elastic controller (and its prediction-only and feedback-only
+    ablations). Writes OUT/results.json and PNG plots. Figures are emulated
+    (cost model: H200 profile scaled by GPU type)."""
     from dflow.bench import report
 
     if name.upper() == "S4":
@@ -62,12 +91,19 @@ def bench(
         results = run_scale(out, quick=quick, echo=click.echo)
         click.echo(json.dumps(results["summary"], indent=2))
         return
-    from dflow.bench.scenarios import get
+    from dflow.bench.scenarios import ScenarioError, get
 
     try:
         scenario = get(name)
-    except ValueError as error:
+    except ScenarioError as error:
         raise click.BadParameter(str(error), param_hint="--scenario") from None
+    unknown = [m for m in modes if m not in scenario.modes]
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown)} not among {scenario.name}'s modes "
+            f"({', '.join(scenario.modes)})",
+            param_hint="--mode",
+        )
     batching = f", DiT batching {dit_batch}"
     click.echo(f"{scenario.name}: {scenario.title} [{LABEL}{batching}]")
     bars: dict[str, object] = {}
@@ -92,7 +128,10 @@ def bench(
             scenario,
             out,
             quick=quick,
-            modes=modes or MODES,
+            modes=modes or None,
+            repeats=repeats,
+            capacity=capacity,
+            capacity_steps=capacity_steps,
             progress=progress,
             dit_batch=DIT_BATCH if dit_batch == "on" else 1,
         )

@@ -29,6 +29,8 @@ class Outcome:
     done: float | None
     failed: bool = False
     phase: str = ""
+    #: its latency objective, seconds (``None``: its model's)
+    slo: float | None = None
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list:
@@ -58,7 +60,7 @@ def metrics(
     for o in arrived:
         if o.done is not None and not o.failed:
             latency = o.done - o.arrival
-            good += latency <= slo[o.model]
+            good += latency <= (slo[o.model] if o.slo is None else o.slo)
         else:
             latency = stop - o.arrival
         latencies.append(latency)
@@ -173,6 +175,13 @@ class ModeRun:
     plans: list[tuple[float, dict[str, float], str]] = field(default_factory=list)
     #: the batch each finished denoising task reported (telemetry's latest)
     dit_batches: list[float] = field(default_factory=list)
+    #: (wall time, action, worker name, pool) of workers' pool changes
+    #: (``worker-draining``, ``worker-loading``, ``worker-ready``, ...)
+    events: list[tuple[float, str, str, str | None]] = field(default_factory=list)
+    #: CPU seconds of the controller's steps (its scheduler thread)
+    controller_cpu: list[float] = field(default_factory=list)
+    #: each request's latency objective, emulated seconds (by entry)
+    slos: list[float] = field(default_factory=list)
 
 
 def outcomes(run: ModeRun) -> list[Outcome]:
@@ -182,8 +191,57 @@ def outcomes(run: ModeRun) -> list[Outcome]:
         final = run.finals.get(i)
         done = None if final is None else (final[0] - run.start) / run.scale
         failed = final is not None and final[1] != "memory"
-        result.append(Outcome(entry.t, entry.model, done, failed, entry.phase))
+        slo = run.slos[i] if i < len(run.slos) else None
+        result.append(
+            Outcome(entry.t, entry.model, done, failed, phase=entry.phase, slo=slo)
+        )
     return result
+
+
+def rebalancing(run: ModeRun) -> dict[str, Any]:
+    """What the run's moves cost, in emulated seconds: per move the drain
+    (the worker finishes its running task and takes no new one: its GPU is
+    busy, the target waits), the load (unload, load and warm the new pool: the
+    GPU serves nothing, so ``lost_gpu_s`` is the loads' sum) and the
+    rebalancing latency (the decision to the moved worker serving its new
+    pool); their totals and percentiles. Decisions' pools are
+    ``"stage:model"``. A move whose worker never served its target within the
+    run counts in ``unfinished``."""
+    scale, start = run.scale, run.start
+    by_worker: dict[str, list[tuple[float, str, str | None]]] = defaultdict(list)
+    for t, action, worker, pool in run.events:
+        by_worker[worker].append(((t - start) / scale, action, pool))
+    drains, loads, latencies, unfinished = [], [], [], 0
+    for decision in run.decisions:
+        pool, worker, when = decision["target"], decision["worker"], decision["time"]
+        drained = loaded = ready = None
+        for t, action, at in by_worker.get(worker, ()):
+            if t < when:
+                continue
+            if action == "worker-draining" and drained is None:
+                drained = t
+            elif action == "worker-loading" and at == pool and loaded is None:
+                loaded = t
+            elif action == "worker-ready" and at == pool:
+                ready = t
+                break
+        if ready is None or loaded is None:
+            unfinished += 1
+            continue
+        drains.append(max(0.0, loaded - (drained if drained is not None else when)))
+        loads.append(ready - loaded)
+        latencies.append(ready - when)
+    p50, p95, top = percentiles(latencies, (50, 95, 100))
+    return {
+        "moves": len(run.decisions),
+        "unfinished": unfinished,
+        "drain_s": float(sum(drains)),
+        "load_s": float(sum(loads)),
+        "lost_gpu_s": float(sum(loads)),
+        "latency_p50_s": p50,
+        "latency_p95_s": p95,
+        "latency_max_s": top,
+    }
 
 
 def utilization(run: ModeRun, window: tuple[float, float]) -> dict[str, float | None]:

@@ -40,6 +40,9 @@ BOUNDS = {
     "monolithic": ("monolithic", True),
     "monolithic_autoscaled": ("monolithic", False),
     "static": ("disaggregated", True),
+    "disagfusion": ("disaggregated", False),
+    "prediction_only": ("disaggregated", False),
+    "feedback_only": ("disaggregated", False),
     "elastic": ("disaggregated", False),
 }
 
@@ -312,6 +315,8 @@ class Physics:
     phases: list[tuple[float, float]]  # (start, end)
     mixes: list[list[tuple[Any, float]]]
     average: list[tuple[Any, float]]
+    #: requests per second each phase offers (arrivals times images)
+    rates: list[float] = field(default_factory=list)
     capacity: dict[str, list[float]] = field(default_factory=dict)
     allocation: dict[str, Allocation] = field(default_factory=dict)
     average_capacity: dict[str, float] = field(default_factory=dict)
@@ -325,6 +330,14 @@ class Physics:
         """Per phase, the rate ``mode``'s physics sustains (see ``BOUNDS``)."""
         kind, static = BOUNDS[mode]
         return (self.static_capacity if static else self.capacity)[kind]
+
+    def saturation(self, mode: str) -> float | None:
+        """The multiple of the workload's rates at which ``mode``'s physics
+        saturates in its tightest phase (``None``: no arrivals)."""
+        multiples = [
+            c / r for c, r in zip(self.mode_capacity(mode), self.rates) if r > 0
+        ]
+        return min(multiples, default=None)
 
     def mode_bound(
         self, mode: str, entries: Sequence[TraceEntry], window: tuple[float, float]
@@ -348,34 +361,49 @@ class Physics:
         return total
 
 
-def mix_of(
-    templates: Sequence[Any], weights: Sequence[float]
-) -> list[tuple[Any, float]]:
-    """``(request, weight)`` pairs of a phase's templates (model defaults filled)."""
+#: The template fields that shape a request's cost
+SHAPE = ("height", "width", "num_frames", "steps", "guidance_scale")
+
+
+def template_request(template: Any) -> Any:
+    """The request a template (or trace entry) makes, model defaults filled
+    (an image-to-video template's with a blank input image)."""
     from dflow.bench.workload import BLANK_IMAGE
     from dflow.request import Request
 
-    pairs = []
+    fields = {
+        k: getattr(template, k) for k in SHAPE if getattr(template, k) is not None
+    }
+    if getattr(template, "image", False):
+        fields["image"] = BLANK_IMAGE
+    return Request(model=template.model, prompt="x", seed=0, **fields)
+
+
+def mix_of(
+    templates: Sequence[Any], weights: Sequence[float]
+) -> list[tuple[Any, float]]:
+    """``(request, weight)`` pairs of a phase's templates (model defaults
+    filled), weighted by requests: a template of ``k`` images per prompt makes
+    ``k`` requests an arrival. (Its requests share one text encoding; the
+    bounds price an encoding each, which costs the encoder pool a few percent of
+    its work at most and never makes it the bottleneck.)"""
+    weights = [w * getattr(t, "mean_images", 1.0) for t, w in zip(templates, weights)]
     total = sum(weights)
-    for template, weight in zip(templates, weights):
-        fields = {
-            k: getattr(template, k)
-            for k in ("height", "width", "num_frames", "steps", "guidance_scale")
-            if getattr(template, k) is not None
-        }
-        if template.image:
-            fields["image"] = BLANK_IMAGE
-        request = Request(model=template.model, prompt="x", seed=0, **fields)
-        pairs.append((request, weight / total))
-    return pairs
+    return [(template_request(t), w / total) for t, w in zip(templates, weights)]
 
 
 def physics(scenario: Scenario, cost: Any) -> Physics:
-    """Bounds and best static allocations of ``scenario``'s fleet (emulated costs)."""
+    """Bounds and best static allocations of ``scenario``'s fleet (emulated
+    costs), under the scenario's dask config (its 8-bit DiT weights)."""
+    with dask.config.set(scenario.config):
+        return _physics(scenario, cost)
+
+
+def _physics(scenario: Scenario, cost: Any) -> Physics:
     workload = scenario.workload
     phases = workload.phases
     duration = scenario.duration
-    spans, mixes = [], []
+    spans, mixes, rates = [], [], []
     expected: dict[int, float] = defaultdict(float)
     requests: dict[int, Any] = {}
     for index, phase in enumerate(phases):
@@ -386,13 +414,17 @@ def physics(scenario: Scenario, cost: Any) -> Physics:
         spans.append((phase.start, end))
         mix = mix_of(phase.mix, [t.weight for t in phase.mix])
         mixes.append(mix)
+        images = sum(t.weight * t.mean_images for t in phase.mix) / sum(
+            t.weight for t in phase.mix
+        )
+        rates.append(phase.arrivals.rate * images)
         for (request, weight), template in zip(mix, phase.mix):
-            key = hash((template.model, template.num_frames, template.height))
+            key = hash((template.model, *(getattr(template, k) for k in SHAPE)))
             requests[key] = request
-            expected[key] += phase.arrivals.rate * (end - phase.start) * weight
+            expected[key] += phase.arrivals.rate * images * (end - phase.start) * weight
     total = sum(expected.values()) or 1.0
     average = [(requests[k], v / total) for k, v in expected.items() if v > 0]
-    result = Physics(dict(scenario.fleet), spans, mixes, average)
+    result = Physics(dict(scenario.fleet), spans, mixes, average, rates)
     for kind in ("monolithic", "disaggregated"):
         mono = kind == "monolithic"
         work = pool_work(cost, average, scenario.fleet, mono)
@@ -444,20 +476,24 @@ def reference_latency(
     that holds it (the SLOs are multiples of it)."""
     latency: dict[str, float] = {}
     for request, _ in mix:
-        mono = min(
-            request_seconds(cost, request, Pool(MONOLITHIC, request.model), g, 1)
-            for g in fleet
-        )
-        split = sum(
-            min(
-                request_seconds(cost, request, Pool(s, request.model), g, 1)
-                for g in fleet
-            )
-            for s in STAGES
-        )
-        best = min(mono, split)
+        best = latency_alone(cost, request, fleet)
         latency[request.model] = max(latency.get(request.model, 0.0), best)
     return latency
+
+
+def latency_alone(cost: Any, request: Any, fleet: Mapping[str, int]) -> float:
+    """The latency of ``request`` alone on the fleet's best deployment: the
+    lesser of a monolithic replica and a stage per GPU, on the fastest type
+    that holds each."""
+    mono = min(
+        request_seconds(cost, request, Pool(MONOLITHIC, request.model), g, 1)
+        for g in fleet
+    )
+    split = sum(
+        min(request_seconds(cost, request, Pool(s, request.model), g, 1) for g in fleet)
+        for s in STAGES
+    )
+    return min(mono, split)
 
 
 def bound(

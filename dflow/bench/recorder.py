@@ -29,6 +29,8 @@ class Recorder(SchedulerPlugin):
         #: (time, utilization per pool, reason) of the elastic controller's
         #: plans, one per plan (sampled: a plan made between samples is kept)
         self.plans: list[tuple[float, dict[str, float], str]] = []
+        #: (time, action, worker name, pool) of workers' pool changes
+        self.events: list[tuple[float, str, str, str | None]] = []
         self._pc: Any = None
 
     async def start(self, scheduler: Any) -> None:
@@ -41,6 +43,12 @@ class Recorder(SchedulerPlugin):
     async def close(self) -> None:
         if self._pc is not None:
             self._pc.stop()
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic == "dflow" and str(msg.get("action", "")).startswith("worker-"):
+            self.events.append(
+                (time.time(), msg["action"], msg.get("worker", ""), msg.get("pool"))
+            )
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any

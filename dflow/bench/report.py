@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,7 +19,7 @@ import numpy as np
 
 import dask.config
 
-from dflow.bench import LABEL, MODES, MONOLITHIC
+from dflow.bench import CONTROLLED, LABEL, MONOLITHIC_MODES
 from dflow.bench.metrics import (
     ModeRun,
     gpu_use,
@@ -26,14 +28,18 @@ from dflow.bench.metrics import (
     per_model,
     per_phase,
     percentiles,
+    rebalancing,
     utilization,
 )
 from dflow.bench.physics import (
     BOUNDS,
+    SHAPE,
     Physics,
     bound,
+    latency_alone,
     physics,
     static_monolithic_latencies,
+    template_request,
 )
 from dflow.bench.plots import plot_load, plot_pools
 from dflow.bench.run import run_mode
@@ -42,25 +48,27 @@ from dflow.bench.workload import TraceEntry, generate
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
 
+#: SLO attainment a rate must keep to count as within a mode's capacity (the
+#: seed's metric: the largest rate at >= 90% attainment)
+CAPACITY_ATTAINMENT = 0.9
+#: The modes elastic's goodput goal is stated against: (b), (c) and
+#: DisagFusion's policy
+RIVALS = ("monolithic_autoscaled", "static", "disagfusion")
+
 
 def summarize(
     run: ModeRun, physics_: Physics, scenario: Scenario, window: tuple[float, float]
 ) -> dict[str, Any]:
     """The mode's entry of ``results.json``."""
-    kind = "monolithic" if run.mode in MONOLITHIC else "disaggregated"
+    kind = "monolithic" if run.mode in MONOLITHIC_MODES else "disaggregated"
     bound_rps = physics_.mode_bound(run.mode, run.entries, window)
-    slo = {m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()}
+    slo = model_slos(scenario, physics_)
+    stop = (run.stop - run.start) / run.scale
     result = metrics(
-        outcomes(run),
-        window=window,
-        stop=(run.stop - run.start) / run.scale,
-        slo=slo,
-        bound_rps=bound_rps,
+        outcomes(run), window=window, stop=stop, slo=slo, bound_rps=bound_rps
     )
     result["utilization"] = utilization(run, window)
-    result["models"] = per_model(
-        outcomes(run), window=window, stop=(run.stop - run.start) / run.scale, slo=slo
-    )
+    result["models"] = per_model(outcomes(run), window=window, stop=stop, slo=slo)
     phases = scenario.workload.phases
     names = [p.name for p in phases]
     if len(phases) > 1 and len(set(names)) == len(names):
@@ -69,16 +77,26 @@ def summarize(
             outcomes(run),
             spans={p.name: (p.start, end) for p, end in zip(phases, ends)},
             window=window,
-            stop=(run.stop - run.start) / run.scale,
+            stop=stop,
             slo=slo,
         )
     if run.dit_batches:
         result["dit_batch_mean"] = float(np.mean(run.dit_batches))
     result["decisions"] = len(run.decisions)
+    result["rebalancing"] = rebalancing(run)
     result["decision_log"] = run.decisions[:100]
-    if run.mode == "elastic":
+    if run.controller_cpu:
+        # milliseconds of the scheduler thread's CPU per control step: what
+        # the time scale cannot shrink
+        result["controller_cpu_ms"] = {
+            k: None if v is None else v * 1000
+            for k, v in zip(
+                ("p50", "p95", "max"), percentiles(run.controller_cpu, (50, 95, 100))
+            )
+        }
+    if run.mode in CONTROLLED:
         result["controller_start_s"] = run.controller_start
-        # wall milliseconds: what the scale cannot shrink (see the module doc)
+        # wall milliseconds (see the module doc)
         result["planning_ms"] = {
             k: None if v is None else v * 1000
             for k, v in zip(
@@ -98,28 +116,89 @@ def summarize(
     return result
 
 
+def model_slos(scenario: Scenario, physics_: Physics) -> dict[str, float]:
+    """Per model, the SLO of its requests that have no SLO of their own: the
+    scenario's ``slo``, else its factor times the model's latency alone."""
+    return {
+        m: scenario.slo.get(m, scenario.slo_factor * s)
+        for m, s in physics_.reference_latency.items()
+    }
+
+
+def request_slos(
+    scenario: Scenario, cost: Any, entries: Sequence[TraceEntry]
+) -> list[float]:
+    """Each request's SLO, emulated seconds: its template's ``slo``, else the
+    scenario's for its model, else the scenario's factor times its latency
+    alone on the fleet's best deployment (per shape: a 512px request's SLO is
+    that of 512px)."""
+    own: dict[tuple, float] = {}
+    for phase in scenario.workload.phases:
+        for template in phase.mix:
+            if template.slo is not None:
+                own.setdefault(_shape(template), template.slo)
+    cache: dict[tuple, float] = {}
+    result = []
+    for entry in entries:
+        key = _shape(entry)
+        if key not in cache:
+            if key in own:
+                cache[key] = own[key]
+            elif entry.model in scenario.slo:
+                cache[key] = scenario.slo[entry.model]
+            else:
+                request = template_request(entry)
+                alone = latency_alone(cost, request, scenario.fleet)
+                cache[key] = scenario.slo_factor * alone
+        result.append(cache[key])
+    return result
+
+
+def _shape(template: Any) -> tuple:
+    return (template.model, *(getattr(template, k) for k in SHAPE))
+
+
 def run_scenario(
     scenario: Scenario,
     out: Path,
     *,
     quick: bool = False,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] | None = None,
+    repeats: int | None = None,
+    capacity: bool = False,
+    capacity_steps: int = 5,
     progress: Callable[[str, float, float], Any] | None = None,
     dit_batch: int = 1,
 ) -> dict[str, Any]:
-    """Run every mode of ``scenario`` on the same trace; write ``out/results.json``
-    and the plots; return the results. ``dit_batch`` is every worker's
-    ``dflow.runtime.max-dit-batch`` (1: no DiT batching), which the physical
-    bounds assume too."""
+    """Run every mode of ``scenario`` on the same trace, ``repeats`` times
+    (seeds ``seed``, ``seed + 1``, ...); with ``capacity``, also find each
+    mode's capacity (:func:`capacity_sweep`). Writes ``out/results.json``
+    (every run, and per mode the median of the repeats with their min and
+    max) and the first repeat's plots; returns the results. ``dit_batch`` is
+    every worker's ``dflow.runtime.max-dit-batch`` (1: no DiT batching),
+    which the physical bounds assume too."""
     with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
-        return _run_scenario(scenario, out, quick, modes, progress, dit_batch)
+        return _run_scenario(
+            scenario,
+            out,
+            quick,
+            modes,
+            repeats,
+            capacity,
+            capacity_steps,
+            progress,
+            dit_batch,
+        )
 
 
 def _run_scenario(
     scenario: Scenario,
     out: Path,
     quick: bool,
-    modes: Sequence[str],
+    modes: Sequence[str] | None,
+    repeats: int | None,
+    capacity: bool,
+    capacity_steps: int,
     progress: Callable[[str, float, float], Any] | None,
     dit_batch: int,
 ) -> dict[str, Any]:
@@ -127,43 +206,76 @@ def _run_scenario(
 
     if quick:
         scenario = scenario.quick_variant()
+    modes = tuple(modes or scenario.modes)
+    repeats = repeats or scenario.repeats
     out.mkdir(parents=True, exist_ok=True)
-    scale = scenario.time_scale
     with dask.config.set({"dflow.runtime.backend": "emulated"}):
         cost = cost_model()
-    with dask.config.set(scenario.config):
-        physics_ = physics(scenario, cost)
-    entries = generate(scenario.workload, scenario.duration)
     window = (scenario.warmup, scenario.duration)
     results: dict[str, Any] = {
         "scenario": scenario.name,
         "title": scenario.title,
+        "source": scenario.source,
         "label": LABEL,
         "quick": quick,
         "dit_batch": dit_batch,
-        "time_scale": scale,
+        "time_scale": scenario.time_scale,
         "duration_s": scenario.duration,
         "window_s": list(window),
-        "requests": len(entries),
         "fleet": scenario.fleet,
-        "slo_s": {
-            m: scenario.slo_factor * s for m, s in physics_.reference_latency.items()
+        "repeats": repeats,
+        "runs": [],
+    }
+    for repeat in range(repeats):
+        seeded = scenario.reseeded(scenario.workload.seed + repeat)
+        name = f"repeat {repeat + 1}/{repeats}" if repeats > 1 else ""
+
+        def report(mode: str, elapsed: float, total: float, name: str = name) -> None:
+            if progress is not None:
+                progress(f"{mode} {name}".strip(), elapsed, total)
+
+        one = run_once(seeded, modes, cost, out if repeat == 0 else None, report)
+        results["runs"].append(one)
+        results.update(combine(results["runs"]))
+        write_results(out / "results.json", results)
+    if capacity:
+        results["capacity"] = capacity_sweep(
+            scenario, modes, cost, repeats, capacity_steps, progress
+        )
+        write_results(out / "results.json", results)
+    return results
+
+
+def run_once(
+    scenario: Scenario,
+    modes: Sequence[str],
+    cost: Any,
+    plots: Path | None = None,
+    progress: Callable[[str, float, float], Any] | None = None,
+) -> dict[str, Any]:
+    """Every mode of ``modes`` on one trace of ``scenario``: its entry of
+    ``results.json``'s ``runs``; the plots go to ``plots`` if given."""
+    physics_ = physics(scenario, cost)
+    entries = generate(scenario.workload, scenario.duration)
+    slos = request_slos(scenario, cost, entries)
+    window = (scenario.warmup, scenario.duration)
+    slo = model_slos(scenario, physics_)
+    result: dict[str, Any] = {
+        "seed": scenario.workload.seed,
+        "requests": len(entries),
+        "slo_s": slo,
+        "slo_by_shape_s": {
+            " ".join(str(v) for v in _shape(e) if v is not None): s
+            for e, s in zip(entries, slos)
         },
         "physics": physics_summary(
-            physics_,
-            entries,
-            window,
-            stop=scenario.duration + scenario.drain,
-            slo={
-                m: scenario.slo_factor * s
-                for m, s in physics_.reference_latency.items()
-            },
+            physics_, entries, window, stop=scenario.duration + scenario.drain, slo=slo
         ),
         "modes": {},
     }
     runs = {}
     for mode in modes:
-        kind = "monolithic" if mode in MONOLITHIC else "disaggregated"
+        kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
         allocation = physics_.allocation[kind]
 
         def report(elapsed: float, mode: str = mode) -> None:
@@ -177,22 +289,212 @@ def _run_scenario(
             entries,
             allocation,
             cost,
-            scale=scale,
+            scale=scenario.time_scale,
             duration=scenario.duration,
             drain=scenario.drain,
             progress=report,
+            slos=slos,
         )
         runs[mode] = run
         summary = summarize(run, physics_, scenario, window)
         summary["wall_s"] = time.monotonic() - started
+        summary["load_average"] = _load_average()
         summary["allocation"] = {"/".join(p): v for p, v in sorted(allocation.items())}
-        results["modes"][mode] = summary
-        write_results(out / "results.json", results)
-    results["ratios"] = ratios(results)
-    write_results(out / "results.json", results)
-    plot_load(runs, out / "load.png", title=f"{scenario.name}: {scenario.title}")
-    plot_pools(runs, out / "pools.png", title=f"{scenario.name}: {scenario.title}")
-    return results
+        result["modes"][mode] = summary
+    result["ratios"] = ratios(result)
+    if plots is not None:
+        title = f"{scenario.name}: {scenario.title}"
+        plot_load(runs, plots / "load.png", title=title)
+        plot_pools(runs, plots / "pools.png", title=title)
+    return result
+
+
+def _load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages (what else ran)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def combine(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The repeats summed up: per mode, every figure's median over the runs
+    (``modes``) and its min and max (``spread``); each ratio's median, min,
+    max and every repeat's value (``ratios``); the first run's physics."""
+    first = runs[0]
+    modes = {
+        mode: median_tree([r["modes"][mode] for r in runs if mode in r["modes"]])
+        for mode in first["modes"]
+    }
+    spread = {
+        mode: spread_tree([r["modes"][mode] for r in runs if mode in r["modes"]])
+        for mode in first["modes"]
+    }
+    keys = [k for k, v in first["ratios"].items() if not isinstance(v, str)]
+    ratio: dict[str, Any] = {}
+    for key in keys:
+        values = [r["ratios"][key] for r in runs]
+        known = [v for v in values if v is not None]
+        ratio[key] = statistics.median(known) if known else None
+        ratio[f"{key}_min"] = min(known, default=None)
+        ratio[f"{key}_max"] = max(known, default=None)
+        ratio[f"{key}_per_repeat"] = values
+    ratio["best_of_b_c_df_per_repeat"] = [r["ratios"]["best_of_b_c_df"] for r in runs]
+    return {
+        "requests": first["requests"],
+        "slo_s": first["slo_s"],
+        "physics": first["physics"],
+        "modes": modes,
+        "spread": spread,
+        "ratios": ratio,
+    }
+
+
+def median_tree(values: Sequence[Any]) -> Any:
+    """The median of each number across ``values`` (mappings of the same
+    shape); anything else as in the first."""
+    return _tree(values, statistics.median)
+
+
+def spread_tree(values: Sequence[Any]) -> Any:
+    """``[min, max]`` of each number across ``values``; other leaves dropped."""
+    return _tree(values, lambda known: [min(known), max(known)], keep=False)
+
+
+def _tree(values: Sequence[Any], reduce: Callable, keep: bool = True) -> Any:
+    first = values[0]
+    if isinstance(first, Mapping):
+        result = {}
+        for key in first:
+            nested = [v.get(key) for v in values if isinstance(v, Mapping)]
+            value = _tree(nested, reduce, keep)
+            if keep or value not in (None, {}):
+                result[key] = value
+        return result
+    known = [v for v in values if v is not None]
+    numbers_ = [
+        v for v in known if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    finite_ = [v for v in numbers_ if math.isfinite(v)]
+    if finite_ and len(numbers_) == len(known):
+        return reduce(finite_)
+    return first if keep else None
+
+
+def bisect_rate(
+    probe: Callable[[float], Mapping[str, Any]], low: float, high: float, steps: int
+) -> list[dict[str, Any]]:
+    """Bisect ``[low, high]`` for the highest rate multiple that ``probe``
+    (multiple -> its run's figures, ``slo_attainment`` among them) passes at
+    :data:`CAPACITY_ATTAINMENT`: ``steps`` probes, each at the middle of what
+    is left, taking the upper half after a pass and the lower after a failure.
+    Returns the probes in order, each with its ``multiple``."""
+    probes = []
+    for _ in range(steps):
+        multiple = (low + high) / 2
+        probes.append({"multiple": multiple, **probe(multiple)})
+        if (probes[-1]["slo_attainment"] or 0.0) >= CAPACITY_ATTAINMENT:
+            low = multiple
+        else:
+            high = multiple
+    return probes
+
+
+def capacity_sweep(
+    scenario: Scenario,
+    modes: Sequence[str],
+    cost: Any,
+    repeats: int,
+    steps: int,
+    progress: Callable[[str, float, float], Any] | None = None,
+) -> dict[str, Any]:
+    """Per mode, the highest multiple of the scenario's arrival rates at which
+    at least :data:`CAPACITY_ATTAINMENT` of the requests meet their SLO.
+
+    :func:`bisect_rate` with ``steps`` runs per mode and repeat, bracketed by
+    the physics: the rate multiple at which the mode's physics saturates
+    (``sat``, :meth:`~dflow.bench.physics.Physics.saturation`) bounds its
+    capacity in a run that lasts (a finite run lets a queue grow for a while,
+    so the bracket reaches 1.25 ``sat``); the bisection starts from ``[0.25
+    sat, 1.25 sat]``, so ``steps`` runs place the capacity within ``sat /
+    2**steps``. ``capacity_rps`` is the offered rate (requests a second in the
+    window) of the highest multiple that passed; ``None`` when none did (the
+    capacity is below 0.25 ``sat``)."""
+    result: dict[str, Any] = {
+        "attainment": CAPACITY_ATTAINMENT,
+        "steps": steps,
+        "modes": {},
+    }
+    window = (scenario.warmup, scenario.duration)
+    for mode in modes:
+        repeats_: list[dict[str, Any]] = []
+        for repeat in range(repeats):
+            seeded = scenario.reseeded(scenario.workload.seed + repeat)
+            physics_ = physics(seeded, cost)
+            kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
+            saturation = physics_.saturation(mode) or 1.0
+
+            def measure(
+                multiple: float,
+                mode: str = mode,
+                seeded: Scenario = seeded,
+                physics_: Physics = physics_,
+                kind: str = kind,
+            ) -> dict[str, Any]:
+                probe = seeded.at_rate(multiple)
+                entries = generate(probe.workload, probe.duration)
+
+                def report(elapsed: float) -> None:
+                    if progress is not None:
+                        label = f"{mode} capacity x{multiple:.2f}"
+                        progress(label, elapsed, probe.duration)
+
+                run = run_mode(
+                    probe,
+                    mode,
+                    entries,
+                    physics_.allocation[kind],
+                    cost,
+                    scale=probe.time_scale,
+                    duration=probe.duration,
+                    drain=probe.drain,
+                    progress=report,
+                    slos=request_slos(probe, cost, entries),
+                )
+                measured = metrics(
+                    outcomes(run),
+                    window=window,
+                    stop=(run.stop - run.start) / run.scale,
+                    slo=model_slos(probe, physics_),
+                    bound_rps=0.0,
+                )
+                return {
+                    "offered_rps": measured["arrived"] / (window[1] - window[0]),
+                    "slo_attainment": measured["slo_attainment"],
+                    "goodput_rps": measured["goodput_rps"],
+                    "p95_s": measured["p95_s"],
+                    "load_average": _load_average(),
+                }
+
+            probes = bisect_rate(measure, 0.25 * saturation, 1.25 * saturation, steps)
+            passed = [
+                p for p in probes if (p["slo_attainment"] or 0.0) >= CAPACITY_ATTAINMENT
+            ]
+            best = max(passed, key=lambda p: p["multiple"], default=None)
+            repeats_.append(
+                {
+                    "seed": seeded.workload.seed,
+                    "saturation_multiple": saturation,
+                    "capacity_multiple": best and best["multiple"],
+                    "capacity_rps": best and best["offered_rps"],
+                    "probes": probes,
+                }
+            )
+        found = [r["capacity_rps"] for r in repeats_ if r["capacity_rps"] is not None]
+        result["modes"][mode] = {
+            "capacity_rps": statistics.median(found) if found else None,
+            "min": min(found, default=None),
+            "max": max(found, default=None),
+            "repeats": repeats_,
+        }
+    return result
 
 
 def mix_shares(mix: Sequence[tuple[Any, float]]) -> dict[str, float]:
@@ -310,11 +612,8 @@ def ratios(results: Mapping[str, Any]) -> dict[str, Any]:
             return None
         return y / x if invert else x / y
 
-    best = None
-    if "monolithic_autoscaled" in modes and "static" in modes:
-        best = max(
-            ("monolithic_autoscaled", "static"), key=lambda m: modes[m]["goodput_rps"]
-        )
+    rivals = [m for m in RIVALS if m in modes]
+    best = max(rivals, key=lambda m: modes[m]["goodput_rps"], default=None)
     return {
         "elastic_over_monolithic_throughput": ratio(
             "elastic", "monolithic", "throughput_rps"
@@ -322,10 +621,10 @@ def ratios(results: Mapping[str, Any]) -> dict[str, Any]:
         "monolithic_over_elastic_p95": ratio(
             "elastic", "monolithic", "p95_s", invert=True
         ),
-        "elastic_over_best_b_c_goodput": ratio("elastic", best, "goodput_rps")
+        "elastic_over_best_b_c_df_goodput": ratio("elastic", best, "goodput_rps")
         if best
         else None,
-        "best_of_b_c": best,
+        "best_of_b_c_df": best,
         "physics_ratio": results["physics"]["physics_ratio"],
     }
 
@@ -352,7 +651,10 @@ def write_results(path: Path, results: Mapping[str, Any]) -> None:
 
 
 def table(results: Mapping[str, Any]) -> str:
-    """The modes of ``results`` as a markdown table."""
+    """The modes of ``results`` as markdown tables: the metrics (medians of
+    the repeats, with min-max where they differ), SLO attainment per model,
+    and the moves' costs; then each mode's capacity if measured."""
+    spread = results.get("spread", {})
 
     def f(value: Any, digits: int = 3) -> str:
         if value is None:
@@ -361,21 +663,67 @@ def table(results: Mapping[str, Any]) -> str:
             return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
         return str(value)
 
+    def cell(mode: str, *path: str) -> str:
+        value: Any = results["modes"][mode]
+        bounds: Any = spread.get(mode, {})
+        for key in path:
+            value = (value or {}).get(key)
+            bounds = (bounds or {}).get(key) if isinstance(bounds, Mapping) else None
+        text = f(value)
+        if isinstance(bounds, list) and bounds[0] != bounds[1]:
+            text += f" ({f(bounds[0])}-{f(bounds[1])})"
+        return text
+
+    models = sorted({m for v in results["modes"].values() for m in v["models"]})
     lines = [
         "| mode | throughput rps | goodput rps | p50 s | p95 s | p99 s | SLO att. "
-        "| bound rps | bound ratio | utilization | decisions |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(f"SLO att. {m}" for m in models) + " | bound ratio |",
+        "|---" * (8 + len(models)) + "|",
+    ]
+    for mode in results["modes"]:
+        per_model_ = " | ".join(
+            cell(mode, "models", m, "slo_attainment") for m in models
+        )
+        lines.append(
+            f"| {mode} | {cell(mode, 'throughput_rps')} | {cell(mode, 'goodput_rps')} "
+            f"| {cell(mode, 'p50_s')} | {cell(mode, 'p95_s')} | {cell(mode, 'p99_s')} "
+            f"| {cell(mode, 'slo_attainment')} | {per_model_} "
+            f"| {cell(mode, 'bound_ratio')} |"
+        )
+    lines += [
+        "",
+        "| mode | moves | drain s | load s (GPU lost) | rebalancing latency p50 / "
+        "p95 s | controller CPU ms/step p50 / max | utilization |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, m in results["modes"].items():
         use = ", ".join(
             f"{s} {u:.2f}" for s, u in m["utilization"].items() if u is not None
         )
+        cpu = m.get("controller_cpu_ms") or {}
         lines.append(
-            f"| {mode} | {f(m['throughput_rps'])} | {f(m['goodput_rps'])} | "
-            f"{f(m['p50_s'])} | {f(m['p95_s'])} | {f(m['p99_s'])} | "
-            f"{f(m['slo_attainment'])} | {f(m['bound_rps'])} | "
-            f"{f(m['bound_ratio'])} | {use} | {m['decisions']} |"
+            f"| {mode} | {cell(mode, 'rebalancing', 'moves')} "
+            f"| {cell(mode, 'rebalancing', 'drain_s')} "
+            f"| {cell(mode, 'rebalancing', 'load_s')} "
+            f"| {cell(mode, 'rebalancing', 'latency_p50_s')} / "
+            f"{cell(mode, 'rebalancing', 'latency_p95_s')} "
+            f"| {f(cpu.get('p50'))} / {f(cpu.get('max'))} | {use} |"
         )
+    capacity = results.get("capacity")
+    if capacity:
+        lines += [
+            "",
+            f"Capacity: highest offered rate at SLO attainment >= "
+            f"{capacity['attainment']:g} ({capacity['steps']} rates tried per mode "
+            "and repeat, bisection from the physics' bracket)",
+            "",
+            "| mode | capacity rps (median) | min | max |",
+            "|---|---|---|---|",
+        ]
+        for mode, c in capacity["modes"].items():
+            lines.append(
+                f"| {mode} | {f(c['capacity_rps'])} | {f(c['min'])} | {f(c['max'])} |"
+            )
     return "\n".join(lines)
 
 

@@ -4,6 +4,17 @@ A scheduler and one in-process Dask worker per emulated GPU on one event loop
 (``StageCluster(processes=False)``, ``inproc://`` comms), so dozens of emulated
 GPUs fit two cores. Arrivals are paced at ``t x time-scale`` wall seconds, and
 every controller period is set in emulated seconds times the scale.
+
+What each mode runs: ``monolithic``, monolithic replicas partitioned per
+model; ``monolithic_autoscaled``, the same moved by
+:class:`~dflow.bench.baselines.ReplicaAutoscaler`; ``static``, dflow's stage
+pools at a static ratio; ``disagfusion``, those pools moved by
+:class:`~dflow.bench.disagfusion.ThresholdScaler`; ``elastic``, dflow's
+controller (``dflow.elastic.pricing: hybrid``), and its ablations
+``prediction_only`` (profiles alone) and ``feedback_only`` (observed service
+times alone). dflow's modes serve each pool earliest deadline first, each
+request's SLO its deadline; the peers' policies (monolithic, autoscaled,
+DisagFusion) in arrival order.
 """
 
 from __future__ import annotations
@@ -19,10 +30,11 @@ import dask.config
 from distributed import Client
 
 import dflow.client
-from dflow.bench import MONOLITHIC
+from dflow.bench import CONTROLLED, MONOLITHIC_MODES
 from dflow.bench.metrics import ModeRun
 from dflow.bench.physics import Allocation
 from dflow.bench.recorder import Recorder
+from dflow.pools import MONOLITHIC
 
 if TYPE_CHECKING:
     from dflow.bench.scenarios import Scenario
@@ -33,14 +45,14 @@ async def _install(
     scheduler: Any,
     predictor: Any,
     recorder: Recorder,
-    autoscaler: Any,
+    policy: Any,
 ) -> None:
     """dflow (:func:`~dflow.plugins.install.install`, with the fleet's
-    predictor), the recorder, and the replica autoscaler if any."""
+    predictor), the recorder, and the mode's scaling policy if any."""
     from dflow.plugins.install import install
 
     await install(scheduler, predictor=predictor)
-    for plugin in [recorder] if autoscaler is None else [recorder, autoscaler]:
+    for plugin in [recorder] if policy is None else [recorder, policy]:
         scheduler.add_plugin(plugin)
         await plugin.start(scheduler)
 
@@ -72,11 +84,20 @@ def fleet_predictor(cost: Any, gpu_types: Sequence[str], scale: float) -> Any:
     return Predictor(rows, ewma_alpha=0.0)
 
 
+#: The modes served in arrival order (the peers' policies)
+ARRIVAL_ORDER = (*MONOLITHIC_MODES, "disagfusion")
+#: The controller's pricing in each ablation (``dflow.elastic.pricing``)
+PRICING = {"prediction_only": "prediction", "feedback_only": "feedback"}
+
+
 def run_config(scenario: Scenario, mode: str, scale: float) -> dict[str, Any]:
-    """Dask config of one mode's run: the emulated backend and every controller
-    period in emulated seconds times the scale."""
+    """Dask config of one mode's run: the emulated backend, the mode's pricing
+    and task order, and every controller period in emulated seconds times the
+    scale."""
     s = scenario.controller
     return {
+        "dflow.elastic.pricing": PRICING.get(mode, "hybrid"),
+        "dflow.slo.order": "arrival" if mode in ARRIVAL_ORDER else "deadline",
         "dflow.runtime.backend": "emulated",
         "dflow.emulation.time-scale": scale,
         # the elastic controller starts with the arrivals (run_mode)
@@ -125,6 +146,7 @@ def run_mode(
     duration: float,
     drain: float,
     progress: Callable[[float], None] | None = None,
+    slos: Sequence[float] = (),
 ) -> ModeRun:
     """Serve ``entries`` on a fresh in-process fleet laid out as ``allocation``.
 
@@ -133,14 +155,20 @@ def run_mode(
     ``progress`` hears the emulated seconds elapsed.
     """
     from dflow.bench.baselines import ReplicaAutoscaler
+    from dflow.bench.disagfusion import ThresholdScaler
     from dflow.cluster import StageCluster
 
-    monolithic = mode in MONOLITHIC
+    monolithic = mode in MONOLITHIC_MODES
     workers = fleet_workers(allocation, monolithic)
     recorder = Recorder(interval=max(0.05, scenario.sample_every * scale))
     autoscaler = (
         ReplicaAutoscaler(scale=scale, **scenario.autoscaler)
         if mode == "monolithic_autoscaled"
+        else None
+    )
+    thresholds = (
+        ThresholdScaler(scale=scale, **scenario.disagfusion)
+        if mode == "disagfusion"
         else None
     )
     with contextlib.ExitStack() as stack:
@@ -159,7 +187,9 @@ def run_mode(
                 scheduler_options={"preload": [], "dashboard": False},
             )
         )
-        cluster.sync(_install, cluster.scheduler, predictor, recorder, autoscaler)
+        cluster.sync(
+            _install, cluster.scheduler, predictor, recorder, autoscaler or thresholds
+        )
         _wait_ready(cluster, len(workers), timeout=300)
         client = stack.enter_context(Client(cluster))
         mode_name = "monolithic" if monolithic else "disaggregated"
@@ -173,7 +203,7 @@ def run_mode(
         position = 0
         while position < len(ordered):
             now = time.time()
-            if mode == "elastic" and not controller.enabled:
+            if mode in CONTROLLED and not controller.enabled:
                 # from the first arrival: the controller prices a pool that has
                 # not finished a task yet from the tasks it owes (dcb7b67)
                 controller.enabled = True
@@ -186,7 +216,10 @@ def run_mode(
                 position += 1
             if due:
                 submitted = dflow.client.map(
-                    client, [entries[i].request() for i in due], mode=mode_name
+                    client,
+                    [entries[i].request() for i in due],
+                    mode=mode_name,
+                    slo=[slos[i] * scale for i in due] if slos else None,
                 )
                 with lock:
                     for i, future in zip(due, submitted):
@@ -216,14 +249,30 @@ def run_mode(
                 finals[keys[key]] = value
         extension = cluster.scheduler.extensions["dflow"]
         decisions = [
-            {**d, "time": (d["time"] - start) / scale}
+            {
+                **d,
+                "time": (d["time"] - start) / scale,
+                "source": _pool_text(d["source"]),
+                "target": _pool_text(d["target"]),
+            }
             for d in extension.recent_decisions()
         ]
         if autoscaler is not None:
             decisions += [
-                {**asdict(d), "time": (d.time - start) / scale}
+                {
+                    **asdict(d),
+                    "time": (d.time - start) / scale,
+                    "source": d.source and f"{MONOLITHIC}:{d.source}",
+                    "target": f"{MONOLITHIC}:{d.target}",
+                }
                 for d in autoscaler.decisions
             ]
+        if thresholds is not None:
+            decisions += [
+                {**asdict(d), "time": (d.time - start) / scale}
+                for d in thresholds.decisions
+            ]
+        decisions.sort(key=lambda d: d["time"])
         roles = {
             r.name: (r.gpu_type, "/".join(r.pool) if r.pool else None)
             for r in extension.workers.values()
@@ -236,6 +285,7 @@ def run_mode(
             for r in cluster.scheduler.plugins["dflow-telemetry"].records
             if r.stage in ("dit", "all")
         ]
+        planning_cpu = controller.planning_seconds(cpu=True)
         futures.clear()
     return ModeRun(
         mode=mode,
@@ -252,4 +302,12 @@ def run_mode(
         planning=planning,
         plans=list(recorder.plans),
         dit_batches=dit_batches,
+        events=list(recorder.events),
+        controller_cpu=planning_cpu,
+        slos=list(slos),
     )
+
+
+def _pool_text(pool: Any) -> str | None:
+    """A decision's pool as ``"stage:model"`` (``None``: no pool)."""
+    return None if pool is None else ":".join(pool)

@@ -47,7 +47,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +132,14 @@ def _poisson(rng: np.random.Generator, rate: float, start: float, end: float) ->
 class Template:
     """One kind of request in a mix, drawn with probability proportional to
     ``weight``. Fields left ``None`` take the model's defaults when the request is
-    built."""
+    built.
+
+    ``images`` per prompt: a prompt asking for ``k`` images is ``k`` requests
+    arriving together, with the same prompt and seeds ``seed``, ``seed + 1``,
+    ... (as the HTTP gateway submits ``n`` images); they share one text
+    encoding. A ``(least, most)`` pair draws ``k`` uniformly per prompt. ``slo``:
+    the requests' latency objective in seconds (``None``: the scenario's).
+    """
 
     model: str
     weight: float = 1.0
@@ -143,12 +150,39 @@ class Template:
     guidance_scale: float | None = None
     negative_prompt: str = ""
     output_format: str | None = None
+    images: int | tuple[int, int] = 1
+    slo: float | None = None
     #: image-to-video models: the requests carry an input image
     image: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(f"weight must be a finite number > 0, got {self.weight}")
+        images = self.images
+        if isinstance(images, (list, tuple)):
+            if len(images) != 2 or not 1 <= images[0] <= images[1]:
+                raise ValueError(
+                    f"images must be a count >= 1 or [least, most] with 1 <= least "
+                    f"<= most, got {list(images)}"
+                )
+            object.__setattr__(self, "images", (int(images[0]), int(images[1])))
+        elif not (isinstance(images, int) and images >= 1):
+            raise ValueError(f"images must be an integer >= 1, got {images!r}")
+        if self.slo is not None and not (math.isfinite(self.slo) and self.slo > 0):
+            raise ValueError(f"slo must be a finite number > 0, got {self.slo}")
+
+    def draw_images(self, rng: np.random.Generator) -> int:
+        """Images of one prompt (a range draws from ``rng``; a count does not)."""
+        if isinstance(self.images, tuple):
+            least, most = self.images
+            return int(rng.integers(least, most + 1))
+        return self.images
+
+    @property
+    def mean_images(self) -> float:
+        if isinstance(self.images, tuple):
+            return (self.images[0] + self.images[1]) / 2
+        return float(self.images)
 
 
 @dataclass(frozen=True)
@@ -187,6 +221,18 @@ class Workload:
             raise ValueError("two phases start at the same time")
         object.__setattr__(self, "phases", phases)
 
+    def scaled(self, multiple: float) -> Workload:
+        """The workload with every phase's arrival rate times ``multiple``."""
+        return Workload(
+            [
+                replace(
+                    p, arrivals=replace(p.arrivals, rate=p.arrivals.rate * multiple)
+                )
+                for p in self.phases
+            ],
+            self.seed,
+        )
+
     def phase_at(self, t: float) -> Phase:
         """The phase in force at time ``t``."""
         current = self.phases[0]
@@ -203,7 +249,7 @@ class Workload:
                     "start": p.start,
                     "name": p.name,
                     "arrivals": asdict(p.arrivals),
-                    "mix": [asdict(t) for t in p.mix],
+                    "mix": [_template_dict(t) for t in p.mix],
                 }
                 for p in self.phases
             ],
@@ -229,6 +275,13 @@ class Workload:
 #: The input image of image-to-video requests in a trace (emulated runs cost
 #: the encode by the request's size, not the image's)
 BLANK_IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)
+
+
+def _template_dict(template: Template) -> dict[str, Any]:
+    data = asdict(template)
+    if isinstance(template.images, tuple):
+        data["images"] = list(template.images)
+    return data
 
 
 @dataclass(frozen=True)
@@ -300,23 +353,27 @@ def generate(workload: Workload, duration: float) -> list[TraceEntry]:
         choices = rng.choice(len(phase.mix), size=len(times), p=phase.weights())
         for t, choice in zip(times, choices):
             template = phase.mix[choice]
-            entries.append(
-                TraceEntry(
-                    t=float(t),
-                    model=template.model,
-                    prompt=prompt(rng),
-                    negative_prompt=template.negative_prompt,
-                    height=template.height,
-                    width=template.width,
-                    num_frames=template.num_frames,
-                    steps=template.steps,
-                    guidance_scale=template.guidance_scale,
-                    seed=int(rng.integers(2**63)),
-                    output_format=template.output_format,
-                    phase=phase.name,
-                    image=template.image,
-                )
+            first = TraceEntry(
+                t=float(t),
+                model=template.model,
+                prompt=prompt(rng),
+                negative_prompt=template.negative_prompt,
+                height=template.height,
+                width=template.width,
+                num_frames=template.num_frames,
+                steps=template.steps,
+                guidance_scale=template.guidance_scale,
+                seed=int(rng.integers(2**63)),
+                output_format=template.output_format,
+                phase=phase.name,
+                image=template.image,
             )
+            images = template.draw_images(rng)
+            assert first.seed is not None
+            entries += [
+                replace(first, seed=first.seed + i) if i else first
+                for i in range(images)
+            ]
     return entries
 
 
