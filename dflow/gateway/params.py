@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,7 +19,12 @@ from dflow.request import Request
 #: Seeds are taken modulo this (a request's seed is 0 to 2**64 - 1)
 SEEDS = 2**64
 #: dflow's field names that differ from the HTTP API's
-PARAMS = {"steps": "num_inference_steps", "height": "size", "width": "size"}
+PARAMS = {
+    "steps": "num_inference_steps",
+    "height": "size",
+    "width": "size",
+    "image": "input_reference",
+}
 
 
 def _no_bool(value: Any) -> Any:
@@ -185,8 +189,3 @@ def _data_url(url: str) -> bytes:
         raise bad_request(
             "input_reference", "input_reference: the data: URL is not base64"
         ) from None
-
-
-def takes_image() -> bool:
-    """Whether dflow's requests carry an input image (image-to-video models)."""
-    return any(f.name == "image" for f in dataclasses.fields(Request))

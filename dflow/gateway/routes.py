@@ -231,14 +231,8 @@ async def create_video(request: Request, gw: Gw) -> Response:
     fields = params.request_fields(body, gw.settings.video_fps)
     extra: dict[str, Any] = {"output_format": "np"}
     if reference is not None:
-        image = params.input_image(reference)
-        if not params.takes_image():
-            raise bad_request(
-                "input_reference",
-                f"input_reference: {model} takes no input image (dflow serves no "
-                "image-to-video model yet)",
-            )
-        extra["image"] = image
+        # the model's family says whether it takes one (InvalidRequest "image")
+        extra["image"] = params.input_image(reference)
     (job,), (output,) = await gw.submit(model, fields, body, **extra)
     key = f"video_{uuid.uuid4().hex}"
     result = gw.client.submit(
