@@ -19,6 +19,7 @@ serving, and its memory must come back (RSS on CPU, allocated bytes on CUDA).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import resource
 import shutil
 import sys
@@ -153,9 +154,12 @@ def uncap_memory(device: str) -> None:
 
 
 def memory_in_use(device: str) -> int:
-    """Bytes the stage's memory holds: allocated tensors on CUDA, RSS on CPU."""
+    """Bytes the stage's memory holds: allocated tensors on CUDA; on CPU, RSS
+    once glibc has returned its free pages (stage workers keep freed blocks
+    under 64 MiB in the heap for reuse: ``dflow.worker.pre-spawn-environ``)."""
     if device == "cuda":
         return torch.cuda.memory_allocated()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     return psutil.Process().memory_info().rss
 
 

@@ -262,6 +262,7 @@ async def test_model_not_served_and_status_say_what_is_missing() -> None:
             await plugin.start(scheduler)
             scheduler.add_plugin(plugin)
         admission = Admission(extension, MemoryRouting(extension, Predictions()))
+        await admission.start(scheduler)
         extension.workers["tcp://127.0.0.1:1"] = WorkerRecord(
             "tcp://127.0.0.1:1", "node1-gpu0", "ready", "encoder", MODEL, "cpu"
         )
