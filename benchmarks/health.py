@@ -47,10 +47,8 @@ import dflow
 from dflow import testing
 from dflow.bench.env import machine
 from dflow.bench.physics import request_seconds
-from dflow.cluster import StageCluster
 from dflow.emulation import cost_model
 from dflow.emulation.adapter import set_speed
-from dflow.plugins.install import install
 from dflow.pools import Pool
 from dflow.request import Request
 
@@ -75,25 +73,11 @@ def fleet(dits: int, config: dict[str, Any]) -> Iterator[tuple[Client, list[str]
     """An emulated fleet in this process: its client and DiT addresses."""
     with dask.config.set(config):
         predictor = testing.emulated_predictor([GPU])
-        with (
-            StageCluster(
-                MODEL,
-                fleet=[],
-                processes=False,
-                protocol="inproc",
-                host=None,
-                dashboard_address=None,
-                worker_options={"memory_limit": 0},
-                scheduler_options={"preload": [], "dashboard": False},
-            ) as cluster,
-            Client(cluster) as client,
+        layout = {"encoder": 1, "dit": dits, "vae": 1}
+        with testing.emulated_fleet(MODEL, layout, predictor, GPU, timeout=600) as (
+            _,
+            client,
         ):
-            cluster.sync(install, cluster.scheduler, predictor=predictor)
-            for stage, n in {"encoder": 1, "dit": dits, "vae": 1}.items():
-                cluster.scale(n, stage=stage, gpu_type=GPU)
-            testing.wait_for_pools(
-                client, {MODEL: ["encoder", *["dit"] * dits, "vae"]}, timeout=600
-            )
             addresses = sorted(
                 r["address"]
                 for r in client.sync(client.scheduler.dflow_workers)

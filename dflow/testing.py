@@ -633,6 +633,42 @@ def set_layout(
     return roles
 
 
+@contextlib.contextmanager
+def emulated_fleet(
+    model: str,
+    layout: Mapping[str, int],
+    predictor: Any,
+    gpu_type: str = "h200",
+    timeout: float = 300,
+) -> Iterator[tuple[Any, Client]]:
+    """A :class:`~dflow.cluster.StageCluster` of emulated ``gpu_type`` workers in
+    this process (inproc, no dashboard) and its client: dflow installed on the
+    scheduler before the workers, priced by ``predictor``; ``layout`` workers
+    per stage, ready. The emulated backend's config must be set around it."""
+    from dflow.cluster import StageCluster
+    from dflow.plugins.install import install
+
+    with (
+        StageCluster(
+            model,
+            fleet=[],
+            processes=False,
+            protocol="inproc",
+            host=None,
+            dashboard_address=None,
+            worker_options={"memory_limit": 0},
+            scheduler_options={"preload": [], "dashboard": False},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        cluster.sync(install, cluster.scheduler, predictor=predictor)
+        for stage, n in layout.items():
+            cluster.scale(n, stage=stage, gpu_type=gpu_type)
+        wanted = [stage for stage, n in layout.items() for _ in range(n)]
+        wait_for_pools(client, {model: wanted}, timeout=timeout)
+        yield cluster, client
+
+
 def emulated_predictor(gpu_types: Iterable[str] = ("h200",)) -> Any:
     """A :class:`~dflow.predictor.Predictor` pricing every pool on ``gpu_types``
     as the emulated backend charges it, in wall seconds at its time scale (what

@@ -17,9 +17,7 @@ from distributed import Client
 
 import dflow.client
 from dflow import testing
-from dflow.cluster import StageCluster
 from dflow.plugins.deadlines import PAST_SAVING, SAVABLE, priority
-from dflow.plugins.install import install
 from dflow.request import Request
 
 MODEL = "pixart-sigma-1024"
@@ -36,23 +34,8 @@ CONFIG = {
 def fleet(order: str) -> Iterator[tuple[Any, Client]]:
     with dask.config.set({**CONFIG, "dflow.slo.order": order}):
         predictor = testing.emulated_predictor()
-        with (
-            StageCluster(
-                MODEL,
-                fleet=[],
-                processes=False,
-                protocol="inproc",
-                host=None,
-                dashboard_address=None,
-                worker_options={"memory_limit": 0},
-                scheduler_options={"preload": [], "dashboard": False},
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            cluster.sync(install, cluster.scheduler, predictor=predictor)
-            for stage in ("encoder", "dit", "vae"):
-                cluster.scale(1, stage=stage, gpu_type="h200")
-            testing.wait_for_pools(client, {MODEL: ["encoder", "dit", "vae"]}, 300)
+        layout = {"encoder": 1, "dit": 1, "vae": 1}
+        with testing.emulated_fleet(MODEL, layout, predictor) as (cluster, client):
             yield cluster, client
 
 

@@ -42,7 +42,6 @@ import dflow
 from dflow import runtime, testing
 from dflow.client import encoding_key
 from dflow.cluster import StageCluster
-from dflow.plugins.install import install
 from dflow.pools import STAGES, TASK_PREFIXES, Pool
 from dflow.request import Request
 from dflow.testing import pixels, poll, wait_for_pools
@@ -512,25 +511,8 @@ VAE_BURST = 96
 def emulated_fleet() -> Iterator[Fleet]:
     with dask.config.set(EMULATED_CONFIG):
         predictor = testing.emulated_predictor()
-        with (
-            StageCluster(
-                EMULATED,
-                fleet=[],
-                processes=False,
-                protocol="inproc",
-                host=None,
-                dashboard_address=None,
-                worker_options={"memory_limit": 0},
-                scheduler_options={"preload": [], "dashboard": False},
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            # dflow before the workers, priced as the emulation charges
-            cluster.sync(install, cluster.scheduler, predictor=predictor)
-            for stage, n in START.items():
-                cluster.scale(n, stage=stage, gpu_type="h200")
-            wanted = {EMULATED: [s for s, n in START.items() for _ in range(n)]}
-            wait_for_pools(client, wanted, timeout=300)
+        # dflow before the workers, priced as the emulation charges
+        with testing.emulated_fleet(EMULATED, START, predictor) as (cluster, client):
             yield Fleet(cluster, client, EMULATED, cooldown=COOLDOWN * SCALE)
 
 

@@ -54,7 +54,6 @@ from dflow.emulation.adapter import set_speed
 from dflow.planner import Demand, PlannerWorker, PoolCost, plan
 from dflow.plugins.extension import DflowExtension, WorkerRecord
 from dflow.plugins.health import Health
-from dflow.plugins.install import install
 from dflow.plugins.predictions import Predictions
 from dflow.plugins.pricing import speed_factor
 from dflow.plugins.speeds import WorkerSpeeds
@@ -658,24 +657,8 @@ def emulated(request) -> Iterator[EmulatedFleet]:
             priced = testing.emulated_predictor()
         else:
             priced = Predictor()
-        with (
-            StageCluster(
-                EMULATED,
-                fleet=[],
-                processes=False,
-                protocol="inproc",
-                host=None,
-                dashboard_address=None,
-                worker_options={"memory_limit": 0},
-                scheduler_options={"preload": [], "dashboard": False},
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            cluster.sync(install, cluster.scheduler, predictor=priced)
-            for stage, n in {"encoder": 1, "dit": DITS, "vae": 1}.items():
-                cluster.scale(n, stage=stage, gpu_type="h200")
-            wanted = {EMULATED: ["encoder", *["dit"] * DITS, "vae"]}
-            wait_for_pools(client, wanted, timeout=300)
+        layout = {"encoder": 1, "dit": DITS, "vae": 1}
+        with testing.emulated_fleet(EMULATED, layout, priced) as (cluster, client):
             yield EmulatedFleet(cluster, client)
 
 
