@@ -80,8 +80,10 @@ COMPONENTS = {
     "vae": ("vae",),
 }
 #: Allocator environment of dflow's workers: changes to distributed's
-#: ``distributed.nanny.pre-spawn-environ`` (None removes a variable).
-WORKER_ENVS: dict[str, dict[str, int | None]] = {
+#: ``distributed.nanny.pre-spawn-environ`` (None removes a variable); ``dflow``
+#: keeps what dflow ships (``dflow.worker.pre-spawn-environ``).
+WORKER_ENVS: dict[str, dict[str, int | None] | None] = {
+    "dflow": None,
     # distributed's default: MALLOC_TRIM_THRESHOLD_=65536
     "nanny": {},
     # glibc's defaults (dynamic mmap and trim thresholds)
@@ -314,30 +316,30 @@ class Dflow:
 
 
 @contextlib.contextmanager
-def worker_environment(changes: dict[str, int | None]) -> Iterator[None]:
-    """Start Nannies with ``changes`` to ``distributed.nanny.pre-spawn-environ``.
+def worker_environment(changes: dict[str, int | None] | None) -> Iterator[None]:
+    """Start Nannies with ``changes`` to ``distributed.nanny.pre-spawn-environ``,
+    or with dflow's own worker environment where ``changes`` is None.
 
     The Nanny also copies that environment into this process's ``os.environ``
     before spawning (and the process's values override the config), so the
     ``MALLOC_*`` variables here are cleared for the start and restored after.
     """
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-    for key, value in changes.items():
-        if value is None:
-            environ.pop(key, None)
-        else:
-            environ[key] = value
+    # each round repeats the prompts: encode them as the peers do
+    settings: dict[str, object] = {"dflow.runtime.encoding-cache": 0}
+    if changes is not None:
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+        for key, value in changes.items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+        settings["distributed.nanny.pre-spawn-environ"] = environ
+        # the variant decides the MALLOC_* variables, not dflow's defaults
+        settings["dflow.worker.pre-spawn-environ"] = {}
     saved = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     for key in saved:
         del os.environ[key]
     try:
-        settings = {
-            "distributed.nanny.pre-spawn-environ": environ,
-            # the variant decides the MALLOC_* variables, not dflow's defaults
-            "dflow.worker.pre-spawn-environ": {},
-            # each round repeats the prompts: encode them as the peers do
-            "dflow.runtime.encoding-cache": 0,
-        }
         with dask.config.set(settings):
             yield
     finally:
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--worker-env",
-        default=",".join(WORKER_ENVS),
+        default="dflow",
         help=f"dflow worker allocator environments: {', '.join(WORKER_ENVS)}",
     )
     parser.add_argument("--out", default="benchmarks/results", type=Path)
