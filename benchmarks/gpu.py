@@ -6,13 +6,15 @@ diffusers pipeline call, on real-size architectures with random weights.
 2. A :class:`~dflow.cluster.StageCluster` with one encoder, one DiT and one VAE
    worker process, all on the same GPU, serves the same request (same seed)
    through ``dflow.submit``; embeddings and latents move between the processes
-   over TCP (CUDA tensors staged through host memory).
+   over TCP (CUDA tensors staged through host memory) or, with ``--protocol
+   ucx``, over UCX (CUDA tensors as device buffers; ``distributed-ucxx``).
 3. A burst of ``--burst`` requests: the DiT worker's busy fraction and the
    per-hop waits, from the scheduler's telemetry.
 
 Usage (on a CUDA machine)::
 
     python benchmarks/gpu.py --model flux.1-dev --out results/
+    python benchmarks/gpu.py --model flux.1-dev --protocol ucx --out results/
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_transport import UCX_CONFIG
 
 import dask.config
 from distributed import Client, wait
@@ -71,16 +74,18 @@ def bare_pipeline(
 
 
 def disaggregated(
-    request: dflow.Request, repeats: int, burst: int
+    request: dflow.Request, repeats: int, burst: int, protocol: str
 ) -> tuple[list[float], np.ndarray, dict]:
     """Seconds per warm request through dflow, its pixels, and burst telemetry."""
+    settings = {"dflow.client.model-timeout": "900s", "dflow.elastic.enabled": False}
+    if protocol == "ucx":
+        settings.update(UCX_CONFIG)
     with (
-        dask.config.set(
-            {"dflow.client.model-timeout": "900s", "dflow.elastic.enabled": False}
-        ),
+        dask.config.set(settings),
         StageCluster(
             request.model,
             {"encoder": 1, "dit": 1, "vae": 1},
+            protocol=protocol,
             silence_logs=logging.WARNING,
             worker_options={"silence_logs": logging.WARNING},
         ) as cluster,
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--burst", type=int, default=6)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--protocol", default="tcp", choices=("tcp", "ucx"))
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     request = dflow.Request(
@@ -147,7 +153,9 @@ def main() -> None:
         f"bare pipeline: {[round(s, 3) for s in bare]} ({time.perf_counter() - started:.0f}s in)",
         flush=True,
     )
-    served, served_pixels, burst = disaggregated(request, args.repeats, args.burst)
+    served, served_pixels, burst = disaggregated(
+        request, args.repeats, args.burst, args.protocol
+    )
     print(
         f"dflow: {[round(s, 3) for s in served]} ({time.perf_counter() - started:.0f}s in)",
         flush=True,
@@ -155,6 +163,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": args.model,
+        "protocol": args.protocol,
         "request": {
             "height": request.height,
             "width": request.width,
@@ -169,7 +178,8 @@ def main() -> None:
         "burst": burst,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu-{args.model}.json").write_text(json.dumps(result, indent=1))
+    name = f"gpu-{args.model}" + ("" if args.protocol == "tcp" else f"-{args.protocol}")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
