@@ -11,6 +11,7 @@ to result, and the same task on A where the tensor already is (the floor). B
 checks the tensor's contents against A's.
 
     python benchmarks/gpu_transport.py --out results/
+    python benchmarks/gpu_transport.py --protocols tcp --sizes 1,4 --out /tmp/t  # CPU dry run
 """
 
 from __future__ import annotations
@@ -42,19 +43,23 @@ UCX_CONFIG = {
 }
 
 
+#: CPU where there is no GPU: a dry run of the script
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup() -> str:
     """Install dflow's serializers and make this process's CUDA context."""
     from dflow.protocol import register_serializers
 
     register_serializers()
-    torch.zeros(1, device="cuda")
-    return torch.cuda.get_device_name()
+    torch.zeros(1, device=DEVICE)
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
 def make(nbytes: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     return torch.randn(
-        nbytes // 2, dtype=torch.bfloat16, device="cuda", generator=generator
+        nbytes // 2, dtype=torch.bfloat16, device=DEVICE, generator=generator
     )
 
 
@@ -62,8 +67,9 @@ def take(tensor: torch.Tensor) -> dict[str, Any]:
     """What a stage does with an input: onto this GPU; with a checksum."""
     arrived_on = tensor.device.type
     start = time.perf_counter()
-    tensor = tensor.to("cuda")
-    torch.cuda.synchronize()
+    tensor = tensor.to(DEVICE)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     return {
         "arrived_on": arrived_on,
         "to_device_s": time.perf_counter() - start,
@@ -130,7 +136,7 @@ def run(protocol: str, sizes: list[int], repeats: int) -> dict[str, Any]:
             processes=True,
             protocol=protocol,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
@@ -161,7 +167,7 @@ def main() -> None:
     result = {
         "benchmark": "gpu_transport",
         "command": " ".join([sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
         "ucx_config": UCX_CONFIG,
         "repeats": args.repeats,
