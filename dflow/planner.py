@@ -401,11 +401,19 @@ class _Problem:
                 raise ValueError(
                     f"worker {w.name!r} serves {_label(w.pool)}, which costs lacks"
                 )
+        # a pool's memory is an estimate (the spec's weights where no profile
+        # predicts a peak); a worker serving the pool shows its GPU holds it
+        fits: dict[tuple[str, int], set[Pool]] = {}
+        for w in self.workers:
+            if w.pool is not None and w.ready_in <= 0:
+                fits.setdefault((w.gpu_type, w.memory_bytes), set()).add(w.pool)
+        for w in self.workers:
             key = (w.gpu_type, w.memory_bytes, w.speed)
             if key not in by_type:
+                held = fits.get((w.gpu_type, w.memory_bytes), set())
                 speeds = tuple(
                     costs[p].speeds.get(w.gpu_type, 0.0) * w.speed
-                    if w.memory_bytes >= costs[p].memory_bytes
+                    if w.memory_bytes >= costs[p].memory_bytes or p in held
                     else 0.0
                     for p in self.pools
                 )

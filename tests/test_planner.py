@@ -5,6 +5,7 @@ import math
 import random
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -257,6 +258,28 @@ def test_infeasible_demand_names_the_pool():
     assert result.utilization[ENC] == pytest.approx(0.5)
 
 
+def test_a_pool_its_workers_hold_fits_their_gpu_type_whatever_its_estimate():
+    """A pool's memory is an estimate (the spec's weights when no profile
+    predicts the peak of an offloading or 8-bit worker): workers serving it
+    show that their GPU type holds it, so they count for it and stay, where
+    the estimate alone would send them to the other pools."""
+    memory = {"encoder": 10 * GIB, "dit": 30 * GIB, "vae": 3 * GIB}
+    speeds = every_stage({"a10": 1.0})
+    workers = [
+        PlannerWorker(f"w{i}", "a10", 24 * GIB, pool)
+        for i, pool in enumerate([ENC, DIT, DIT, DIT, DIT, DIT, DIT, VAE])
+    ]
+    pool_costs = costs(speeds=speeds, memory=memory)
+    result = plan(workers, demand(1, 6, 1), pool_costs, now=0.0)
+    assert counts(result) == {ENC: 1, DIT: 6, VAE: 1}
+    assert not result.moves
+    assert result.utilization[DIT] == pytest.approx(1.0)
+    # a worker still loading the pool shows nothing yet
+    loading = [replace(w, ready_in=60.0) if w.pool == DIT else w for w in workers]
+    result = plan(loading, demand(1, 6, 1), pool_costs, now=0.0)
+    assert result.utilization[DIT] == math.inf
+
+
 def test_infeasible_for_want_of_speed_or_cost():
     speeds = {"dit": {"h200": 1.0}, "encoder": {"l4": 1.0}, "vae": {"l4": 1.0}}
     demands = {**demand(1, 1, 1), ("dit", PIXART): Demand(1)}
@@ -475,8 +498,6 @@ def test_a_thousand_workers_decide_fast():
 
 
 def test_a_busy_workers_drain_counts_in_its_switch():
-    from dataclasses import replace
-
     workers = placed({ENC: 2, DIT: 4, VAE: 2})
     # the encoder and VAE workers each run a task 26.25 s from its end: over a
     # 30 s horizon a mover would serve the DiT an eighth of it, 1.50 -> 1.41
@@ -506,8 +527,6 @@ def test_a_busy_workers_drain_counts_in_its_switch():
 
 
 def test_a_worker_settling_into_its_pool_counts_for_the_rest_of_the_horizon():
-    from dataclasses import replace
-
     # w4 and w5 were just moved to the DiT and load for another 15 s of a 30 s
     # horizon: the DiT has 4 + 2 x 0.5 workers, utilization 6 / 5 = 1.2
     workers = placed({ENC: 2, DIT: 4, VAE: 2})
@@ -584,8 +603,6 @@ def test_every_move_of_a_plan_is_needed():
 
 
 def test_a_pool_keeps_a_worker_that_serves_it_now():
-    from dataclasses import replace
-
     # one idle encoder worker; the DiT pools' workers are 40 s from the end of
     # their tasks. Sending the idle encoder worker to the Flux DiT and a PixArt
     # worker to the encoder would lower the Flux DiT's utilization more, but
@@ -611,8 +628,6 @@ def test_a_pool_keeps_a_worker_that_serves_it_now():
 
 
 def test_barred_workers_do_not_undo_a_recent_move():
-    from dataclasses import replace
-
     workers = placed({ENC: 1, DIT: 6, VAE: 1})
     result = plan(workers, demand(3, 2, 3), costs(), now=0.0)
     assert counts(result) == {ENC: 3, DIT: 2, VAE: 3}
