@@ -17,8 +17,10 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Iterator
 
 from dflow.planner import Demand, PlannerWorker, PoolCost, plan
+from dflow.pools import Pool
 
 GIB = 2**30
 MODELS = ("flux.1-dev", "wan2.1-t2v-14b")
@@ -35,7 +37,7 @@ MEMORY = {
 }
 
 
-def costs() -> dict[tuple[str, str], PoolCost]:
+def costs() -> dict[Pool, PoolCost]:
     # the encoder and VAE are memory-bound: slow types lose less there
     return {
         pool: PoolCost(
@@ -50,7 +52,9 @@ def costs() -> dict[tuple[str, str], PoolCost]:
     }
 
 
-def demands(workers: int, flux_share: float, rng: random.Random, jitter: float):
+def demands(
+    workers: int, flux_share: float, rng: random.Random, jitter: float
+) -> dict[Pool, Demand]:
     """Reference seconds of work per second, 95% of it on the DiTs."""
     total = 0.7 * workers * 0.6
     shares = {"encoder": 0.02, "dit": 0.95, "vae": 0.03}
@@ -80,6 +84,26 @@ def timed(repeats: int, *args, **kwargs):
     )
 
 
+def scenarios(
+    n: int, rng: random.Random
+) -> Iterator[tuple[str, list[PlannerWorker], dict[Pool, Demand], float]]:
+    """The three decisions at ``n`` workers: name, fleet, demand and time."""
+    pool_costs = costs()
+    fleet = [
+        PlannerWorker(f"gpu-{i:04d}", gpu, GPUS[gpu][0])
+        for i, gpu in enumerate(rng.choice(list(GPUS)) for _ in range(n))
+    ]
+    before = demands(n, 0.8, rng, 0.0)
+    yield "cold", fleet, before, 0.0
+    cold = plan(fleet, before, pool_costs, now=0.0)
+    placed = [
+        PlannerWorker(w.name, w.gpu_type, w.memory_bytes, cold.assignment[w.name])
+        for w in fleet
+    ]
+    yield "steady", placed, demands(n, 0.8, rng, 0.1), 100.0
+    yield "shift", placed, demands(n, 0.2, rng, 0.0), 100.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
@@ -92,26 +116,15 @@ def main() -> None:
         f"{'moves':>6} {'bottleneck':>11}"
     )
     for n in (10, 100, 1000):
-        gpus = list(GPUS)
-        fleet = [
-            PlannerWorker(f"gpu-{i:04d}", gpu, GPUS[gpu][0])
-            for i, gpu in enumerate(rng.choice(gpus) for _ in range(n))
-        ]
-        before = demands(n, 0.8, rng, 0.0)
-        cold_time, cold = timed(args.repeats, fleet, before, pool_costs, now=0.0)
-        placed = [
-            PlannerWorker(w.name, w.gpu_type, w.memory_bytes, cold.assignment[w.name])
-            for w in fleet
-        ]
-        jittered = demands(n, 0.8, rng, 0.1)
-        steady_time, steady = timed(
-            args.repeats, placed, jittered, pool_costs, now=100.0
-        )
-        after = demands(n, 0.2, rng, 0.0)
-        shift_time, shift = timed(args.repeats, placed, after, pool_costs, now=100.0)
+        times, plans = {}, {}
+        for name, workers, demand, now in scenarios(n, rng):
+            times[name], plans[name] = timed(
+                args.repeats, workers, demand, pool_costs, now=now
+            )
+        steady, shift = plans["steady"], plans["shift"]
         assert not steady.moves, steady.reason
         print(
-            f"{n:>8} {cold_time:>14} {steady_time:>14} {shift_time:>14} "
+            f"{n:>8} {times['cold']:>14} {times['steady']:>14} {times['shift']:>14} "
             f"{len(shift.moves):>6} {shift.utilization[shift.bottleneck]:>11.2f}"
         )
 

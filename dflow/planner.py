@@ -381,6 +381,7 @@ class _Problem:
         self.maxs: list[int] = [
             len(workers) if (m := maxs[p]) is None else m for p in self.pools
         ]
+        self.floors = [min(n, m) for n, m in zip(self.mins, self.maxs)]
         #: a pool with demand needs at least one worker
         self.served = [
             int(load > 0 and m > 0) for load, m in zip(self.loads, self.maxs)
@@ -477,7 +478,7 @@ class _Problem:
         return self.drain[i], len(w.barred), w.busy, i
 
     def floor(self, pool: int) -> int:
-        return min(self.mins[pool], self.maxs[pool])
+        return self.floors[pool]
 
     def utilization(self, pool: int, capacity: float) -> float:
         """Load over capacity across the horizon: 0 without load, inf without
@@ -684,8 +685,30 @@ class _Problem:
         ]
         # the least urgent target first: the lowest utilization after the plan
         moved.sort(key=lambda i: (state.utilization(state.assignment[i]), -i))
+        # Movers alike (same home, target, class, drain and settling) undo
+        # alike: one whose undoing was refused is refused again until some
+        # other undo changes the state, so the refusal is remembered till then.
+        alike = {
+            i: (
+                self.home[i],
+                state.assignment[i],
+                self.kind[i],
+                self.drain[i],
+                self.home_speed[i],
+            )
+            for i in moved
+        }
+        refused: set[tuple] = set()
         while moved:
-            kept = [i for i in moved if not self.undo(state, i, score)]
+            kept = []
+            for i in moved:
+                if alike[i] in refused:
+                    kept.append(i)
+                elif self.undo(state, i, score):
+                    refused.clear()
+                else:
+                    refused.add(alike[i])
+                    kept.append(i)
             if len(kept) == len(moved):
                 return
             moved = kept
@@ -694,26 +717,41 @@ class _Problem:
         """Send worker ``i`` of ``state`` back home if that leaves ``score`` no
         worse; whether it did."""
         home, target = self.home[i], state.assignment[i]
-        if state.count[home] >= self.maxs[home]:
+        capacity, count = state.capacity, state.count
+        if count[home] >= self.maxs[home]:
             return False
         kind = self.kind[i]
         into = self.speed[kind][target] * self.after_switch(
             self.switch[kind][target] + self.drain[i]
         )
-        state.capacity[target] -= into
-        state.capacity[home] += self.home_speed[i]
-        state.count[target] -= 1
-        state.count[home] += 1
-        new = state.score()
-        if new[:2] < score[:2] or (
-            new[:2] == score[:2] and new[2] <= score[2] * (1 + 1e-9)
+        # the score with the two pools changed, computed without changing state
+        loads, floors, horizon = self.loads, self.floors, self.horizon
+        starved = short = 0
+        worst = 0.0
+        for p in range(len(loads)):
+            if p == target:
+                room, n = capacity[p] - into, count[p] - 1
+            elif p == home:
+                room, n = capacity[p] + self.home_speed[i], count[p] + 1
+            else:
+                room, n = capacity[p], count[p]
+            if n < floors[p]:
+                short += floors[p] - n
+            if loads[p]:
+                u = loads[p] / (horizon * room) if room > 0 else math.inf
+                if u == math.inf:
+                    starved += 1
+                elif u > worst:
+                    worst = u
+        if (starved, short) < score[:2] or (
+            (starved, short) == score[:2] and worst <= score[2] * (1 + 1e-9)
         ):
             state.assignment[i] = home
+            capacity[target] -= into
+            capacity[home] += self.home_speed[i]
+            count[target] -= 1
+            count[home] += 1
             return True
-        state.capacity[target] += into
-        state.capacity[home] -= self.home_speed[i]
-        state.count[target] += 1
-        state.count[home] -= 1
         return False
 
     def decide(

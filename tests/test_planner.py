@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import random
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 import dask.config
 
+from dflow import planner
 from dflow.planner import Demand, Plan, PlannerWorker, PoolCost, plan
 
 GIB = 2**30
@@ -655,3 +658,99 @@ def test_no_move_while_every_pool_keeps_up():
     # above it, the same move is made
     heavy = demand(1.6, 2.4, 0.4)
     assert len(plan(workers, heavy, costs(), now=0.0, target_utilization=0.8).moves)
+
+
+def plain_prune(problem, state) -> None:
+    """The pruning pass as first written (``_Problem.prune`` before it remembered
+    refused undos and scored without changing the state): every mover tried on
+    every pass, each undo applied, scored and reverted if refused."""
+    score = state.score()
+    moved = [
+        i
+        for i, (home, target) in enumerate(zip(problem.home, state.assignment))
+        if home >= 0 and target >= 0 and target != home
+    ]
+    moved.sort(key=lambda i: (state.utilization(state.assignment[i]), -i))
+    while moved:
+        kept = [i for i in moved if not plain_undo(problem, state, i, score)]
+        if len(kept) == len(moved):
+            return
+        moved = kept
+
+
+def plain_undo(problem, state, i: int, score) -> bool:
+    home, target = problem.home[i], state.assignment[i]
+    if state.count[home] >= problem.maxs[home]:
+        return False
+    kind = problem.kind[i]
+    into = problem.speed[kind][target] * problem.after_switch(
+        problem.switch[kind][target] + problem.drain[i]
+    )
+    state.capacity[target] -= into
+    state.capacity[home] += problem.home_speed[i]
+    state.count[target] -= 1
+    state.count[home] += 1
+    new = state.score()
+    if new[:2] < score[:2] or (
+        new[:2] == score[:2] and new[2] <= score[2] * (1 + 1e-9)
+    ):
+        state.assignment[i] = home
+        return True
+    state.capacity[target] += into
+    state.capacity[home] -= problem.home_speed[i]
+    state.count[target] += 1
+    state.count[home] -= 1
+    return False
+
+
+def planner_speed_scenarios():
+    """``benchmarks/planner_speed.py``'s decisions at 10, 100 and 1,000 workers."""
+    path = Path(__file__).parents[1] / "benchmarks" / "planner_speed.py"
+    spec = importlib.util.spec_from_file_location("planner_speed", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = random.Random(0)
+    for n in (10, 100, 1000):
+        for name, workers, demands, now in module.scenarios(n, rng):
+            yield f"{name}-{n}", workers, demands, module.costs(), now
+
+
+def random_scenarios():
+    """Small random fleets and demands, two GPU types, switch costs."""
+    rng = random.Random(5)
+    pools = [(s, m) for m in (FLUX, PIXART) for s in ("encoder", "dit", "vae")]
+    for index in range(300):
+        speeds = {p: {"fast": rng.choice([1.0, 2.0, 4.0]), "slow": 1.0} for p in pools}
+        switch = {
+            p: {t: rng.choice([0.0, 5.0, 10.0]) for t in ("fast", "slow")}
+            for p in pools
+        }
+        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in pools}
+        workers = [
+            PlannerWorker(f"w{i}", rng.choice(["fast", "slow"]), GIB, rng.choice(pools))
+            for i in range(rng.randint(4, 40))
+        ]
+        demands = {p: Demand(rng.choice([0.0, 0.5, 1.0, 2.0, 4.0])) for p in pools}
+        yield f"random-{index}", workers, demands, pool_costs, 0.0
+
+
+def test_pruning_decides_as_the_plain_pass(monkeypatch):
+    """The pruning pass decides exactly as the plain one: same moves, same
+    assignment (its speed-ups only skip undos that must be refused again)."""
+    pruned = 0
+    for name, workers, demands, pool_costs, now in [
+        *planner_speed_scenarios(),
+        *random_scenarios(),
+    ]:
+        fast = plan(workers, demands, pool_costs, now=now)
+        with monkeypatch.context() as patch:
+            patch.setattr(planner._Problem, "prune", plain_prune)
+            plain = plan(workers, demands, pool_costs, now=now)
+        assert fast.moves == plain.moves, name
+        assert fast.assignment == plain.assignment, name
+        assert fast.bottleneck == plain.bottleneck, name
+        assert fast.utilization == pytest.approx(plain.utilization), name
+        pruned += bool(fast.moves)
+    # the shifts of 100 and 1,000 workers and many random cases move workers
+    assert pruned > 100
