@@ -596,8 +596,12 @@ class _Problem:
         heapq.heapify(heap)
         while heap:
             p = heapq.heappop(heap)[2]
-            if take(p) and state.count[p] < maxs[p]:
-                heapq.heappush(heap, (-state.utilization(p), -loads[p], p))
+            while take(p) and state.count[p] < maxs[p]:
+                entry = (-state.utilization(p), -loads[p], p)
+                # still the worst pool: it takes the next worker too
+                if heap and heap[0] < entry:
+                    heapq.heappush(heap, entry)
+                    break
         # workers no pool with demand took stay where they are, within the maximum
         for group in groups:
             home = group.home

@@ -41,6 +41,7 @@ from dflow.plugins.predictions import Predictions
 from dflow.plugins.pricing import (
     Memory,
     Observation,
+    PlannerRecords,
     PoolView,
     Settings,
     WorkerView,
@@ -96,6 +97,10 @@ class ElasticController(SchedulerPlugin):
         #: the last plan's workers and pool costs, which moves are timed by
         self._planned: dict[str, PlannerWorker] = {}
         self._costs: dict[Pool, PoolCost] = {}
+        #: each worker's view and the planner's record of it, kept between
+        #: steps while what they are made of is unchanged
+        self._views: dict[str, tuple[tuple[Any, ...], WorkerView]] = {}
+        self.records = PlannerRecords()
         self._step_seconds: deque[float] = deque(maxlen=1000)
         #: CPU seconds of the same steps (the scheduler's thread alone: on a
         #: busy host the wall time also counts waiting for a core)
@@ -252,27 +257,47 @@ class ElasticController(SchedulerPlugin):
         scheduler, telemetry = self.scheduler, self.telemetry
         switching = self.actuator.switching
         workers = []
+        kept, self._views = self._views, {}
         for address, record in self.extension.workers.items():
             ws = scheduler.workers.get(address)
             if ws is None or record.state not in PLANNED_STATES:
                 continue
+            busy, moving_to = bool(ws.processing), switching.get(address)
             running = max(ws.executing.values(), default=None)
             if running is not None:
                 running += max(0.0, now - ws.last_seen)
-            workers.append(
-                WorkerView(
+            # what the view is made of: a worker whose record, tasks and move
+            # are unchanged keeps its view (and the planner its record of it)
+            key = (
+                record.name,
+                record.state,
+                record.stage,
+                record.model,
+                record.gpu_type,
+                record.memory,
+                record.speed,
+                busy,
+                running,
+                moving_to,
+            )
+            old = kept.get(address)
+            if old is not None and old[0] == key:
+                view = old[1]
+            else:
+                view = WorkerView(
                     address=address,
                     name=record.name,
                     state=record.state,
                     pool=record.pool,
                     gpu_type=record.gpu_type,
                     memory=record.memory,
-                    busy=bool(ws.processing),
+                    busy=busy,
                     running_s=running,
-                    moving_to=switching.get(address),
+                    moving_to=moving_to,
                     speed=record.speed,
                 )
-            )
+            self._views[address] = key, view
+            workers.append(view)
         owed: Counter[Pool] = Counter()
         newest: dict[Pool, dict[str, Any]] = {}
         for ts in scheduler.tasks.values():
@@ -286,7 +311,8 @@ class ElasticController(SchedulerPlugin):
         )
         long_window = max(settings.window, settings.horizon)
         pools = {}
-        for pool in telemetry.pools() | {w.pool for w in workers if w.pool} | set(owed):
+        # telemetry's pools include every worker's
+        for pool in telemetry.pools() | set(owed):
             recent = telemetry.recent.get(pool)
             spec = self.extension.specs.get(pool.model, {})
             pools[pool] = PoolView(
@@ -305,7 +331,9 @@ class ElasticController(SchedulerPlugin):
         """The planner's plan for the observed fleet and demand (None: no fleet,
         or the demand of a served pool cannot be priced yet)."""
         memory = Memory(self.moved, self.ready_at, self.flows)
-        step = plan_pools(observation, self.predictions.predictor, memory, settings)
+        step = plan_pools(
+            observation, self.predictions.predictor, memory, settings, self.records
+        )
         if step.summary:
             self.last_plan = step.summary
         if step.plan is not None:

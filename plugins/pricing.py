@@ -178,29 +178,30 @@ def speed_factor(speed: float | None) -> float:
 def planner_workers(
     observation: Observation, moved: Mapping[str, float]
 ) -> list[PlannerWorker]:
-    """The fleet as the planner sees it: a worker loading or being moved stays
-    put (its cooldown starts now), a failed one serves no pool, a slow one
-    counts at its speed (:func:`speed_factor`); ``moved`` is the time of each
-    worker's last move."""
-    now = observation.now
-    workers = []
-    for view in observation.workers:
-        pool = view.moving_to or view.pool
-        if view.state == "failed":
-            pool = None
-        settling = view.state != "ready" or view.moving_to is not None
-        workers.append(
-            PlannerWorker(
-                name=view.address,
-                gpu_type=view.gpu_type,
-                memory_bytes=view.memory,
-                pool=pool,
-                busy=view.busy,
-                last_move=now if settling else moved.get(view.address),
-                speed=speed_factor(view.speed),
-            )
-        )
-    return workers
+    """The fleet as the planner sees it (:func:`planner_worker` of each worker);
+    ``moved`` is the time of each worker's last move."""
+    return [planner_worker(v, observation.now, moved) for v in observation.workers]
+
+
+def planner_worker(
+    view: WorkerView, now: float, moved: Mapping[str, float]
+) -> PlannerWorker:
+    """A worker as the planner sees it: loading or being moved, it stays put
+    (its cooldown starts ``now``); failed, it serves no pool; slow, it counts
+    at its speed (:func:`speed_factor`)."""
+    pool = view.moving_to or view.pool
+    if view.state == "failed":
+        pool = None
+    settling = view.state != "ready" or view.moving_to is not None
+    return PlannerWorker(
+        name=view.address,
+        gpu_type=view.gpu_type,
+        memory_bytes=view.memory,
+        pool=pool,
+        busy=view.busy,
+        last_move=now if settling else moved.get(view.address),
+        speed=speed_factor(view.speed),
+    )
 
 
 def dwelling(
@@ -270,6 +271,77 @@ def timing(
     if view.running_s is None:
         return dataclasses.replace(worker, drain_seconds=service)
     return dataclasses.replace(worker, drain_seconds=max(0.0, service - view.running_s))
+
+
+def planned(
+    view: WorkerView,
+    prices: Mapping[Pool, Price],
+    memory: Memory,
+    settings: Settings,
+    now: float,
+) -> PlannerWorker:
+    """A worker as the planner takes it: :func:`planner_worker`, its cooldown
+    stretched (:func:`dwelling`), its drain or settling time (:func:`timing`)
+    and the pools it is barred from (:func:`barring`)."""
+    worker = planner_worker(view, now, memory.moved)
+    worker = dwelling(worker, prices, settings)
+    worker = timing(worker, view, prices, memory.ready_at, now)
+    return barring(worker, memory.flows, now)
+
+
+class PlannerRecords:
+    """The planner's view of every worker (:func:`planned`), kept from one
+    control step to the next: a worker keeps its record while what the record
+    is made of is unchanged (its :class:`WorkerView`, its last move, its pool's
+    price on its GPU type, the pools its pool is barred from; for a worker
+    settling into a pool, the time too), and gets a new one as soon as any of
+    it changes. At a thousand workers, building every record anew was most of
+    a step's cost; a steady fleet changes a few a step (the busy ones)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[tuple[Any, ...], PlannerWorker]] = {}
+        self._settings: Settings | None = None
+
+    def __call__(
+        self,
+        observation: Observation,
+        prices: Mapping[Pool, Price],
+        memory: Memory,
+        settings: Settings,
+    ) -> list[PlannerWorker]:
+        """:func:`planned` of every worker of ``observation``."""
+        now = observation.now
+        if settings != self._settings:
+            self._kept, self._settings = {}, settings
+        sources: dict[Pool, set[Pool]] = {}
+        for (source, target), until in memory.flows.items():
+            if now < until:
+                sources.setdefault(target, set()).add(source)
+        barred = {target: frozenset(s) for target, s in sources.items()}
+        kept, self._kept = self._kept, {}
+        workers = []
+        for view in observation.workers:
+            address = view.address
+            settling = view.state != "ready" or view.moving_to is not None
+            pool = None if view.state == "failed" else view.moving_to or view.pool
+            price = prices.get(pool) if pool is not None else None
+            key = (
+                view,
+                now if settling else memory.moved.get(address),
+                memory.ready_at.get(address) if settling else None,
+                None
+                if price is None
+                else (price.seconds, price.cost.speeds.get(view.gpu_type)),
+                None if pool is None else barred.get(pool),
+            )
+            old = kept.get(address)
+            if old is not None and old[0] == key:
+                worker = old[1]
+            else:
+                worker = planned(view, prices, memory, settings, now)
+            self._kept[address] = key, worker
+            workers.append(worker)
+        return workers
 
 
 def reference_type(workers: Collection[WorkerView]) -> str:
@@ -460,14 +532,19 @@ def plan_pools(
     predictor: Predictor | None,
     memory: Memory,
     settings: Settings,
+    records: PlannerRecords | None = None,
 ) -> PlanStep:
     """Observe -> price -> plan: the planner's plan for the observed fleet and
-    demand, every pool priced on every GPU type of the fleet."""
+    demand, every pool priced on every GPU type of the fleet. ``records``
+    keeps the planner's view of the workers between calls."""
     now = observation.now
-    workers = planner_workers(observation, memory.moved)
-    if not workers:
+    if not observation.workers:
         return PlanStep(None, {})
-    served = {w.pool for w in workers if w.pool is not None}
+    served = {
+        pool
+        for view in observation.workers
+        if view.state != "failed" and (pool := view.moving_to or view.pool)
+    }
     # pools nobody serves enter the plan only while they have work
     pools = served | {
         p
@@ -478,7 +555,7 @@ def plan_pools(
         observation,
         pools,
         reference_type(observation.workers),
-        {w.gpu_type for w in workers},
+        {view.gpu_type for view in observation.workers},
         predictor,
         settings,
     )
@@ -495,21 +572,12 @@ def plan_pools(
             "reason": reason,
         }
         return PlanStep(None, summary)
-    views = {w.address: w for w in observation.workers}
-    workers = [
-        barring(
-            timing(
-                dwelling(w, prices, settings),
-                views[w.name],
-                prices,
-                memory.ready_at,
-                now,
-            ),
-            memory.flows,
-            now,
-        )
-        for w in workers
-    ]
+    if records is None:
+        workers = [
+            planned(view, prices, memory, settings, now) for view in observation.workers
+        ]
+    else:
+        workers = records(observation, prices, memory, settings)
     costs = {pool: p.cost for pool, p in prices.items()}
     # below the target utilization every pool keeps up: no move pays then
     result = plan(

@@ -24,6 +24,7 @@ from dflow.plugins.actuators import ClusterScaler
 from dflow.plugins.pricing import (
     Memory,
     Observation,
+    PlannerRecords,
     PoolView,
     Settings,
     WorkerView,
@@ -32,6 +33,7 @@ from dflow.plugins.pricing import (
     dwelling,
     forecast_rate,
     plan_pools,
+    planned,
     planner_workers,
     pool_targets,
     price,
@@ -192,6 +194,62 @@ def test_timing_dwelling_and_barring():
     flows = {(ENC, DIT): 1005.0}
     assert barring(busy, flows, 1000.0).barred == frozenset({ENC})
     assert barring(busy, flows, 1006.0).barred == frozenset()
+
+
+def test_kept_planner_records_are_those_built_anew():
+    """Step after step, the records kept between steps equal the ones built
+    from scratch, whatever changed (time, a view, a move, a price, a barring
+    flow, the settings, a worker gone); a worker nothing changed for keeps
+    its very record."""
+
+    def dit_price(steps: int) -> dict[Pool, Any]:
+        view = PoolView(newest={**DIT_HEAVY, "steps": steps})
+        return {DIT: price(DIT, view, "h200", ["h200"], StageCosts(), {}, 10.0)}
+
+    views = {
+        "a": worker("a", DIT),
+        "b": worker("b", DIT, busy=True, running_s=0.5),
+        "c": worker("c", ENC, state="loading"),
+        "d": worker("d", ENC, moving_to=DIT),
+        "e": worker("e", VAE, state="failed"),
+        "f": worker("f", ENC),
+    }
+    records = PlannerRecords()
+    last: dict[str, Any] = {}
+
+    def step(now, prices, memory, settings=SETTINGS, **changed):
+        fleet = {**views, **changed}
+        observation = Observation(now, tuple(v for v in fleet.values() if v), {})
+        kept = records(observation, prices, memory, settings)
+        assert kept == [
+            planned(v, prices, memory, settings, now) for v in observation.workers
+        ]
+        same = {w.name[6:] for w in kept if last.get(w.name) is w}
+        last.clear()
+        last.update((w.name, w) for w in kept)
+        return same
+
+    memory = Memory(ready_at={"tcp://d": 1007.0})
+    step(1000.0, dit_price(50), memory)
+    assert step(1000.0, dit_price(50), memory) == set("abcdef")
+    # time: the settling workers (a failed one too) get new records
+    assert step(1001.0, dit_price(50), memory) == set("abf")
+    # the busy worker's task ran on
+    later = worker("b", DIT, busy=True, running_s=1.5)
+    assert step(1001.0, dit_price(50), memory, b=later) == set("acdef")
+    # a move remembered
+    moved = Memory(moved={"tcp://f": 950.0}, ready_at=memory.ready_at)
+    assert step(1001.0, dit_price(50), moved, b=later) == set("abcde")
+    # the DiT's price: its workers' drains and dwells
+    assert step(1001.0, dit_price(200), moved, b=later) == set("cef")
+    # a flow bars the DiT's workers from the encoder, till it settles
+    flows = dataclasses.replace(moved, flows={(ENC, DIT): 1001.5})
+    assert step(1001.0, dit_price(200), flows, b=later) == set("cef")
+    assert step(1002.0, dit_price(200), flows, b=later) == {"f"}
+    # new settings rebuild every record; a worker gone is forgotten
+    wider = dataclasses.replace(SETTINGS, dwell=100.0)
+    step(1002.0, dit_price(200), flows, wider, b=later, e=None)
+    assert "tcp://e" not in records._kept
 
 
 # -- pricing ---------------------------------------------------------------------------
