@@ -16,8 +16,8 @@ Each step is :meth:`~dflow.plugins.elastic.ElasticController.step`, as the
 scheduler's periodic callback runs it, timed as S4 times it
 (``planning_seconds(cpu=True)``: the scheduler thread's CPU time of observing,
 pricing and planning). The fleet keeps up, so no step moves a worker (as in S4).
-The health collaborator is off (no heartbeat arrives) and so is work stealing
-(nothing runs the tasks).
+The health collaborator, work stealing and the active memory manager are off
+(no heartbeat arrives, nothing runs the tasks).
 
 Run with ``python benchmarks/controller_speed.py [--workers N] [--steps N] [--profile]``.
 """
@@ -154,6 +154,8 @@ async def main(workers: int, steps: int, profile: bool) -> None:
             "dflow.health.enabled": False,
             "dflow.elastic.interval": "1h",  # steps run here, not on a timer
             "distributed.scheduler.work-stealing": False,
+            # it reads the memory of heartbeats, which these workers never send
+            "distributed.scheduler.active-memory-manager.start": False,
         }
     ):
         async with Scheduler(host="127.0.0.1", port=0, dashboard=False) as scheduler:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,7 +369,7 @@ class _Problem:
         self.horizon = horizon
         self.pools = sorted(costs)
         index = {p: i for i, p in enumerate(self.pools)}
-        self.workers = sorted(workers, key=lambda w: w.name)
+        self.workers = sorted(workers, key=operator.attrgetter("name"))
         none = Demand()
         self.loads = [
             demands.get(p, none).rate * horizon + demands.get(p, none).backlog
@@ -397,48 +398,64 @@ class _Problem:
         step = horizon / 16 if horizon > 0 else 0.0
         kinds: dict[tuple, int] = {}
         by_type: dict[tuple[str, int, float], int] = {}
+        # a pool's memory is an estimate (the spec's weights where no profile
+        # predicts a peak); a worker serving the pool shows its GPU holds it
+        fits: dict[tuple[str, int], set[Pool]] = {}
         for w in self.workers:
             if w.pool is not None and w.pool not in index:
                 raise ValueError(
                     f"worker {w.name!r} serves {_label(w.pool)}, which costs lacks"
                 )
-        # a pool's memory is an estimate (the spec's weights where no profile
-        # predicts a peak); a worker serving the pool shows its GPU holds it
-        fits: dict[tuple[str, int], set[Pool]] = {}
-        for w in self.workers:
             if w.pool is not None and w.ready_in <= 0:
                 fits.setdefault((w.gpu_type, w.memory_bytes), set()).add(w.pool)
+        #: what a worker's fields make of it (class, home, speed there,
+        #: drain): alike workers share it, so the fleet is read in one pass
+        made: dict[tuple, tuple[int, int, float, float]] = {}
         for w in self.workers:
-            key = (w.gpu_type, w.memory_bytes, w.speed)
-            if key not in by_type:
-                held = fits.get((w.gpu_type, w.memory_bytes), set())
-                speeds = tuple(
-                    costs[p].speeds.get(w.gpu_type, 0.0) * w.speed
-                    if w.memory_bytes >= costs[p].memory_bytes or p in held
-                    else 0.0
-                    for p in self.pools
-                )
-                switches = tuple(
-                    costs[p].switch_seconds.get(w.gpu_type, 0.0) for p in self.pools
-                )
-                if (speeds, switches) not in kinds:
-                    kinds[speeds, switches] = len(self.speed)
-                    self.speed.append(speeds)
-                    self.switch.append(switches)
-                by_type[key] = kinds[speeds, switches]
-            kind = by_type[key]
-            home = -1 if w.pool is None else index[w.pool]
-            self.kind.append(kind)
-            self.home.append(home)
-            # a worker settling into its pool serves it for the rest of the horizon
-            settled = max(0.0, 1 - w.ready_in / horizon) if w.ready_in > 0 else 1.0
-            self.home_speed.append(
-                self.speed[kind][home] * settled if home >= 0 else 0.0
+            fields = (
+                w.gpu_type,
+                w.memory_bytes,
+                w.speed,
+                w.pool,
+                w.ready_in,
+                w.drain_seconds,
             )
-            drain = max(0.0, w.drain_seconds) if home >= 0 else 0.0
-            if drain and step:
-                drain = min(horizon, math.ceil(drain / step - 1e-9) * step)
-            self.drain.append(drain)
+            known = made.get(fields)
+            if known is None:
+                key = (w.gpu_type, w.memory_bytes, w.speed)
+                if key not in by_type:
+                    held = fits.get((w.gpu_type, w.memory_bytes), set())
+                    speeds = tuple(
+                        costs[p].speeds.get(w.gpu_type, 0.0) * w.speed
+                        if w.memory_bytes >= costs[p].memory_bytes or p in held
+                        else 0.0
+                        for p in self.pools
+                    )
+                    switches = tuple(
+                        costs[p].switch_seconds.get(w.gpu_type, 0.0) for p in self.pools
+                    )
+                    if (speeds, switches) not in kinds:
+                        kinds[speeds, switches] = len(self.speed)
+                        self.speed.append(speeds)
+                        self.switch.append(switches)
+                    by_type[key] = kinds[speeds, switches]
+                kind = by_type[key]
+                home = -1 if w.pool is None else index[w.pool]
+                # a worker settling into its pool serves it for the rest of the horizon
+                settled = max(0.0, 1 - w.ready_in / horizon) if w.ready_in > 0 else 1.0
+                drain = max(0.0, w.drain_seconds) if home >= 0 else 0.0
+                if drain and step:
+                    drain = min(horizon, math.ceil(drain / step - 1e-9) * step)
+                known = made[fields] = (
+                    kind,
+                    home,
+                    self.speed[kind][home] * settled if home >= 0 else 0.0,
+                    drain,
+                )
+            self.kind.append(known[0])
+            self.home.append(known[1])
+            self.home_speed.append(known[2])
+            self.drain.append(known[3])
         total = sum(self.loads)
         weights = [
             load / total if total else 1 / len(self.pools) for load in self.loads
@@ -447,9 +464,12 @@ class _Problem:
         self.value = [
             sum(w * s for w, s in zip(weights, speeds)) for speeds in self.speed
         ]
-        self.current = _State(self)
-        for i in range(len(self.workers)):
-            self.current.stay(i)
+        self.current = current = _State(self)
+        current.assignment = list(self.home)
+        for home, speed in zip(self.home, self.home_speed):
+            if home >= 0:
+                current.capacity[home] += speed
+                current.count[home] += 1
 
     def keep_one(self, pinned: list[int], free: list[int]) -> None:
         """Pin one ready worker of each pool that needs a worker and has no
@@ -461,12 +481,14 @@ class _Problem:
             if self.home[i] >= 0 and self.workers[i].ready_in <= 0
         }
         keep: dict[int, int] = {}
+        worst: dict[int, tuple[float, int, bool, int]] = {}
         for i in free:
             p = self.home[i]
-            if p < 0 or p in ready or not (self.loads[p] or self.floor(p)):
+            if p < 0 or p in ready or not (self.loads[p] or self.floors[p]):
                 continue
-            if p not in keep or self.stays(i) >= self.stays(keep[p]):
-                keep[p] = i
+            stays = self.stays(i)
+            if p not in keep or stays >= worst[p]:
+                keep[p], worst[p] = i, stays
         for i in sorted(keep.values()):
             free.remove(i)
             pinned.append(i)
@@ -518,7 +540,8 @@ class _Problem:
             state.stay(i)
         workers = self.workers
         if prefer_idle:
-            free = sorted(free, key=lambda i: workers[i].busy)  # stable: then by name
+            busy = [w.busy for w in workers]
+            free = sorted(free, key=busy.__getitem__)  # stable: then by name
         by_key: dict[tuple[int, int, float, frozenset], _Group] = {}
         for i in free:
             key = (self.kind[i], self.home[i], self.drain[i], workers[i].barred)

@@ -226,7 +226,9 @@ class Telemetry(SchedulerPlugin):
     def pools(self) -> set[Pool]:
         """Pools that have workers or saw requests within the window; pools
         retired longer ago are forgotten."""
-        known = {r.pool for r in self.extension.workers.values() if r.pool}
+        # pairs first: a thousand workers serve a handful of pools
+        pairs = {(r.stage, r.model) for r in self.extension.workers.values()}
+        known = {Pool(s, m) for s, m in pairs if s is not None and m is not None}
         horizon = time.time() - 10 * self.window
         for pool in [p for p, times in self.arrivals.items() if p not in known]:
             if not self.arrivals[pool] or self.arrivals[pool][-1] < horizon:

@@ -736,8 +736,9 @@ def random_scenarios():
 
 
 def test_pruning_decides_as_the_plain_pass(monkeypatch):
-    """The pruning pass decides exactly as the plain one: same moves, same
-    assignment (its speed-ups only skip undos that must be refused again)."""
+    """The pruning pass decides exactly as the plain one: same moves in the
+    same order, same assignment (its speed-ups only skip undos that must be
+    refused again, and score an undo without applying it)."""
     pruned = 0
     for name, workers, demands, pool_costs, now in [
         *planner_speed_scenarios(),
@@ -747,10 +748,21 @@ def test_pruning_decides_as_the_plain_pass(monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(planner._Problem, "prune", plain_prune)
             plain = plan(workers, demands, pool_costs, now=now)
-        assert fast.moves == plain.moves, name
+        assert [(m.worker, m.source, m.target) for m in fast.moves] == [
+            (m.worker, m.source, m.target) for m in plain.moves
+        ], name
         assert fast.assignment == plain.assignment, name
-        assert fast.bottleneck == plain.bottleneck, name
         assert fast.utilization == pytest.approx(plain.utilization), name
+        # the utilizations may differ in their last bits (the plain pass
+        # reverts a refused undo by adding back what it took off, which can
+        # leave a residue): a reason may then round 0.125 the other way, and
+        # between pools tied at the largest utilization either is named
+        if plain.bottleneck is None:
+            assert fast.bottleneck is None, name
+        else:
+            assert fast.utilization[fast.bottleneck] == pytest.approx(
+                plain.utilization[plain.bottleneck]
+            ), name
         pruned += bool(fast.moves)
     # the shifts of 100 and 1,000 workers and many random cases move workers
     assert pruned > 100
