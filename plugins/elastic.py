@@ -263,9 +263,9 @@ class ElasticController(SchedulerPlugin):
             if ws is None or record.state not in PLANNED_STATES:
                 continue
             busy, moving_to = bool(ws.processing), switching.get(address)
-            running = max(ws.executing.values(), default=None)
-            if running is not None:
-                running += max(0.0, now - ws.last_seen)
+            running = None
+            if ws.executing:
+                running = max(ws.executing.values()) + max(0.0, now - ws.last_seen)
             # what the view is made of: a worker whose record, tasks and move
             # are unchanged keeps its view (and the planner its record of it)
             key = (
