@@ -189,19 +189,23 @@ def planner_worker(
     """A worker as the planner sees it: loading or being moved, it stays put
     (its cooldown starts ``now``); failed, it serves no pool; slow, it counts
     at its speed (:func:`speed_factor`)."""
+    return PlannerWorker(**_seen(view, now, moved))
+
+
+def _seen(view: WorkerView, now: float, moved: Mapping[str, float]) -> dict[str, Any]:
     pool = view.moving_to or view.pool
     if view.state == "failed":
         pool = None
     settling = view.state != "ready" or view.moving_to is not None
-    return PlannerWorker(
-        name=view.address,
-        gpu_type=view.gpu_type,
-        memory_bytes=view.memory,
-        pool=pool,
-        busy=view.busy,
-        last_move=now if settling else moved.get(view.address),
-        speed=speed_factor(view.speed),
-    )
+    return {
+        "name": view.address,
+        "gpu_type": view.gpu_type,
+        "memory_bytes": view.memory,
+        "pool": pool,
+        "busy": view.busy,
+        "last_move": now if settling else moved.get(view.address),
+        "speed": speed_factor(view.speed),
+    }
 
 
 def dwelling(
@@ -212,16 +216,25 @@ def dwelling(
     requests' time before it may move again, so pools of long requests (a
     video on a slow card takes minutes) do not trade workers back and forth
     faster than either can use them."""
-    if worker.last_move is None or worker.pool is None or worker.pool not in prices:
-        return worker
-    price = prices[worker.pool]
-    speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+    changes = _dwelt(worker.last_move, worker.pool, worker.gpu_type, prices, settings)
+    return dataclasses.replace(worker, **changes) if changes else worker
+
+
+def _dwelt(
+    last_move: float | None,
+    pool: Pool | None,
+    gpu_type: str,
+    prices: Mapping[Pool, Price],
+    settings: Settings,
+) -> dict[str, Any]:
+    if last_move is None or pool is None or pool not in prices:
+        return {}
+    price = prices[pool]
+    speed = price.cost.speeds.get(gpu_type) or 1.0
     dwell = settings.dwell * price.seconds / speed
     if dwell <= settings.cooldown:
-        return worker
-    return dataclasses.replace(
-        worker, last_move=worker.last_move + dwell - settings.cooldown
-    )
+        return {}
+    return {"last_move": last_move + dwell - settings.cooldown}
 
 
 def barring(
@@ -234,14 +247,21 @@ def barring(
     the requests sends one worker there and, a plan later, another back, each
     paying a drain and a load before it serves. Once the mover serves, the way
     back opens: a real reversal is followed without waiting out a cooldown."""
-    if worker.pool is None:
-        return worker
+    changes = _barred(worker.pool, flows, now)
+    return dataclasses.replace(worker, **changes) if changes else worker
+
+
+def _barred(
+    pool: Pool | None, flows: Mapping[tuple[Pool, Pool], float], now: float
+) -> dict[str, Any]:
+    if pool is None:
+        return {}
     barred = frozenset(
         source
         for (source, target), until in flows.items()
-        if target == worker.pool and now < until
+        if target == pool and now < until
     )
-    return dataclasses.replace(worker, barred=barred) if barred else worker
+    return {"barred": barred} if barred else {}
 
 
 def timing(
@@ -258,19 +278,33 @@ def timing(
     time on the worker less the time it has run; a whole task when it has not
     started). So the planner weighs a move's gain against the drain as well as
     the load, and, the step after, sees the mover as the plan that moved it did."""
-    if worker.pool is None:
-        return worker
+    changes = _timed(
+        worker.pool, worker.name, worker.gpu_type, view, prices, ready_at, now
+    )
+    return dataclasses.replace(worker, **changes) if changes else worker
+
+
+def _timed(
+    pool: Pool | None,
+    name: str,
+    gpu_type: str,
+    view: WorkerView,
+    prices: Mapping[Pool, Price],
+    ready_at: Mapping[str, float],
+    now: float,
+) -> dict[str, Any]:
+    if pool is None:
+        return {}
     if view.state != "ready" or view.moving_to is not None:
-        ready_in = ready_at.get(worker.name, now) - now
-        return dataclasses.replace(worker, ready_in=max(0.0, ready_in))
-    price = prices.get(worker.pool)
+        return {"ready_in": max(0.0, ready_at.get(name, now) - now)}
+    price = prices.get(pool)
     if not view.busy or price is None or not price.seconds:
-        return worker
-    speed = price.cost.speeds.get(worker.gpu_type) or 1.0
+        return {}
+    speed = price.cost.speeds.get(gpu_type) or 1.0
     service = price.seconds / speed
     if view.running_s is None:
-        return dataclasses.replace(worker, drain_seconds=service)
-    return dataclasses.replace(worker, drain_seconds=max(0.0, service - view.running_s))
+        return {"drain_seconds": service}
+    return {"drain_seconds": max(0.0, service - view.running_s)}
 
 
 def planned(
@@ -282,11 +316,15 @@ def planned(
 ) -> PlannerWorker:
     """A worker as the planner takes it: :func:`planner_worker`, its cooldown
     stretched (:func:`dwelling`), its drain or settling time (:func:`timing`)
-    and the pools it is barred from (:func:`barring`)."""
-    worker = planner_worker(view, now, memory.moved)
-    worker = dwelling(worker, prices, settings)
-    worker = timing(worker, view, prices, memory.ready_at, now)
-    return barring(worker, memory.flows, now)
+    and the pools it is barred from (:func:`barring`), made in one go."""
+    fields = _seen(view, now, memory.moved)
+    pool, gpu_type = fields["pool"], fields["gpu_type"]
+    fields.update(_dwelt(fields["last_move"], pool, gpu_type, prices, settings))
+    fields.update(
+        _timed(pool, fields["name"], gpu_type, view, prices, memory.ready_at, now)
+    )
+    fields.update(_barred(pool, memory.flows, now))
+    return PlannerWorker(**fields)
 
 
 class PlannerRecords:

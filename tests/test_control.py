@@ -34,6 +34,7 @@ from dflow.plugins.pricing import (
     forecast_rate,
     plan_pools,
     planned,
+    planner_worker,
     planner_workers,
     pool_targets,
     price,
@@ -223,6 +224,21 @@ def test_kept_planner_records_are_those_built_anew():
         kept = records(observation, prices, memory, settings)
         assert kept == [
             planned(v, prices, memory, settings, now) for v in observation.workers
+        ]
+        # made in one go, as the pipeline's steps make it one after another
+        assert kept == [
+            barring(
+                timing(
+                    dwelling(planner_worker(v, now, memory.moved), prices, settings),
+                    v,
+                    prices,
+                    memory.ready_at,
+                    now,
+                ),
+                memory.flows,
+                now,
+            )
+            for v in observation.workers
         ]
         same = {w.name[6:] for w in kept if last.get(w.name) is w}
         last.clear()
