@@ -299,11 +299,13 @@ class ElasticController(SchedulerPlugin):
             self._views[address] = key, view
             workers.append(view)
         owed: Counter[Pool] = Counter()
-        newest: dict[Pool, dict[str, Any]] = {}
+        # the newest owed task's annotations per pool; its features read once
+        latest: dict[Pool, Any] = {}
         for ts in scheduler.tasks.values():
             if ts.state in OWED and (pool := task_pool(ts.annotations)) is not None:
                 owed[pool] += 1
-                newest[pool] = task_features(ts.annotations)
+                latest[pool] = ts.annotations
+        newest = {pool: task_features(a) for pool, a in latest.items()}
         waiting: Counter[Pool] = Counter(
             pool
             for ts in scheduler.unrunnable

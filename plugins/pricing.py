@@ -254,7 +254,7 @@ def barring(
 def _barred(
     pool: Pool | None, flows: Mapping[tuple[Pool, Pool], float], now: float
 ) -> dict[str, Any]:
-    if pool is None:
+    if pool is None or not flows:
         return {}
     barred = frozenset(
         source
@@ -313,17 +313,22 @@ def planned(
     memory: Memory,
     settings: Settings,
     now: float,
+    barred: Mapping[Pool, frozenset[Pool]] | None = None,
 ) -> PlannerWorker:
     """A worker as the planner takes it: :func:`planner_worker`, its cooldown
     stretched (:func:`dwelling`), its drain or settling time (:func:`timing`)
-    and the pools it is barred from (:func:`barring`), made in one go."""
+    and the pools it is barred from (:func:`barring`; ``barred``: those of
+    each pool, from ``memory.flows`` at ``now``), made in one go."""
     fields = _seen(view, now, memory.moved)
     pool, gpu_type = fields["pool"], fields["gpu_type"]
     fields.update(_dwelt(fields["last_move"], pool, gpu_type, prices, settings))
     fields.update(
         _timed(pool, fields["name"], gpu_type, view, prices, memory.ready_at, now)
     )
-    fields.update(_barred(pool, memory.flows, now))
+    if barred is None:
+        fields.update(_barred(pool, memory.flows, now))
+    elif pool in barred:
+        fields["barred"] = barred[pool]
     return PlannerWorker(**fields)
 
 
@@ -376,7 +381,7 @@ class PlannerRecords:
             if old is not None and old[0] == key:
                 worker = old[1]
             else:
-                worker = planned(view, prices, memory, settings, now)
+                worker = planned(view, prices, memory, settings, now, barred)
             self._kept[address] = key, worker
             workers.append(worker)
         return workers
