@@ -192,8 +192,13 @@ def test_the_delay_lands_on_the_fetch_of_each_hand_off(delayed):
     cluster, client = delayed
     wall = DELAY * SCALE
     with graph_times(cluster) as times, get_task_stream(client) as stream:
-        # 50 steps: a DiT call (0.9 s wall) twice the delay and more
-        futures = dflow.client.map(client, requests(4, seed=0, steps=50))
+        # 50 steps: a DiT call (0.9 s wall) four times the delay; submitted
+        # apart, so that each encoding after the first is fetched on its own
+        # while the DiT computes an earlier request
+        futures = []
+        for request in requests(4, seed=0, steps=50):
+            futures += dflow.client.map(client, [request])
+            time.sleep(0.3)
         client.gather(futures)
     spans = compute_spans(stream.data)
     moved = {

@@ -34,6 +34,10 @@ class Chain:
     def done(self) -> bool:
         return self._over.is_set()
 
+    def end(self) -> None:
+        """Mark the chain over."""
+        self._over.set()
+
 
 class SynchronousHandoff:
     """Submits each stage task of a request when its previous stage finishes.
@@ -112,7 +116,7 @@ class SynchronousHandoff:
     def _end(self, key: str) -> None:
         chain = self._chains.pop(key, None)
         if chain is not None:
-            chain._over.set()
+            chain.end()
         self._futures.pop(key, None)
 
     def close(self) -> None:
@@ -123,6 +127,6 @@ class SynchronousHandoff:
             self._futures.clear()
             self._waiting.clear()
             for chain in self._chains.values():
-                chain._over.set()
+                chain.end()
             self._chains.clear()
         self.client.cancel(futures, force=True)
