@@ -83,8 +83,8 @@ def bench(
     per model, stage pools at a static ratio, DisagFusion's threshold policy,
     and dflow's elastic controller (and its prediction-only and feedback-only
     ablations); where a scenario names it, the static pools with a
-    synchronous hand-off. Writes OUT/results.json and PNG plots. Figures are emulated
-    (cost model: H200 profile scaled by GPU type)."""
+    synchronous hand-off. Writes OUT/results.json and PNG plots. Figures are
+    emulated (cost model: H200 profile scaled by GPU type)."""
     from dflow.bench import report
 
     if name.upper() == "S4":
