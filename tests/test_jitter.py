@@ -152,7 +152,8 @@ def delayed() -> Iterator[tuple[Any, Client]]:
 
 @pytest.fixture(scope="module")
 def undelayed() -> Iterator[tuple[Any, Client]]:
-    yield from fleet({})
+    # the default, set: the delayed fleet's config holds while both are up
+    yield from fleet({KEY: {"distribution": "none"}})
 
 
 def requests(count: int, seed: int, **fields: Any) -> list[Request]:
