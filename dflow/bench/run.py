@@ -198,7 +198,7 @@ def run_mode(
         client = stack.enter_context(Client(cluster))
         mode_name = "monolithic" if monolithic else "disaggregated"
         handoff = SynchronousHandoff(client) if mode == "synchronous" else None
-        submit = (
+        submit: Callable[..., list[Any]] = (
             functools.partial(dflow.client.map, client)
             if handoff is None
             else handoff.map
