@@ -1,7 +1,7 @@
 """Network jitter against the hand-off (issue 14, item 5), emulated.
 
 The JITTER scenario (``configs/scenarios/JITTER.yaml``: PixArt-Sigma 512px on
-four emulated H200s, 1 encoder / 2 DiT / 1 VAE) served two ways on the same
+three emulated H200s, 1 encoder / 1 DiT / 1 VAE) served two ways on the same
 trace: ``static``, dflow's ahead-of-need chaining (a request's three stage
 tasks sent as one graph), and ``synchronous``, each stage task submitted when
 the client hears the previous one finished (:mod:`dflow.bench.handoff`). Each
