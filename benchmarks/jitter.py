@@ -1,6 +1,6 @@
 """Network jitter against the hand-off (issue 14, item 5), emulated.
 
-The JITTER scenario (``configs/scenarios/JITTER.yaml``: PixArt-Sigma 512px on
+The S8 scenario (``configs/scenarios/S8.yaml``: PixArt-Sigma 512px on
 three emulated H200s, 1 encoder / 1 DiT / 1 VAE) served two ways on the same
 trace: ``static``, dflow's ahead-of-need chaining (a request's three stage
 tasks sent as one graph), and ``synchronous``, each stage task submitted when
@@ -52,7 +52,7 @@ def run(quick: bool, seed: int) -> list[dict[str, Any]]:
     """Every load, jitter and mode on the same trace per load."""
     from dflow.emulation import cost_model
 
-    scenario = get("JITTER")
+    scenario = get("S8")
     if quick:
         scenario = scenario.quick_variant()
     scenario = scenario.reseeded(seed)

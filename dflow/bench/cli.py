@@ -22,7 +22,7 @@ DIT_BATCH = 8
     "shift, S2-80 its earlier 80/10/10 variant; S3: heterogeneous fleet; S5: "
     "the seed's Wan 2.2 I2V on 8 A10s; S6, S6-MIX: resolution and batch "
     "alternating quickly; S7: PixArt 512/1024px, light then heavy, where DiT "
-    "batching pays; JITTER: network jitter against a synchronous hand-off; "
+    "batching pays; S8: network jitter against a synchronous hand-off; "
     "S4: 1,000 workers) or a scenario YAML file "
     "(docs/scenarios.md).",
 )

@@ -5,7 +5,7 @@ request mixes), how long it runs, how much it compresses time, the SLOs and the
 serving modes to compare; ``--quick`` applies the file's ``quick`` overrides
 (fewer emulated seconds, more compression) so that it runs in minutes on two
 cores. The shipped scenarios are ``configs/scenarios/<NAME>.yaml`` (S1, S2,
-S2-80, S3, S5, S6, S6-MIX, S7, JITTER); ``dflow bench --scenario FILE.yaml``
+S2-80, S3, S5, S6, S6-MIX, S7, S8); ``dflow bench --scenario FILE.yaml``
 runs any other file. Files are checked against ``configs/scenarios/schema.yaml``, then for
 what a schema cannot say (GPU types, models, modes, times); every error names
 the field (``S7.yaml: workload.phases[1].arrivals.rate: ...``). The keys are
