@@ -18,6 +18,8 @@ from dflow import hardware
 from dflow.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from distributed import Worker
+
     from dflow.adapters import Adapter
     from dflow.predictor import Prediction
 
@@ -37,6 +39,9 @@ class RealBackend:
         from dflow.adapters import adapter_for
 
         return adapter_for(spec), {}
+
+    def setup_worker(self, worker: Worker) -> None:
+        """What this backend changes on a stage worker as it starts: nothing."""
 
     def gpu(self, gpu_type: str | None, device: str) -> tuple[str, int]:
         """The GPU type (``gpu_type`` if given, else read from ``device``) and
@@ -90,6 +95,13 @@ class EmulatedBackend:
         from dflow.emulation.adapter import EmulatedAdapter
 
         return EmulatedAdapter, {"gpu_type": gpu_type, "cost": cost_model()}
+
+    def setup_worker(self, worker: Worker) -> None:
+        """Delay the transfers the worker serves to its peers as
+        ``dflow.emulation.transfer-delay`` says (network jitter; default none)."""
+        from dflow.emulation.network import delay_transfers
+
+        delay_transfers(worker)
 
     def gpu(self, gpu_type: str | None, device: str) -> tuple[str, int]:
         """The emulated GPU type (``gpu_type``, else ``dflow.runtime.gpu-type``,

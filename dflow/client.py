@@ -17,7 +17,8 @@ import numbers
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask.config
@@ -149,6 +150,56 @@ def map(
     Takes the arguments of :func:`submit` (``slo`` also as one value per
     request); admission is all or nothing.
     """
+    chains = stage_tasks(client, requests, mode=mode, deadline=deadline, slo=slo)
+    if not chains:
+        return []
+    layers: dict[str, MaterializedLayer] = {}
+    dependencies: dict[str, set[str]] = {}
+    for chain in chains:
+        for stage_task in chain:
+            layers[stage_task.key] = MaterializedLayer(
+                {stage_task.key: stage_task.task()},
+                annotations=stage_task.annotations,
+            )
+            previous = stage_task.previous
+            dependencies[stage_task.key] = {previous} if previous else set()
+    graph = HighLevelGraph(layers, dependencies)
+    futures = client.get(graph, [chain[-1].key for chain in chains], sync=False)
+    return [RequestFuture(future.key, client) for future in futures]
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """One stage task of a request's chain: what :func:`map` puts in its graph."""
+
+    key: str
+    function: Callable[..., Any]
+    #: its arguments but the previous stage's output
+    args: tuple[Any, ...]
+    #: the Dask annotations of the task (resources, dflow's request info)
+    annotations: dict[str, Any]
+    #: the key whose output is its last argument (``None``: the chain's first)
+    previous: str | None
+
+    def task(self) -> tuple[Any, ...]:
+        """The task as a graph holds it (the previous stage's output by key)."""
+        if self.previous is None:
+            return (self.function, *self.args)
+        return (self.function, *self.args, self.previous)
+
+
+def stage_tasks(
+    client: Client,
+    requests: Iterable[Request],
+    *,
+    mode: str | None = None,
+    deadline: str | float | None = None,
+    slo: str | float | Sequence[str | float | None] | None = None,
+) -> list[list[StageTask]]:
+    """Check and admit ``requests`` (as :func:`map`), and return each one's
+    chain of stage tasks, in order. Requests with equal text encodings share
+    one encode task: the first chain holds it, the others start at the task
+    that takes its output."""
     requests = list(requests)
     if not requests:
         return []
@@ -178,13 +229,13 @@ def map(
     features = [_annotated_features(r) for r in requests]
     slos = _slos(slo, len(requests))
     admitted = _admit(client, requests, features, mode)
-    layers: dict[str, MaterializedLayer] = {}
-    dependencies: dict[str, set[str]] = {}
-    final_keys = []
+    encodings: set[str] = set()
+    chains = []
     for request, request_features, admission, request_slo in zip(
         requests, features, admitted, slos
     ):
         request_id = uuid.uuid4().hex[:16]
+        chain: list[StageTask] = []
         previous: str | None = None
         # an input image's pixels go to the task that encodes it, in its own
         # argument; every other task gets the request without them
@@ -194,16 +245,17 @@ def map(
             key = f"{prefix}-{request_id}"
             if stage == "encoder":
                 key = encoding_key(request)
-                if key in layers:  # an earlier request here shares the encoding
+                if key in encodings:  # an earlier request here shares the encoding
                     previous = key
                     continue
+                encodings.add(key)
+            args: tuple[Any, ...]
             if stage == MONOLITHIC:
-                task: tuple = (function, request)
+                args = (request,)
             elif previous is None:
-                pixels = () if request.image is None else (request.image,)
-                task = (function, light, *pixels)
+                args = (light,) if request.image is None else (light, request.image)
             else:
-                task = (function, light, previous)
+                args = (light,)
             annotations: dict[str, Any] = {
                 "resources": task_resources(Pool(stage, request.model)),
                 "dflow": {
@@ -221,14 +273,11 @@ def map(
             if workers is not None:
                 # some workers of the pool lack the memory for this request
                 annotations["workers"] = workers
-            layers[key] = MaterializedLayer({key: task}, annotations=annotations)
-            dependencies[key] = {previous} if previous else set()
+            chain.append(StageTask(key, function, args, annotations, previous))
             previous = key
         assert previous is not None
-        final_keys.append(previous)
-    graph = HighLevelGraph(layers, dependencies)
-    futures = client.get(graph, final_keys, sync=False)
-    return [RequestFuture(future.key, client) for future in futures]
+        chains.append(chain)
+    return chains
 
 
 class RequestFuture(Future):

@@ -108,6 +108,7 @@ class StagePlugin(WorkerPlugin):
         worker.handlers["dflow_assign"] = self.reassign
         worker.handlers["dflow_running"] = self.running_keys
         worker.stream_handlers["dflow-priorities"] = self.reprioritize
+        backend.current().setup_worker(worker)
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
         self._loading = asyncio.create_task(

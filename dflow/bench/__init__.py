@@ -3,8 +3,9 @@
 - :mod:`~dflow.bench.workload` and :mod:`~dflow.bench.scenarios`: the traces and
   scenarios S1-S4;
 - :mod:`~dflow.bench.physics`: what the fleet can serve at best (pure);
-- :mod:`~dflow.bench.run`, :mod:`~dflow.bench.recorder` and
-  :mod:`~dflow.bench.baselines`: one mode on an in-process fleet;
+- :mod:`~dflow.bench.run`, :mod:`~dflow.bench.recorder`,
+  :mod:`~dflow.bench.baselines` and :mod:`~dflow.bench.handoff`: one mode on
+  an in-process fleet;
 - :mod:`~dflow.bench.metrics`: what a run measured (pure);
 - :mod:`~dflow.bench.report`: a scenario end to end, ``results.json`` and the
   table; :mod:`~dflow.bench.plots`: its figures;
@@ -21,7 +22,8 @@ LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
 #: model; (b) the same moved by a Ray-Serve-style autoscaler; (c) dflow's stage
 #: pools at a static ratio; DisagFusion's threshold policy on the same pools;
 #: dflow's controller with prediction alone, with feedback alone, and (d) as
-#: shipped, the hybrid (:mod:`dflow.bench.run` says what each runs)
+#: shipped, the hybrid; (c) with a synchronous hand-off (:mod:`dflow.bench.run`
+#: says what each runs)
 MODES = (
     "monolithic",
     "monolithic_autoscaled",
@@ -30,7 +32,12 @@ MODES = (
     "prediction_only",
     "feedback_only",
     "elastic",
+    "synchronous",
 )
+#: The modes a scenario runs when it names none: all but ``synchronous``, the
+#: static pools with each stage task submitted when the previous one finishes
+#: (:mod:`dflow.bench.handoff`), which the jitter benchmark compares against
+DEFAULT_MODES = MODES[:-1]
 #: The modes served by monolithic replicas
 MONOLITHIC_MODES = ("monolithic", "monolithic_autoscaled")
 #: The modes in which dflow's elastic controller moves workers

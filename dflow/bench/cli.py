@@ -22,7 +22,8 @@ DIT_BATCH = 8
     "shift, S2-80 its earlier 80/10/10 variant; S3: heterogeneous fleet; S5: "
     "the seed's Wan 2.2 I2V on 8 A10s; S6, S6-MIX: resolution and batch "
     "alternating quickly; S7: PixArt 512/1024px, light then heavy, where DiT "
-    "batching pays; S4: 1,000 workers) or a scenario YAML file "
+    "batching pays; S8: network jitter against a synchronous hand-off; "
+    "S4: 1,000 workers) or a scenario YAML file "
     "(docs/scenarios.md).",
 )
 @click.option(
@@ -81,8 +82,9 @@ def bench(
     scenario: monolithic replicas partitioned per model, the same autoscaled
     per model, stage pools at a static ratio, DisagFusion's threshold policy,
     and dflow's elastic controller (and its prediction-only and feedback-only
-    ablations). Writes OUT/results.json and PNG plots. Figures are emulated
-    (cost model: H200 profile scaled by GPU type)."""
+    ablations); where a scenario names it, the static pools with a
+    synchronous hand-off. Writes OUT/results.json and PNG plots. Figures are
+    emulated (cost model: H200 profile scaled by GPU type)."""
     from dflow.bench import report
 
     if name.upper() == "S4":

@@ -44,6 +44,7 @@ BOUNDS = {
     "prediction_only": ("disaggregated", False),
     "feedback_only": ("disaggregated", False),
     "elastic": ("disaggregated", False),
+    "synchronous": ("disaggregated", True),
 }
 
 

@@ -12,7 +12,9 @@ pools at a static ratio; ``disagfusion``, those pools moved by
 :class:`~dflow.bench.disagfusion.ThresholdScaler`; ``elastic``, dflow's
 controller (``dflow.elastic.pricing: hybrid``), and its ablations
 ``prediction_only`` (profiles alone) and ``feedback_only`` (observed service
-times alone). dflow's modes serve each pool earliest deadline first, each
+times alone); ``synchronous``, the static pools with each stage task submitted
+when the previous one finishes (:class:`~dflow.bench.handoff.SynchronousHandoff`)
+rather than ahead of need. dflow's modes serve each pool earliest deadline first, each
 request's SLO its deadline; the peers' policies (monolithic, autoscaled,
 DisagFusion) in arrival order.
 """
@@ -20,6 +22,7 @@ DisagFusion) in arrival order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -156,6 +159,7 @@ def run_mode(
     """
     from dflow.bench.baselines import ReplicaAutoscaler
     from dflow.bench.disagfusion import ThresholdScaler
+    from dflow.bench.handoff import SynchronousHandoff
     from dflow.cluster import StageCluster
 
     monolithic = mode in MONOLITHIC_MODES
@@ -193,6 +197,13 @@ def run_mode(
         _wait_ready(cluster, len(workers), timeout=300)
         client = stack.enter_context(Client(cluster))
         mode_name = "monolithic" if monolithic else "disaggregated"
+        handoff = SynchronousHandoff(client) if mode == "synchronous" else None
+        submit: Callable[..., list[Any]] = (
+            functools.partial(dflow.client.map, client)
+            if handoff is None
+            else handoff.map
+        )
+        # a future of each request's output, or its chain under a synchronous hand-off
         futures: dict[int, Any] = {}
         keys: dict[Any, int] = {}
         enabled: float | None = None
@@ -215,8 +226,7 @@ def run_mode(
                 due.append(ordered[position])
                 position += 1
             if due:
-                submitted = dflow.client.map(
-                    client,
+                submitted = submit(
                     [entries[i].request() for i in due],
                     mode=mode_name,
                     slo=[slos[i] * scale for i in due] if slos else None,
@@ -242,7 +252,10 @@ def run_mode(
                 break
             time.sleep(0.05)
         stop = time.time()
-        client.cancel([f for f in futures.values() if not f.done()], force=True)
+        if handoff is None:
+            client.cancel([f for f in futures.values() if not f.done()], force=True)
+        else:
+            handoff.close()
         finals: dict[int, tuple[float, str] | None] = dict.fromkeys(range(len(entries)))
         for key, value in list(recorder.finals.items()):
             if key in keys:

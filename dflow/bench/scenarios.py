@@ -5,8 +5,8 @@ request mixes), how long it runs, how much it compresses time, the SLOs and the
 serving modes to compare; ``--quick`` applies the file's ``quick`` overrides
 (fewer emulated seconds, more compression) so that it runs in minutes on two
 cores. The shipped scenarios are ``configs/scenarios/<NAME>.yaml`` (S1, S2,
-S2-80, S3, S6, S6-MIX, S7); ``dflow bench --scenario FILE.yaml`` runs any other
-file. Files are checked against ``configs/scenarios/schema.yaml``, then for
+S2-80, S3, S5, S6, S6-MIX, S7, S8); ``dflow bench --scenario FILE.yaml``
+runs any other file. Files are checked against ``configs/scenarios/schema.yaml``, then for
 what a schema cannot say (GPU types, models, modes, times); every error names
 the field (``S7.yaml: workload.phases[1].arrivals.rate: ...``). The keys are
 explained in ``docs/scenarios.md``.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dflow.bench import MODES
+from dflow.bench import DEFAULT_MODES, MODES
 from dflow.bench.workload import Arrivals, Phase, Template, Workload
 
 #: dflow's controller settings, in emulated seconds: its defaults but for the
@@ -122,7 +122,7 @@ class Scenario:
     slo_factor: float = 5.0
     slo: dict[str, float] = field(default_factory=dict)
     sample_every: float = 5.0
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     repeats: int = 1
     #: dask config of the scenario's runs and its physics (8-bit DiT weights)
     config: dict[str, Any] = field(default_factory=dict)
@@ -339,7 +339,7 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Scenario:
         slo_factor=float(values["slo-factor"]),
         slo={m: float(s) for m, s in values.get("slo", {}).items()},
         sample_every=float(values["sample-every"]),
-        modes=tuple(values.get("modes", MODES)),
+        modes=tuple(values.get("modes", DEFAULT_MODES)),
         repeats=int(values["repeats"]),
         controller={**CONTROLLER, **values.get("controller", {})},
         autoscaler={**AUTOSCALER, **values.get("autoscaler", {})},
