@@ -566,27 +566,35 @@ def plan_score(assignment, workers, demands, speeds, switch, horizon):
     return sum(u == math.inf for u in use), max(finite, default=0.0)
 
 
-def test_every_move_of_a_plan_is_needed():
-    """Undoing any one move makes the plan worse (more pools starved, or a
-    larger largest utilization after switch costs): a plan built from scratch
-    moves no worker its bottleneck does not need, such as reshuffles between
-    pools with headroom, which would cost drains and loads for nothing."""
-    rng = random.Random(3)
+def random_fleets(seed: int, count: int, largest: int):
+    """``count`` random fleets of 4 to ``largest`` workers of two GPU types over
+    two models' pools, with random demands, speeds and switch seconds: each as
+    ``(workers, demands, speeds, switch)``."""
+    rng = random.Random(seed)
     pools = [(s, m) for m in (FLUX, PIXART) for s in ("encoder", "dit", "vae")]
-    horizon = 30.0
-    checked = 0
-    for _ in range(400):
+    for _ in range(count):
         speeds = {p: {"fast": rng.choice([1.0, 2.0, 4.0]), "slow": 1.0} for p in pools}
         switch = {
             p: {t: rng.choice([0.0, 5.0, 10.0]) for t in ("fast", "slow")}
             for p in pools
         }
-        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in pools}
         workers = [
             PlannerWorker(f"w{i}", rng.choice(["fast", "slow"]), GIB, rng.choice(pools))
-            for i in range(rng.randint(4, 10))
+            for i in range(rng.randint(4, largest))
         ]
         demands = {p: Demand(rng.choice([0.0, 0.5, 1.0, 2.0, 4.0])) for p in pools}
+        yield workers, demands, speeds, switch
+
+
+def test_every_move_of_a_plan_is_needed():
+    """Undoing any one move makes the plan worse (more pools starved, or a
+    larger largest utilization after switch costs): a plan built from scratch
+    moves no worker its bottleneck does not need, such as reshuffles between
+    pools with headroom, which would cost drains and loads for nothing."""
+    horizon = 30.0
+    checked = 0
+    for workers, demands, speeds, switch in random_fleets(3, 400, largest=10):
+        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in speeds}
         result = plan(
             workers, demands, pool_costs, now=0.0, horizon=horizon, min_per_pool=0
         )
@@ -718,20 +726,9 @@ def planner_speed_scenarios():
 
 def random_scenarios():
     """Small random fleets and demands, two GPU types, switch costs."""
-    rng = random.Random(5)
-    pools = [(s, m) for m in (FLUX, PIXART) for s in ("encoder", "dit", "vae")]
-    for index in range(300):
-        speeds = {p: {"fast": rng.choice([1.0, 2.0, 4.0]), "slow": 1.0} for p in pools}
-        switch = {
-            p: {t: rng.choice([0.0, 5.0, 10.0]) for t in ("fast", "slow")}
-            for p in pools
-        }
-        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in pools}
-        workers = [
-            PlannerWorker(f"w{i}", rng.choice(["fast", "slow"]), GIB, rng.choice(pools))
-            for i in range(rng.randint(4, 40))
-        ]
-        demands = {p: Demand(rng.choice([0.0, 0.5, 1.0, 2.0, 4.0])) for p in pools}
+    fleets = random_fleets(5, 300, largest=40)
+    for index, (workers, demands, speeds, switch) in enumerate(fleets):
+        pool_costs = {p: PoolCost(speeds[p], 0, switch[p]) for p in speeds}
         yield f"random-{index}", workers, demands, pool_costs, 0.0
 
 
