@@ -23,11 +23,14 @@ import argparse
 import json
 import logging
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
+import yaml
 from gpu_transport import UCX_CONFIG
 
 import dask.config
@@ -73,13 +76,39 @@ def bare_pipeline(
     return seconds, pixels
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of each of this process's threads so far, by thread name."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    return {
+        f"{names.get(t.id, 'native')}-{t.id}": t.user_time + t.system_time
+        for t in psutil.Process().threads()
+    }
+
+
+def cpu_during(before: dict, after: dict) -> dict:
+    """Per worker, the threads that used more than 0.1 CPU s between two samples."""
+    return {
+        worker: {
+            thread: round(seconds - before.get(worker, {}).get(thread, 0.0), 2)
+            for thread, seconds in threads.items()
+            if seconds - before.get(worker, {}).get(thread, 0.0) > 0.1
+        }
+        for worker, threads in after.items()
+    }
+
+
 def disaggregated(
-    request: dflow.Request, repeats: int, burst: int, protocol: str
+    request: dflow.Request,
+    repeats: int,
+    burst: int,
+    protocol: str,
+    overrides: dict,
 ) -> tuple[list[float], np.ndarray, dict]:
     """Seconds per warm request through dflow, its pixels, and burst telemetry."""
     settings = {"dflow.client.model-timeout": "900s", "dflow.elastic.enabled": False}
     if protocol == "ucx":
         settings.update(UCX_CONFIG)
+    settings.update(overrides)
     with (
         dask.config.set(settings),
         StageCluster(
@@ -100,12 +129,15 @@ def disaggregated(
         pixels = output.array[0]
         telemetry = cluster.scheduler.plugins["dflow-telemetry"]
         first = len(telemetry.records)
+        cpu_before = client.run(thread_cpu_s)
         start = time.time()
         futures = dflow.map(client, [request.replace(seed=s) for s in range(burst)])
         wait(futures)
         elapsed = time.time() - start
         records = list(telemetry.records)[first:]
-        return seconds, pixels, burst_summary(records, elapsed, burst)
+        summary = burst_summary(records, elapsed, burst)
+        summary["thread_cpu_s"] = cpu_during(cpu_before, client.run(thread_cpu_s))
+        return seconds, pixels, summary
 
 
 def burst_summary(records: list, elapsed: float, burst: int) -> dict:
@@ -120,7 +152,10 @@ def burst_summary(records: list, elapsed: float, burst: int) -> dict:
         "requests": burst,
         "throughput_rps": burst / elapsed,
         "dit_busy_fraction": busy / window,
-        "dit_compute_s_median": statistics.median(r.compute_s for r in dit),
+        "compute_s_median": {
+            stage: statistics.median(r.compute_s for r in by_stage[stage])
+            for stage in STAGES
+        },
         "transfer_s_median": {
             stage: statistics.median(r.transfer_s for r in by_stage[stage])
             for stage in ("dit", "vae")
@@ -139,8 +174,19 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=6)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--protocol", default="tcp", choices=("tcp", "ucx"))
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dask config setting for the cluster (repeatable; VALUE is YAML)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
+    overrides = {
+        key: yaml.safe_load(value)
+        for key, value in (item.split("=", 1) for item in args.config)
+    }
     request = dflow.Request(
         model=args.model,
         prompt="a lighthouse on a cliff at dawn",
@@ -154,7 +200,7 @@ def main() -> None:
         flush=True,
     )
     served, served_pixels, burst = disaggregated(
-        request, args.repeats, args.burst, args.protocol
+        request, args.repeats, args.burst, args.protocol, overrides
     )
     print(
         f"dflow: {[round(s, 3) for s in served]} ({time.perf_counter() - started:.0f}s in)",
@@ -164,6 +210,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": args.model,
         "protocol": args.protocol,
+        "config": overrides,
         "request": {
             "height": request.height,
             "width": request.width,

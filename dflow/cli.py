@@ -30,6 +30,7 @@ from dflow.demo import demo
 from dflow.diagnosis import model_problem
 from dflow.pools import EXPERT_STAGES, MONOLITHIC, STAGES
 from dflow.profile import profile
+from dflow.protocol import configure_ucx_progress
 from dflow.quantization import QUANTIZATIONS, holds_dit
 from dflow.worker import run_nannies
 from dflow.worker_options import nanny_specs
@@ -165,6 +166,7 @@ def worker(
     if problem is not None:
         raise click.BadParameter(problem, param_hint="--model")
     logs.configure()
+    configure_ucx_progress()  # for the Nannies and, inherited, their workers
     if pid_file:
         with open(pid_file, "w") as f:
             f.write(str(os.getpid()))

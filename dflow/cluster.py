@@ -33,6 +33,7 @@ import dflow.config  # noqa: F401
 from dflow.diagnosis import model_problem
 from dflow.errors import StageLoadError
 from dflow.pools import WORKER_STAGES, Pool
+from dflow.protocol import configure_ucx_progress
 from dflow.quantization import holds_dit
 from dflow.spec import canonical_name
 from dflow.worker import StageNanny
@@ -113,6 +114,8 @@ class StageCluster(SpecCluster):
         self._worker_options = {"host": host, **(worker_options or {})}
         if protocol:
             self._worker_options["protocol"] = protocol
+        if protocol and protocol.startswith("ucx"):
+            configure_ucx_progress()
         self._names = itertools.count()
         if fleet is None:
             layout = layout or {"encoder": 1, "dit": 1, "vae": 1}

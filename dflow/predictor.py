@@ -729,9 +729,9 @@ DERIVED_MODELS = {
     "wan2.2-i2v-a14b": ("wan2.1-t2v-14b", True),
 }
 #: The Wan VAE's encode of an image-to-video condition (the image and 80 zero
-#: frames) over its decode of the 81 frames: an assumption until measured
-#: (``benchmarks/wan22_encode.py``), the encoder having half the decoder's blocks
-WAN_ENCODE_OVER_DECODE = 0.5
+#: frames) over its decode of the 81 frames at 480x832, measured on a GPU
+#: (``benchmarks/gpu_costs.py --sections small``; BENCHMARKS.md)
+WAN_ENCODE_OVER_DECODE = 0.62
 
 
 def derived_rows() -> list[Row]:

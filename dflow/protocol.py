@@ -14,9 +14,28 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 _registered = False
+
+#: How dflow's processes progress UCX: on ucxx's own thread, with requests
+#: completed through its notifier thread (ucxx's defaults). distributed-ucxx
+#: otherwise picks "blocking", whose Python-side waits keep every process's event
+#: loop busy and take the GIL from a stage's compute thread (BENCHMARKS.md, "UCX
+#: against TCP between workers of one GPU").
+UCX_PROGRESS_ENVIRON = {
+    "UCXPY_PROGRESS_MODE": "thread",
+    "UCXPY_ENABLE_PYTHON_FUTURE": "1",
+}
+
+
+def configure_ucx_progress() -> None:
+    """Set :data:`UCX_PROGRESS_ENVIRON` in this process's environment where the
+    variables are unset (a user's own choice wins). ucxx reads them when the
+    process's first UCX connection starts; child processes inherit them."""
+    for key, value in UCX_PROGRESS_ENVIRON.items():
+        os.environ.setdefault(key, value)
 
 
 def register_sizeof(sizeof: Any) -> None:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from distributed import Client
 
 from dflow.cli import worker
+from dflow.protocol import UCX_PROGRESS_ENVIRON
 from dflow.testing import scheduler_process, wait_for_pools, worker_processes
 from dflow.worker import StagePlugin, stage_slots
 from dflow.worker_options import nanny_specs
@@ -150,6 +151,11 @@ def test_a_real_worker_takes_dask_options_and_reports_to_dflow(tmp_path, tiny_fo
             assert record["device"] == "cpu"
             assert record["memory"] > 0
             assert record["host"] == host
+
+        # UCX progress settings for every process of the cluster (used over ucx://)
+        for key, value in UCX_PROGRESS_ENVIRON.items():
+            assert client.run_on_scheduler(os.environ.get, key) == value
+            assert set(client.run(os.environ.get, key).values()) == {value}
 
 
 def test_one_nanny_per_gpu_with_its_gpu_first():

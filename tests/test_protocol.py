@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -145,3 +147,11 @@ def test_cuda_tensors(dtype):
     host = deserialize(header, frames)
     assert host.device.type == "cpu"
     assert torch.equal(host, tensor.mT.cpu())
+
+
+def test_ucx_progress_settings_leave_a_users_own_choice(monkeypatch):
+    monkeypatch.setenv("UCXPY_PROGRESS_MODE", "polling")
+    monkeypatch.delenv("UCXPY_ENABLE_PYTHON_FUTURE", raising=False)
+    protocol.configure_ucx_progress()
+    assert os.environ["UCXPY_PROGRESS_MODE"] == "polling"
+    assert os.environ["UCXPY_ENABLE_PYTHON_FUTURE"] == "1"
