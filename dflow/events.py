@@ -3,18 +3,23 @@ who reads it (``dflow.progress`` in notebooks and terminals, the HTTP gateway's
 video jobs).
 
 A denoising task logs ``{"request", "key", "step", "steps"}`` under the topic
-``dflow-progress`` (:meth:`distributed.Worker.log_event`); the scheduler keeps
+``dflow-progress`` (:meth:`distributed.Worker.log_event`), at most one step per
+``dflow.runtime.progress-interval``, never the last (the task's end); the scheduler keeps
 the latest events of the topic and forwards each to the clients that subscribe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, Future, default_client, get_worker, wait
 from distributed.worker import thread_state
 
@@ -30,7 +35,14 @@ def request_id(key: Any) -> str:
 def step_reporter(steps: int, done: int = 0) -> Callable[[], None]:
     """In a denoising task: a function to call after each step, which reports
     it as an event; ``done``: the request's steps run before this task (by
-    another expert's pool). Outside a Dask task it does nothing."""
+    another expert's pool). Outside a Dask task it does nothing.
+
+    The first step is reported, then a step only if
+    ``dflow.runtime.progress-interval`` has passed since the last one reported:
+    an event costs the worker and the scheduler a message, which steps of a few
+    milliseconds would pay many times over. The request's last step is not
+    reported: its denoise task's end says it, and an event sent just before
+    would hold the task's result back by the worker's batched-send interval."""
     key = getattr(thread_state, "key", None)
     if key is None:
         return lambda: None
@@ -38,10 +50,16 @@ def step_reporter(steps: int, done: int = 0) -> Callable[[], None]:
     task = worker.state.tasks.get(key)
     annotation = ((task.annotations if task else None) or {}).get("dflow") or {}
     request = annotation.get("request") or request_id(key)
+    interval = parse_timedelta(dask.config.get("dflow.runtime.progress-interval"))
+    reported = -math.inf
 
     def report() -> None:
-        nonlocal done
+        nonlocal done, reported
         done += 1
+        now = time.monotonic()
+        if done == steps or now - reported < interval:
+            return
+        reported = now
         worker.log_event(
             TOPIC, {"request": request, "key": str(key), "step": done, "steps": steps}
         )

@@ -17,6 +17,7 @@ from distributed import Client, get_task_stream
 
 import dflow
 from dflow.cluster import StageCluster
+from dflow.events import TOPIC, request_id
 from dflow.request import Request
 from dflow.testing import fleet_settled, move, poll, wait_for_pools
 from dflow.worker import StagePlugin, stage_slots
@@ -107,6 +108,33 @@ def test_workers_are_pinned_to_the_gpus_in_turn():
     (plugin,) = options[gpu1]["plugins"]
     assert isinstance(plugin, StagePlugin)
     assert (plugin.stage, plugin.model, plugin.gpu_type) == ("dit", MODEL, "auto")
+
+
+def test_progress_events_skip_steps_within_the_interval_and_the_last(client):
+    """A DiT reports its first step, then one per progress interval; never the
+    last (its task's end says it)."""
+
+    def set_interval(value: str) -> None:
+        dask.config.set({"dflow.runtime.progress-interval": value})
+
+    def reported(future) -> list[int]:
+        request = request_id(future.key)
+        return [
+            m["step"] for _, m in client.get_events(TOPIC) if m["request"] == request
+        ]
+
+    default = dask.config.get("dflow.runtime.progress-interval")
+    try:
+        client.run(set_interval, "0")
+        every = dflow.submit(client, requests(1, start=100, steps=6)[0])
+        every.result()
+        client.run(set_interval, "1h")
+        first_only = dflow.submit(client, requests(1, start=101, steps=6)[0])
+        first_only.result()
+    finally:
+        client.run(set_interval, default)
+    assert reported(every) == [1, 2, 3, 4, 5]
+    assert reported(first_only) == [1]
 
 
 def test_one_pool_per_stage_serves(cluster, client):
