@@ -30,6 +30,8 @@ import torch
 import dask.config
 from distributed import Client, LocalCluster, wait
 
+from dflow.protocol import configure_ucx_progress
+
 MIB = 2**20
 SIZES_MIB = (1, 4, 16, 64, 256, 1024)
 #: distributed-ucxx's transports for GPUs of one host: CUDA IPC (its ``nvlink``
@@ -128,6 +130,8 @@ def summary(row: dict[str, Any]) -> str:
 
 def run(protocol: str, sizes: list[int], repeats: int) -> dict[str, Any]:
     settings = UCX_CONFIG if protocol == "ucx" else {}
+    if protocol == "ucx":
+        configure_ucx_progress()  # as dflow's own processes
     with (
         dask.config.set(settings),
         LocalCluster(
