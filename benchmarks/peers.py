@@ -11,9 +11,7 @@ same 64x64 requests, at each ``--steps`` value:
 - ``dflow[ENV]``: a :class:`~dflow.cluster.StageCluster` at its defaults (one
   encoder, ``--dit`` DiT, one VAE worker), one per ``--worker-env`` variant: the
   allocator environment distributed's Nanny gives its workers
-  (``distributed.nanny.pre-spawn-environ``, passed through dask config). With
-  ``--direct``, also ``dflow[ENV,direct]``: the same with a client that gathers
-  results from the workers (``direct_to_workers=True``), not through the scheduler.
+  (``distributed.nanny.pre-spawn-environ``, passed through dask config).
 - ``ray-plain``: Ray Serve as a user first writes it: one deployment per stage
   (sync methods, default options) and an ingress deployment that awaits each
   stage's ``DeploymentHandle`` in turn.
@@ -253,11 +251,10 @@ def bare_process(conn: Any, folder: str) -> None:
 
 
 class Dflow:
-    """A StageCluster at its defaults, its workers in one allocator environment;
-    ``direct``: its client gathers results from the workers, not the scheduler."""
+    """A StageCluster at its defaults, its workers in one allocator environment."""
 
-    def __init__(self, folder: str, env: str, dit: int, direct: bool = False):
-        self.name = f"dflow[{env}{',direct' if direct else ''}]"
+    def __init__(self, folder: str, env: str, dit: int):
+        self.name = f"dflow[{env}]"
         self.folder = folder
         with worker_environment(WORKER_ENVS[env]):
             self.cluster = StageCluster(
@@ -266,7 +263,7 @@ class Dflow:
                 silence_logs=logging.ERROR,
                 worker_options={"silence_logs": logging.ERROR},
             )
-        self.client = Client(self.cluster, direct_to_workers=direct)
+        self.client = Client(self.cluster)
         #: Output.timings of single requests: the stage calls inside the workers
         self.timings: list[dict[str, float]] = []
 
@@ -660,11 +657,7 @@ def run_phase(
     """Start every system with ``dit`` DiT workers/replicas, take turns, stop them
     (all but ``bare``)."""
     systems: list[Any] = [bare]
-    systems += [
-        Dflow(folder, env, dit, direct)
-        for env in args.worker_env
-        for direct in ((False, True) if args.direct else (False,))
-    ]
+    systems += [Dflow(folder, env, dit) for env in args.worker_env]
     systems += [RayServe(folder, tuned, dit) for tuned in (False, True)]
     with dask.config.set({"dflow.client.model-timeout": "600s"}):
         for system in systems:  # warm-up: both step values, one at a time and a few
@@ -835,11 +828,6 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-env",
         default="dflow",
         help=f"dflow worker allocator environments: {', '.join(WORKER_ENVS)}",
-    )
-    parser.add_argument(
-        "--direct",
-        action="store_true",
-        help="also run each dflow variant with a client that gathers from the workers",
     )
     parser.add_argument("--out", default="benchmarks/results", type=Path)
     args = parser.parse_args(argv)
