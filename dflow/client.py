@@ -283,10 +283,24 @@ def stage_tasks(
 class RequestFuture(Future):
     """The output future of a request: a :class:`distributed.Future` whose
     ``cancel()`` gives the reason ``cancelled`` (distributed's default reason
-    reads "unknown")."""
+    reads "unknown"), and whose ``result()`` fetches the output from the worker
+    that holds it, not through the scheduler, where the client was made from a
+    cluster object (``Client(StageCluster(...))``: its workers are on this
+    process's network) and distributed's ``direct-to-workers`` is not set."""
 
     def cancel(self, reason: str | None = None, msg: str | None = None, **kwargs):
         return super().cancel(reason=reason or "cancelled", msg=msg, **kwargs)
+
+    async def _result(self, raiseit: bool = True) -> Any:
+        client = self.client
+        if client.direct_to_workers is not None or client.cluster is None:
+            return await super()._result(raiseit)
+        assert self._state is not None
+        await self._state.wait()
+        if self.status != "finished":
+            return await super()._result(raiseit)
+        (output,) = await client.gather([self], direct=True, asynchronous=True)
+        return output
 
 
 def _admit(

@@ -110,6 +110,35 @@ def test_workers_are_pinned_to_the_gpus_in_turn():
     assert (plugin.stage, plugin.model, plugin.gpu_type) == ("dit", MODEL, "auto")
 
 
+def test_a_client_of_the_cluster_object_fetches_outputs_from_the_workers(
+    cluster, client
+):
+    """A request's output comes straight from its VAE worker to a client made
+    from the cluster object; a client connected by address (which may reach
+    only the scheduler) gathers it through the scheduler, as distributed does."""
+
+    def count_gathers(dask_scheduler) -> None:
+        gather = dask_scheduler.handlers["gather"]
+
+        async def counted(*args, **kwargs):
+            dask_scheduler.dflow_test_gathers += 1
+            return await gather(*args, **kwargs)
+
+        dask_scheduler.dflow_test_gathers = 0
+        dask_scheduler.handlers["gather"] = counted
+
+    def gathers(dask_scheduler) -> int:
+        return dask_scheduler.dflow_test_gathers
+
+    client.run_on_scheduler(count_gathers)
+    first, second = requests(2, start=200)
+    assert dflow.submit(client, first).result().array.shape[0] == 1
+    assert client.run_on_scheduler(gathers) == 0
+    with Client(cluster.scheduler_address) as by_address:
+        assert dflow.submit(by_address, second).result().array.shape[0] == 1
+    assert client.run_on_scheduler(gathers) == 1
+
+
 def test_progress_events_skip_steps_within_the_interval_and_the_last(client):
     """A DiT reports its first step, then one per progress interval; never the
     last (its task's end says it)."""
