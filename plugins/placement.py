@@ -18,6 +18,13 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   the worker that would finish its backlog last to the one that would finish
   the task soonest, while that gains at least half a task. Moves go through
   Dask's stealing protocol, so a task the worker has started meanwhile stays.
+- a worker with several task slots (DiT batching, ``dflow.runtime.max-dit-batch``)
+  starts denoising tasks that then wait in its step loop for a batch they cannot
+  join (another shape, a full batch): Dask counts them as executing, so neither
+  stealing nor the rebalance can move them. Whenever a worker of the pool is
+  idle, the busiest worker where a task would finish later is asked to give a
+  batch of them back (``dflow_give_back``); the scheduler places them again,
+  never on a worker that gave them back.
 
 Off with ``dflow.health.placement: false`` (and without Dask's stealing
 extension, nothing is rebalanced).
@@ -26,6 +33,7 @@ extension, nothing is rebalanced).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +47,14 @@ from distributed.scheduler import Scheduler, TaskState, WorkerState
 import dflow.config  # noqa: F401
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.speeds import WorkerSpeeds
-from dflow.pools import Pool, task_pool
+from dflow.pools import MONOLITHIC, Pool, task_pool
 
 logger = logging.getLogger(__name__)
 
 #: Most tasks one rebalance moves per pool
 MAX_MOVES = 32
+#: Stages whose workers batch denoising steps (:mod:`dflow.runtime`)
+BATCHING_STAGES = ("dit", MONOLITHIC)
 
 
 class SpeedPlacement(SchedulerPlugin):
@@ -59,6 +69,14 @@ class SpeedPlacement(SchedulerPlugin):
         self._objective: Callable[[TaskState, WorkerState], tuple] | None = None
         #: tasks moved by the rebalance, for tests and benchmarks
         self.moved = 0
+        #: denoising tasks given back by busy workers for idle ones, and the
+        #: workers that gave each back (placement passes them over)
+        self.given_back = 0
+        self._gave_back: dict[Any, set[str]] = {}
+        #: pools with a look for idle workers pending
+        self._looking: set[Pool] = set()
+        #: each worker's pool tasks when last asked to give some back
+        self._asked: dict[str, frozenset] = {}
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -89,18 +107,71 @@ class SpeedPlacement(SchedulerPlugin):
             return self._objective(ts, ws)
         start, *rest = self._objective(ts, ws)
         duration = self.scheduler._get_prefix_duration(ts.prefix)
-        return ((start + duration) / self.factor(ws.address), *rest)
+        finish = (start + duration) / self.factor(ws.address)
+        # a worker that gave the task back comes last
+        gave_back = ws.address in self._gave_back.get(ts.key, ())
+        return (math.inf if gave_back else 0.0, finish, *rest)
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
     ) -> None:
-        if finish != "processing":
-            return
-        stealing = self._stealing()
         assert self.scheduler is not None
+        if finish in ("memory", "erred", "forgotten"):
+            self._gave_back.pop(key, None)
+        if finish != "processing" and start != "processing":
+            return
         ts = self.scheduler.tasks.get(key)
-        if stealing is not None and ts is not None and task_pool(ts.annotations):
-            stealing.remove_key_from_stealable(ts)
+        pool = task_pool(ts.annotations) if ts is not None else None
+        if pool is None:
+            return
+        if finish == "processing":
+            stealing = self._stealing()
+            if stealing is not None:
+                stealing.remove_key_from_stealable(ts)
+        elif pool.stage in BATCHING_STAGES and pool not in self._looking:
+            # a worker of the pool may have fallen idle
+            self._looking.add(pool)
+            self.scheduler._ongoing_background_tasks.call_soon(self.fill_idle, pool)
+
+    # -- idle workers ------------------------------------------------------------------
+
+    async def fill_idle(self, pool: Pool) -> None:
+        """While a worker of ``pool`` is idle, ask the busiest worker where a
+        task of the pool would finish later than on the idle one to give back
+        a batch of the denoising tasks waiting in its step loop; each task
+        given back leaves processing, which looks again."""
+        assert self.scheduler is not None
+        self._looking.discard(pool)
+        workers = self._members().get(pool, [])
+        tasks = {
+            ws: [ts for ts in ws.processing if task_pool(ts.annotations) == pool]
+            for ws in workers
+        }
+        idle = [ws for ws in workers if not tasks[ws]]
+        victims = [
+            ws
+            for ws in workers
+            if ws.nthreads > 1
+            and len(tasks[ws]) > 1
+            and self._asked.get(ws.address) != frozenset(tasks[ws])
+        ]
+        for victim in sorted(victims, key=lambda ws: len(tasks[ws]), reverse=True):
+            last = tasks[victim][-1]
+            if not idle or min(
+                self.objective(last, ws) for ws in idle
+            ) >= self.objective(last, victim):
+                continue
+            self._asked[victim.address] = frozenset(tasks[victim])
+            try:
+                keys = await self.scheduler.rpc(victim.address).dflow_give_back()
+            except Exception:
+                logger.debug("%s gave nothing back", victim.address, exc_info=True)
+                continue
+            for key in keys:
+                self._gave_back.setdefault(key, set()).add(victim.address)
+            if keys:
+                self.given_back += len(keys)
+                return
 
     # -- rebalancing -----------------------------------------------------------------
 
@@ -114,6 +185,13 @@ class SpeedPlacement(SchedulerPlugin):
         # and when it moves one: take stage tasks out again
         for ts in [t for t in stealing.key_stealable if task_pool(t.annotations)]:
             stealing.remove_key_from_stealable(ts)
+        for pool, workers in self._members().items():
+            if len(workers) > 1:
+                self._rebalance_pool(pool, workers, stealing)
+
+    def _members(self) -> dict[Pool, list[WorkerState]]:
+        """The ready workers of each pool that take its tasks."""
+        assert self.scheduler is not None
         members: dict[Pool, list[WorkerState]] = {}
         for record in self.extension.workers.values():
             ws = self.scheduler.workers.get(record.address)
@@ -122,9 +200,7 @@ class SpeedPlacement(SchedulerPlugin):
                 continue
             if ws.resources.get(pool.resource, 0) > 0:
                 members.setdefault(pool, []).append(ws)
-        for pool, workers in members.items():
-            if len(workers) > 1:
-                self._rebalance_pool(pool, workers, stealing)
+        return members
 
     def _rebalance_pool(
         self, pool: Pool, workers: list[WorkerState], stealing: Any
