@@ -128,12 +128,17 @@ class SpeedPlacement(SchedulerPlugin):
             stealing = self._stealing()
             if stealing is not None:
                 stealing.remove_key_from_stealable(ts)
-        elif pool.stage in BATCHING_STAGES and pool not in self._looking:
+        elif pool.stage in BATCHING_STAGES:
             # a worker of the pool may have fallen idle
-            self._looking.add(pool)
-            self.scheduler._ongoing_background_tasks.call_soon(self.fill_idle, pool)
+            self._look_for_idle(pool)
 
     # -- idle workers ------------------------------------------------------------------
+
+    def _look_for_idle(self, pool: Pool) -> None:
+        assert self.scheduler is not None
+        if pool not in self._looking:
+            self._looking.add(pool)
+            self.scheduler._ongoing_background_tasks.call_soon(self.fill_idle, pool)
 
     async def fill_idle(self, pool: Pool) -> None:
         """While a worker of ``pool`` is idle, ask the busiest worker where a
@@ -148,6 +153,8 @@ class SpeedPlacement(SchedulerPlugin):
             for ws in workers
         }
         idle = [ws for ws in workers if not tasks[ws]]
+        if not idle:
+            return
         victims = [
             ws
             for ws in workers
@@ -157,9 +164,8 @@ class SpeedPlacement(SchedulerPlugin):
         ]
         for victim in sorted(victims, key=lambda ws: len(tasks[ws]), reverse=True):
             last = tasks[victim][-1]
-            if not idle or min(
-                self.objective(last, ws) for ws in idle
-            ) >= self.objective(last, victim):
+            best = min(self.objective(last, ws) for ws in idle)
+            if best >= self.objective(last, victim):
                 continue
             self._asked[victim.address] = frozenset(tasks[victim])
             try:
@@ -178,6 +184,12 @@ class SpeedPlacement(SchedulerPlugin):
     def rebalance(self) -> None:
         """Move queued stage tasks to where they finish sooner, pool by pool."""
         assert self.scheduler is not None
+        members = self._members()
+        # a worker asked in vain may have requests waiting by now
+        self._asked.clear()
+        for pool in members:
+            if pool.stage in BATCHING_STAGES:
+                self._look_for_idle(pool)
         stealing = self._stealing()
         if stealing is None:
             return
@@ -185,7 +197,7 @@ class SpeedPlacement(SchedulerPlugin):
         # and when it moves one: take stage tasks out again
         for ts in [t for t in stealing.key_stealable if task_pool(t.annotations)]:
             stealing.remove_key_from_stealable(ts)
-        for pool, workers in self._members().items():
+        for pool, workers in members.items():
             if len(workers) > 1:
                 self._rebalance_pool(pool, workers, stealing)
 
