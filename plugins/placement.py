@@ -24,7 +24,8 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   stealing nor the rebalance can move them. Whenever a worker of the pool is
   idle, the busiest worker where a task would finish later is asked to give a
   batch of them back (``dflow_give_back``); the scheduler places them again,
-  never on a worker that gave them back.
+  never on a worker that gave them back (a restriction: Dask would otherwise
+  send a task back to the worker holding its inputs).
 
 Off with ``dflow.health.placement: false`` (and without Dask's stealing
 extension, nothing is rebalanced).
@@ -33,7 +34,6 @@ extension, nothing is rebalanced).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,10 +69,8 @@ class SpeedPlacement(SchedulerPlugin):
         self._objective: Callable[[TaskState, WorkerState], tuple] | None = None
         #: tasks moved by the rebalance, for tests and benchmarks
         self.moved = 0
-        #: denoising tasks given back by busy workers for idle ones, and the
-        #: workers that gave each back (placement passes them over)
+        #: denoising tasks given back by busy workers for idle ones
         self.given_back = 0
-        self._gave_back: dict[Any, set[str]] = {}
         #: pools with a look for idle workers pending
         self._looking: set[Pool] = set()
         #: each worker's pool tasks when last asked to give some back
@@ -107,17 +105,12 @@ class SpeedPlacement(SchedulerPlugin):
             return self._objective(ts, ws)
         start, *rest = self._objective(ts, ws)
         duration = self.scheduler._get_prefix_duration(ts.prefix)
-        finish = (start + duration) / self.factor(ws.address)
-        # a worker that gave the task back comes last
-        gave_back = ws.address in self._gave_back.get(ts.key, ())
-        return (math.inf if gave_back else 0.0, finish, *rest)
+        return ((start + duration) / self.factor(ws.address), *rest)
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
     ) -> None:
         assert self.scheduler is not None
-        if finish in ("memory", "erred", "forgotten"):
-            self._gave_back.pop(key, None)
         if finish != "processing" and start != "processing":
             return
         ts = self.scheduler.tasks.get(key)
@@ -174,10 +167,22 @@ class SpeedPlacement(SchedulerPlugin):
                 logger.debug("%s gave nothing back", victim.address, exc_info=True)
                 continue
             for key in keys:
-                self._gave_back.setdefault(key, set()).add(victim.address)
+                self._restrict(key, victim.address)
             if keys:
                 self.given_back += len(keys)
                 return
+
+    def _restrict(self, key: Any, gave_back: str) -> None:
+        """Keep a task given back off the worker that gave it back: that worker
+        holds its inputs, which Dask's placement prefers over any objective.
+        The worker sends the task back after its answer, so this comes first."""
+        assert self.scheduler is not None
+        ts = self.scheduler.tasks.get(key)
+        if ts is None:
+            return
+        allowed = (ts.worker_restrictions or set(self.scheduler.workers)) - {gave_back}
+        if allowed:
+            ts.worker_restrictions = allowed
 
     # -- rebalancing -----------------------------------------------------------------
 
