@@ -18,8 +18,11 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   the worker that would finish its backlog last to the one that would finish
   the task soonest, while that gains at least half a task. Moves go through
   Dask's stealing protocol, so a task the worker has started meanwhile stays.
-- a worker with several task slots (DiT batching, ``dflow.runtime.max-dit-batch``)
-  starts denoising tasks that then wait in its step loop for a batch they cannot
+- a denoising task's objective counts a worker's backlog whole, where Dask
+  divides it by the worker's task slots: with DiT batching
+  (``dflow.runtime.max-dit-batch``) a worker has several slots, yet a task
+  shares a step only with requests of its shape;
+- a worker with several task slots starts denoising tasks that then wait in its step loop for a batch they cannot
   join (another shape, a full batch): Dask counts them as executing, so neither
   stealing nor the rebalance can move them. Whenever a worker of the pool is
   idle, the busiest worker where a task would finish later is asked to give a
@@ -101,9 +104,15 @@ class SpeedPlacement(SchedulerPlugin):
         """Dask's objective for other tasks; for a stage task, when it would
         finish on ``ws`` at the worker's speed."""
         assert self.scheduler is not None and self._objective is not None
-        if task_pool(ts.annotations) is None:
+        pool = task_pool(ts.annotations)
+        if pool is None:
             return self._objective(ts, ws)
         start, *rest = self._objective(ts, ws)
+        if pool.stage in BATCHING_STAGES:
+            # Dask shares the backlog among the task slots; a denoising task
+            # shares a step only with its own shape, so count it whole: an
+            # idle worker beats a busy one, whose extra slots are for batching
+            start += ws.occupancy * (1 - 1 / ws.nthreads)
         duration = self.scheduler._get_prefix_duration(ts.prefix)
         return ((start + duration) / self.factor(ws.address), *rest)
 
