@@ -138,7 +138,8 @@ class Batcher:
 
 class Drained(Exception):
     """A denoising call left its worker's queue before its first step: the
-    worker is leaving the pool (the task runs again elsewhere)."""
+    worker is leaving the pool, or gave the call back for an idle worker to
+    take (the task runs again elsewhere)."""
 
 
 @dataclass(eq=False)
@@ -148,6 +149,8 @@ class _Denoising:
     state: DenoisingState
     should_stop: Callable[[], bool] | None
     on_step: Callable[[int], None] | None
+    #: the thread waiting for it
+    thread: int = field(default_factory=threading.get_ident)
     #: device seconds of the steps it took part in, and its share of them (each
     #: step's seconds over the number of requests that shared it)
     seconds: float = 0.0
@@ -186,6 +189,8 @@ class StepBatcher:
         self._entries: list[_Denoising] = []
         self._busy = False
         self._draining = False
+        #: the states of the step running now
+        self._group: list[_Denoising] = []
         self._condition = threading.Condition()
         #: batch sizes per key after a step ran out of memory
         self._caps: dict[tuple, int] = {}
@@ -210,13 +215,14 @@ class StepBatcher:
                 if entry.finished:
                     break
                 self._busy = True
-                group = self._next_group()
+                group = self._group = self._next_group()
             try:
                 if group:
                     self._run(group)
             finally:
                 with self._condition:
                     self._busy = False
+                    self._group = []
                     self._entries = [e for e in self._entries if not e.finished]
                     self._condition.notify_all()
         if entry.error is not None:
@@ -233,6 +239,43 @@ class StepBatcher:
                     entry.error, entry.finished = Drained(), True
             self._condition.notify_all()
 
+    def give_back(self, batches: int = 1) -> list[int]:
+        """Send back (:class:`Drained`) requests waiting for a step they cannot
+        join: not stepped yet, in neither the running step nor the next one.
+        At most ``batches`` batches go, the oldest request's first: each that
+        request and up to its limit of the waiting ones sharing its key, so
+        another worker can run them together. Returns the ids of the threads
+        whose calls went."""
+        with self._condition:
+            staying = set(self._group) | set(self._peek_group())
+            waiting = [
+                e
+                for e in self._entries
+                if not e.finished and e.state.index == 0 and e not in staying
+            ]
+            leaving: list[_Denoising] = []
+            while waiting and batches > 0:
+                key = waiting[0].state.key
+                batch = [e for e in waiting if e.state.key == key]
+                batch = batch[: self.limit(waiting[0].state)]
+                leaving += batch
+                waiting = [e for e in waiting if e not in batch]
+                batches -= 1
+            for entry in leaving:
+                entry.error, entry.finished = Drained(), True
+            self._condition.notify_all()
+            return [entry.thread for entry in leaving]
+
+    def _peek_group(self) -> list[_Denoising]:
+        """The states the next step would take, stopped ones included."""
+        waiting = [e for e in self._entries if not e.finished]
+        if not waiting:
+            return []
+        key = waiting[0].state.key
+        size = self.limit(waiting[0].state)
+        size = min(size, self._caps.get(key, size))
+        return [e for e in waiting if e.state.key == key][:size]
+
     def _next_group(self) -> list[_Denoising]:
         """The next step's batch (called holding the condition): stopped
         requests leave, then the oldest request's key picks the batch."""
@@ -244,13 +287,7 @@ class StepBatcher:
                 f"request stopped after {state.index} of {state.steps} steps"
             )
             entry.finished = True
-        waiting = [e for e in self._entries if not e.finished]
-        if not waiting:
-            return []
-        key = waiting[0].state.key
-        size = self.limit(waiting[0].state)
-        size = min(size, self._caps.get(key, size))
-        return [e for e in waiting if e.state.key == key][:size]
+        return self._peek_group()
 
     def _run(self, group: list[_Denoising]) -> None:
         states = [e.state for e in group]
@@ -580,6 +617,13 @@ class StageRuntime:
         """Stop taking denoising calls: queued ones that have not started leave
         with :class:`Drained`, started ones finish."""
         self._steps.drain()
+
+    def give_back(self, batches: int = 1) -> list[int]:
+        """Send back up to ``batches`` batches of the denoising calls waiting
+        for a step they cannot join (:meth:`StepBatcher.give_back`), so that
+        the scheduler places them on another worker. Returns the ids of the
+        threads whose calls went."""
+        return self._steps.give_back(batches)
 
     def decode(self, request: Request, latents: dict[str, Any]) -> Output:
         """The request's output from its latents."""

@@ -107,6 +107,7 @@ class StagePlugin(WorkerPlugin):
         worker.handlers["dflow_drain"] = self.drain
         worker.handlers["dflow_assign"] = self.reassign
         worker.handlers["dflow_running"] = self.running_keys
+        worker.handlers["dflow_give_back"] = self.give_back
         worker.stream_handlers["dflow-priorities"] = self.reprioritize
         backend.current().setup_worker(worker)
         # Load in the background: the worker joins the scheduler (and shows as
@@ -167,6 +168,18 @@ class StagePlugin(WorkerPlugin):
             "draining", stage=self.runtime.stage, model=self.runtime.model
         )
         return self._running(pool.resource)
+
+    def give_back(self, batches: int = 1) -> list[str]:
+        """Send back to the scheduler up to ``batches`` batches of the denoising
+        tasks waiting here for a step they cannot join (another worker of the
+        pool is idle: :mod:`dflow.plugins.placement`). Returns their keys."""
+        assert self.worker is not None
+        if self.runtime is None or self.runtime.dit_stage is None:
+            return []
+        threads = self.runtime.give_back(batches)
+        with self.worker.active_threads_lock:
+            running = dict(self.worker.active_threads)
+        return [str(running[t]) for t in threads if t in running]
 
     async def reassign(self, stage: str, model: str) -> str:
         """Switch to ``stage`` of ``model`` once running tasks finish (in the

@@ -18,6 +18,17 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   the worker that would finish its backlog last to the one that would finish
   the task soonest, while that gains at least half a task. Moves go through
   Dask's stealing protocol, so a task the worker has started meanwhile stays.
+- a denoising task's objective counts a worker's backlog whole, where Dask
+  divides it by the worker's task slots: with DiT batching
+  (``dflow.runtime.max-dit-batch``) a worker has several slots, yet a task
+  shares a step only with requests of its shape;
+- a worker with several task slots starts denoising tasks that then wait in its step loop for a batch they cannot
+  join (another shape, a full batch): Dask counts them as executing, so neither
+  stealing nor the rebalance can move them. Whenever a worker of the pool is
+  idle, the busiest worker where a task would finish later is asked to give a
+  batch of them back (``dflow_give_back``); the scheduler places them again,
+  never on a worker that gave them back (a restriction: Dask would otherwise
+  send a task back to the worker holding its inputs).
 
 Off with ``dflow.health.placement: false`` (and without Dask's stealing
 extension, nothing is rebalanced).
@@ -39,12 +50,14 @@ from distributed.scheduler import Scheduler, TaskState, WorkerState
 import dflow.config  # noqa: F401
 from dflow.plugins.extension import DflowExtension
 from dflow.plugins.speeds import WorkerSpeeds
-from dflow.pools import Pool, task_pool
+from dflow.pools import MONOLITHIC, Pool, task_pool
 
 logger = logging.getLogger(__name__)
 
 #: Most tasks one rebalance moves per pool
 MAX_MOVES = 32
+#: Stages whose workers batch denoising steps (:mod:`dflow.runtime`)
+BATCHING_STAGES = ("dit", MONOLITHIC)
 
 
 class SpeedPlacement(SchedulerPlugin):
@@ -59,6 +72,12 @@ class SpeedPlacement(SchedulerPlugin):
         self._objective: Callable[[TaskState, WorkerState], tuple] | None = None
         #: tasks moved by the rebalance, for tests and benchmarks
         self.moved = 0
+        #: denoising tasks given back by busy workers for idle ones
+        self.given_back = 0
+        #: pools with a look for idle workers pending
+        self._looking: set[Pool] = set()
+        #: each worker's pool tasks when last asked to give some back
+        self._asked: dict[str, frozenset] = {}
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -85,28 +104,106 @@ class SpeedPlacement(SchedulerPlugin):
         """Dask's objective for other tasks; for a stage task, when it would
         finish on ``ws`` at the worker's speed."""
         assert self.scheduler is not None and self._objective is not None
-        if task_pool(ts.annotations) is None:
+        pool = task_pool(ts.annotations)
+        if pool is None:
             return self._objective(ts, ws)
         start, *rest = self._objective(ts, ws)
+        if pool.stage in BATCHING_STAGES:
+            # Dask shares the backlog among the task slots; a denoising task
+            # shares a step only with its own shape, so count it whole: an
+            # idle worker beats a busy one, whose extra slots are for batching
+            start += ws.occupancy * (1 - 1 / ws.nthreads)
         duration = self.scheduler._get_prefix_duration(ts.prefix)
         return ((start + duration) / self.factor(ws.address), *rest)
 
     def transition(
         self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any
     ) -> None:
-        if finish != "processing":
+        assert self.scheduler is not None
+        if finish != "processing" and start != "processing":
             return
-        stealing = self._stealing()
+        ts = self.scheduler.tasks.get(key)
+        pool = task_pool(ts.annotations) if ts is not None else None
+        if pool is None:
+            return
+        if finish == "processing":
+            stealing = self._stealing()
+            if stealing is not None:
+                stealing.remove_key_from_stealable(ts)
+        elif pool.stage in BATCHING_STAGES:
+            # a worker of the pool may have fallen idle
+            self._look_for_idle(pool)
+
+    # -- idle workers ------------------------------------------------------------------
+
+    def _look_for_idle(self, pool: Pool) -> None:
+        assert self.scheduler is not None
+        if pool not in self._looking:
+            self._looking.add(pool)
+            self.scheduler._ongoing_background_tasks.call_soon(self.fill_idle, pool)
+
+    async def fill_idle(self, pool: Pool) -> None:
+        """While a worker of ``pool`` is idle, ask the busiest worker where a
+        task of the pool would finish later than on the idle one to give back
+        a batch of the denoising tasks waiting in its step loop; each task
+        given back leaves processing, which looks again."""
+        assert self.scheduler is not None
+        self._looking.discard(pool)
+        workers = self._members().get(pool, [])
+        tasks = {
+            ws: [ts for ts in ws.processing if task_pool(ts.annotations) == pool]
+            for ws in workers
+        }
+        idle = [ws for ws in workers if not tasks[ws]]
+        if not idle:
+            return
+        victims = [
+            ws
+            for ws in workers
+            if ws.nthreads > 1
+            and len(tasks[ws]) > 1
+            and self._asked.get(ws.address) != frozenset(tasks[ws])
+        ]
+        for victim in sorted(victims, key=lambda ws: len(tasks[ws]), reverse=True):
+            last = tasks[victim][-1]
+            best = min(self.objective(last, ws) for ws in idle)
+            if best >= self.objective(last, victim):
+                continue
+            self._asked[victim.address] = frozenset(tasks[victim])
+            try:
+                keys = await self.scheduler.rpc(victim.address).dflow_give_back()
+            except Exception:
+                logger.debug("%s gave nothing back", victim.address, exc_info=True)
+                continue
+            for key in keys:
+                self._restrict(key, victim.address)
+            if keys:
+                self.given_back += len(keys)
+                return
+
+    def _restrict(self, key: Any, gave_back: str) -> None:
+        """Keep a task given back off the worker that gave it back: that worker
+        holds its inputs, which Dask's placement prefers over any objective.
+        The worker sends the task back after its answer, so this comes first."""
         assert self.scheduler is not None
         ts = self.scheduler.tasks.get(key)
-        if stealing is not None and ts is not None and task_pool(ts.annotations):
-            stealing.remove_key_from_stealable(ts)
+        if ts is None:
+            return
+        allowed = (ts.worker_restrictions or set(self.scheduler.workers)) - {gave_back}
+        if allowed:
+            ts.worker_restrictions = allowed
 
     # -- rebalancing -----------------------------------------------------------------
 
     def rebalance(self) -> None:
         """Move queued stage tasks to where they finish sooner, pool by pool."""
         assert self.scheduler is not None
+        members = self._members()
+        # a worker asked in vain may have requests waiting by now
+        self._asked.clear()
+        for pool in members:
+            if pool.stage in BATCHING_STAGES:
+                self._look_for_idle(pool)
         stealing = self._stealing()
         if stealing is None:
             return
@@ -114,6 +211,13 @@ class SpeedPlacement(SchedulerPlugin):
         # and when it moves one: take stage tasks out again
         for ts in [t for t in stealing.key_stealable if task_pool(t.annotations)]:
             stealing.remove_key_from_stealable(ts)
+        for pool, workers in members.items():
+            if len(workers) > 1:
+                self._rebalance_pool(pool, workers, stealing)
+
+    def _members(self) -> dict[Pool, list[WorkerState]]:
+        """The ready workers of each pool that take its tasks."""
+        assert self.scheduler is not None
         members: dict[Pool, list[WorkerState]] = {}
         for record in self.extension.workers.values():
             ws = self.scheduler.workers.get(record.address)
@@ -122,9 +226,7 @@ class SpeedPlacement(SchedulerPlugin):
                 continue
             if ws.resources.get(pool.resource, 0) > 0:
                 members.setdefault(pool, []).append(ws)
-        for pool, workers in members.items():
-            if len(workers) > 1:
-                self._rebalance_pool(pool, workers, stealing)
+        return members
 
     def _rebalance_pool(
         self, pool: Pool, workers: list[WorkerState], stealing: Any

@@ -182,3 +182,84 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_alone(client):
     batches = client.run_on_scheduler(denoise_batches)
     assert all(batches[request_id(f)] > 1 for f in others)
     assert_unbatched_pixels(outputs)
+
+
+# -- a waiting request moves to an idle worker -------------------------------------
+
+EMULATED = "pixart-sigma-1024"
+#: two emulated H200 DiT workers with four task slots each
+EMULATED_LAYOUT = ("encoder", "dit", "dit", "vae")
+EMULATED_ENV = {
+    "DASK_DFLOW__RUNTIME__BACKEND": "emulated",
+    "DASK_DFLOW__RUNTIME__MAX_DIT_BATCH": str(BATCH),
+}
+
+
+@pytest.fixture(scope="module")
+def emulated_client(tmp_path_factory) -> Iterator[Client]:
+    logs = tmp_path_factory.mktemp("binding")
+    with (
+        scheduler_process(env=SCHEDULER_ENV, log_dir=logs) as address,
+        worker_processes(
+            address,
+            [(s, EMULATED) for s in EMULATED_LAYOUT],
+            env=EMULATED_ENV,
+            log_dir=logs,
+        ) as workers,
+        Client(address) as client,
+    ):
+        wait_for_pools(client, {EMULATED: EMULATED_LAYOUT}, processes=workers)
+        yield client
+        client.close()
+        stop([address.process, *workers])
+
+
+def placement_given_back(dask_scheduler) -> int:
+    return dask_scheduler.plugins["dflow-placement"].given_back
+
+
+def denoise_workers(dask_scheduler) -> dict[str, str]:
+    """The worker each finished denoise task ran on, by request."""
+    records = dask_scheduler.plugins["dflow-telemetry"].records
+    return {r.request: r.worker for r in records if r.stage == "dit"}
+
+
+def test_a_request_waiting_behind_another_shape_moves_to_an_idle_worker(
+    emulated_client,
+):
+    """A worker with several slots starts a request it cannot batch with the one
+    it denoises; once the other DiT worker falls idle, the waiting request goes
+    there rather than waiting for the whole denoise."""
+    client = emulated_client
+
+    def emulated(seed: int, **changes) -> Request:
+        # a prompt of its own: requests with equal prompts share one encoding,
+        # and Dask places a task where its input already is
+        prompt = f"a red bicycle, take {seed}"
+        return Request(model=EMULATED, prompt=prompt, seed=seed, **changes)
+
+    longest = emulated(0).spec.limit("max_steps")
+    first, worker_a = start_running(
+        client, "denoise", emulated(1, height=1024, width=1024, steps=longest)
+    )
+    second, worker_b = start_running(
+        client, "denoise", emulated(2, height=768, width=1024, steps=longest)
+    )
+    assert worker_b != worker_a, "the second request went to the busy worker"
+    waiting = dflow.submit(client, emulated(3, height=512, width=512, steps=2))
+    key = f"denoise-{request_id(waiting)}"
+    (parked_on,) = poll(
+        lambda: [a for a, keys in client.run(executing).items() if key in keys],
+        timeout=60,
+        what=f"{key} to start",
+    )
+    busy, idle = (first, second) if parked_on == worker_a else (second, first)
+    idle.cancel()
+    output = waiting.result(timeout=60)
+    assert output.request.seed == 3
+    # it ran on the worker that fell idle, while the other still denoises
+    moved_to = client.run_on_scheduler(denoise_workers)[request_id(waiting)]
+    assert moved_to == ({worker_a, worker_b} - {parked_on}).pop()
+    assert busy.status == "pending"
+    assert client.run_on_scheduler(placement_given_back) >= 1
+    busy.cancel()
