@@ -78,6 +78,9 @@ class SpeedPlacement(SchedulerPlugin):
         self._looking: set[Pool] = set()
         #: each worker's pool tasks when last asked to give some back
         self._asked: dict[str, frozenset] = {}
+        #: pools with a worker of several task slots (as of the last rebalance):
+        #: only those have tasks waiting in a step loop to give back
+        self._batching: set[Pool] = set()
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -130,7 +133,7 @@ class SpeedPlacement(SchedulerPlugin):
             stealing = self._stealing()
             if stealing is not None:
                 stealing.remove_key_from_stealable(ts)
-        elif pool.stage in BATCHING_STAGES:
+        elif pool in self._batching:
             # a worker of the pool may have fallen idle
             self._look_for_idle(pool)
 
@@ -199,11 +202,15 @@ class SpeedPlacement(SchedulerPlugin):
         """Move queued stage tasks to where they finish sooner, pool by pool."""
         assert self.scheduler is not None
         members = self._members()
+        self._batching = {
+            pool
+            for pool, workers in members.items()
+            if pool.stage in BATCHING_STAGES and any(ws.nthreads > 1 for ws in workers)
+        }
         # a worker asked in vain may have requests waiting by now
         self._asked.clear()
-        for pool in members:
-            if pool.stage in BATCHING_STAGES:
-                self._look_for_idle(pool)
+        for pool in self._batching:
+            self._look_for_idle(pool)
         stealing = self._stealing()
         if stealing is None:
             return
