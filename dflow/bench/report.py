@@ -19,7 +19,7 @@ import numpy as np
 
 import dask.config
 
-from dflow.bench import CONTROLLED, LABEL, MONOLITHIC_MODES
+from dflow.bench import CONTROLLED, LABEL
 from dflow.bench.metrics import (
     ModeRun,
     gpu_use,
@@ -33,6 +33,7 @@ from dflow.bench.metrics import (
 )
 from dflow.bench.physics import (
     BOUNDS,
+    KINDS,
     SHAPE,
     Physics,
     bound,
@@ -60,7 +61,7 @@ def summarize(
     run: ModeRun, physics_: Physics, scenario: Scenario, window: tuple[float, float]
 ) -> dict[str, Any]:
     """The mode's entry of ``results.json``."""
-    kind = "monolithic" if run.mode in MONOLITHIC_MODES else "disaggregated"
+    kind = BOUNDS[run.mode][0]
     bound_rps = physics_.mode_bound(run.mode, run.entries, window)
     slo = model_slos(scenario, physics_)
     stop = (run.stop - run.start) / run.scale
@@ -275,8 +276,7 @@ def run_once(
     }
     runs = {}
     for mode in modes:
-        kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
-        allocation = physics_.allocation[kind]
+        allocation = physics_.allocation[BOUNDS[mode][0]]
 
         def report(elapsed: float, mode: str = mode) -> None:
             if progress is not None:
@@ -428,7 +428,7 @@ def capacity_sweep(
         for repeat in range(repeats):
             seeded = scenario.reseeded(scenario.workload.seed + repeat)
             physics_ = physics(seeded, cost)
-            kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
+            kind = BOUNDS[mode][0]
             saturation = physics_.saturation(mode) or 1.0
 
             def measure(
@@ -538,7 +538,7 @@ def physics_summary(
                 "mix_rps": {m: p.mode_capacity(m)[index] for m in BOUNDS},
             }
         )
-    for kind in ("monolithic", "disaggregated"):
+    for kind in KINDS:
         summary[f"bound_{kind}_rps"] = bound(
             arrivals, p.phases, p.capacity[kind], window
         )
@@ -717,12 +717,15 @@ def table(results: Mapping[str, Any]) -> str:
             f"{capacity['attainment']:g} ({capacity['steps']} rates tried per mode "
             "and repeat, bisection from the physics' bracket)",
             "",
-            "| mode | capacity rps (median) | min | max |",
-            "|---|---|---|---|",
+            "| mode | capacity rps (median) | min | max | / monolithic |",
+            "|---|---|---|---|---|",
         ]
+        base = capacity["modes"].get("monolithic", {}).get("capacity_rps")
         for mode, c in capacity["modes"].items():
+            ratio = c["capacity_rps"] / base if base and c["capacity_rps"] else None
             lines.append(
-                f"| {mode} | {f(c['capacity_rps'])} | {f(c['min'])} | {f(c['max'])} |"
+                f"| {mode} | {f(c['capacity_rps'])} | {f(c['min'])} | {f(c['max'])} "
+                f"| {'-' if ratio is None else f'{ratio:.2f}x'} |"
             )
     return "\n".join(lines)
 

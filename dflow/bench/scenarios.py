@@ -250,6 +250,7 @@ def path_text(path: Sequence[Any]) -> str:
 
 def check(data: Mapping[str, Any], source: str) -> None:
     """What the schema cannot check: GPU types, models, modes, times."""
+    from dflow.bench.physics import has_experts
     from dflow.hardware import catalog
     from dflow.request import Request
 
@@ -275,6 +276,7 @@ def check(data: Mapping[str, Any], source: str) -> None:
                 fail(f"{key}.{name}", f"unknown setting; known: {', '.join(defaults)}")
     workload = data["workload"]
     durations = [("workload.phase-duration", workload.get("phase-duration"))]
+    experts = False
     for index, phase in enumerate(workload["phases"]):
         where = f"workload.phases[{index}]"
         durations.append((f"{where}.duration", phase.get("duration")))
@@ -299,12 +301,20 @@ def check(data: Mapping[str, Any], source: str) -> None:
 
                 fields["image"] = BLANK_IMAGE
             try:
-                Request(prompt="a fox", seed=0, **fields)
+                request = Request(prompt="a fox", seed=0, **fields)
             except ValueError as error:
                 name = getattr(error, "field", None)
                 if name is None:
                     fail(spot, str(error))
                 fail(f"{spot}.{name}", str(error).removeprefix(f"{name}: "))
+            experts = experts or has_experts(request.spec)
+    modes = list(data.get("modes", ()))
+    if "static_experts" in modes and not experts:
+        fail(
+            f"modes[{modes.index('static_experts')}]",
+            "static_experts splits a two-expert model's DiT into one pool per "
+            "expert; no model of the workload has two experts (Wan 2.2 A14B has)",
+        )
     for where, value in durations:
         if isinstance(value, list) and value[0] > value[1]:
             fail(where, f"[least, most] with least <= most, got {value}")
