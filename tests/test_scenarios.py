@@ -387,6 +387,7 @@ def test_s5_splits_the_experts_one_to_three_to_three_to_one():
 
     scenario = get("S5")
     assert "static_experts" in scenario.modes
+    assert (scenario.jobs, get("S1").jobs) == (3, 1)
     result = physics(scenario.quick_variant(), cost_model())
     model = "wan2.2-i2v-a14b"
     split = {tuple(p): a["a10"] for p, a in result.allocation["experts"].items()}
@@ -415,6 +416,7 @@ warmup: 100
 drain: 300
 time-scale: 0.01
 modes: [static, static_experts]
+jobs: 2
 config:
   dflow.runtime.quantize: {dit: int8, dit-high: int8, dit-low: int8}
 workload:
@@ -431,8 +433,9 @@ workload:
 def test_bench_cli_runs_and_sweeps_the_expert_split(tmp_path):
     """``static_experts`` through ``dflow bench``: four emulated A10s as one
     encoder, one worker per expert and one VAE, the requests' denoising split
-    between the two expert pools, then a one-step capacity sweep (real
-    in-process fleets at 1/100 of real time)."""
+    between the two expert pools, then a one-step capacity sweep; the file's
+    ``jobs: 2`` runs both at once (real in-process fleets at 1/100 of real
+    time, each in a process of its own)."""
     from dflow.cli import dflow
 
     path = tmp_path / "experts.yaml"
@@ -455,6 +458,7 @@ def test_bench_cli_runs_and_sweeps_the_expert_split(tmp_path):
     )
     assert result.exit_code == 0, result.output
     written = json.loads((out / "results.json").read_text())
+    assert written["jobs"] == 2
     split = written["modes"]["static_experts"]
     model = "wan2.2-i2v-a14b"
     assert split["allocation"] == {

@@ -457,14 +457,11 @@ def _physics(scenario: Scenario, cost: Any) -> Physics:
     for kind in KINDS:
         if kind == "experts" and not split:
             # no model splits its experts: the stage pools' physics
-            for table in (
-                result.allocation,
-                result.average_capacity,
-                result.capacity,
-                result.static_capacity,
-                result.model_capacity,
-            ):
-                table[kind] = table["disaggregated"]  # type: ignore[index]
+            result.allocation[kind] = result.allocation["disaggregated"]
+            result.average_capacity[kind] = result.average_capacity["disaggregated"]
+            result.capacity[kind] = result.capacity["disaggregated"]
+            result.static_capacity[kind] = result.static_capacity["disaggregated"]
+            result.model_capacity[kind] = result.model_capacity["disaggregated"]
             continue
 
         def work(mix: Sequence[tuple[Any, float]], kind: str = kind) -> Any:

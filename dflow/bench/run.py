@@ -189,7 +189,8 @@ def run_mode(
                 processes=False,
                 protocol="inproc",
                 host=None,
-                dashboard_address=None,
+                # a port of its own: fleets may run at once (--jobs)
+                dashboard_address=":0",
                 worker_options={"memory_limit": 0},
                 scheduler_options={"preload": [], "dashboard": False},
             )

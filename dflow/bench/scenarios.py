@@ -78,6 +78,7 @@ DEFAULTS = {
     "sample-every": 5.0,
     "slo-factor": 5.0,
     "repeats": 1,
+    "jobs": 1,
 }
 SUFFIXES = (".yaml", ".yml")
 
@@ -106,6 +107,9 @@ class Scenario:
     modes, repeats
         The serving modes to run, and how many times each (seeds ``seed``,
         ``seed + 1``, ...).
+    jobs
+        Fleets run at once, each in a process of its own (a light fleet's
+        runs are mostly emulated waiting).
     data
         The file's content (``quick_variant`` and ``reseeded`` rebuild from it).
     """
@@ -124,6 +128,7 @@ class Scenario:
     sample_every: float = 5.0
     modes: tuple[str, ...] = DEFAULT_MODES
     repeats: int = 1
+    jobs: int = 1
     #: dask config of the scenario's runs and its physics (8-bit DiT weights)
     config: dict[str, Any] = field(default_factory=dict)
     controller: dict[str, Any] = field(default_factory=lambda: dict(CONTROLLER))
@@ -351,6 +356,7 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Scenario:
         sample_every=float(values["sample-every"]),
         modes=tuple(values.get("modes", DEFAULT_MODES)),
         repeats=int(values["repeats"]),
+        jobs=int(values["jobs"]),
         controller={**CONTROLLER, **values.get("controller", {})},
         autoscaler={**AUTOSCALER, **values.get("autoscaler", {})},
         disagfusion={**DISAGFUSION, **values.get("disagfusion", {})},
