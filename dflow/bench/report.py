@@ -591,7 +591,10 @@ def run_parallel(
     threads): every mode's run of each repeat, and each mode and repeat's
     capacity bisection (its runs in turn, longest units first). A run is the
     one :func:`serve` or :func:`capacity_chain` makes in one process; the
-    results and plots come out as there. ``progress`` hears each unit done."""
+    results and plots come out as there. A worker process reads dask config
+    from its files and environment (not this process's ``dask.config.set``
+    but the DiT batch limit, which it is given). ``progress`` hears each unit
+    done."""
     if quick:
         scenario = scenario.quick_variant()
     modes = tuple(modes or scenario.modes)
