@@ -621,10 +621,15 @@ def run_parallel(
                 run = pool.submit(_serve_job, seeded[repeat], mode, dit_batch)
                 served[mode, repeat] = run
                 labels[run] = f"{mode}, repeat {repeat + 1}"
-        for future in as_completed(labels):
-            future.result()
-            if progress is not None:
-                progress(labels[future], 1, 1)
+        try:
+            for future in as_completed(labels):
+                future.result()
+                if progress is not None:
+                    progress(labels[future], 1, 1)
+        except BaseException:
+            # a failed run (or ^C) ends the benchmark: start no other run
+            pool.shutdown(cancel_futures=True)
+            raise
     for repeat in range(repeats):
         runs = {mode: served[mode, repeat].result() for mode in modes}
         plots = out if repeat == 0 else None
