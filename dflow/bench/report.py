@@ -223,7 +223,6 @@ def _run_scenario(
     progress: Callable[[str, float, float], Any] | None,
     dit_batch: int,
 ) -> dict[str, Any]:
-
     if quick:
         scenario = scenario.quick_variant()
     modes = tuple(modes or scenario.modes)
