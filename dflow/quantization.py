@@ -60,6 +60,26 @@ def configured(stage: str, given: str | None = None) -> str | None:
     return given
 
 
+def check_offload(kind: str | None, offload: str, device: Any) -> None:
+    """Refuse 8-bit DiT weights under diffusers' group offload with CUDA
+    streams (``dflow.runtime.offload: group`` on a GPU): torchao's 8-bit
+    tensors cannot be pinned (no ``aten.is_pinned`` in torchao 0.17), so the
+    first step would fail (docs/wan22.md). ``ValueError`` naming both settings
+    and what to use instead."""
+    import torch
+
+    if kind is None or offload != "group" or torch.device(device).type != "cuda":
+        return
+    raise ValueError(
+        f"quantize: {kind} DiT weights cannot be group-offloaded with CUDA "
+        "streams (dflow.runtime.offload: group): torchao's 8-bit tensors cannot "
+        "be pinned. Keep this worker's DiT in its own dtype (no --quantize, or "
+        "dflow.runtime.quantize without its stage) to offload it by groups, or "
+        "hold the 8-bit weights resident (dflow.runtime.offload: none) on a GPU "
+        "with room for them"
+    )
+
+
 def torchao_config(kind: str, device: Any) -> Any:
     """The torchao config of ``kind`` for ``device``; ``ValueError`` where the
     device cannot run it, ``ImportError`` without torchao."""

@@ -116,6 +116,10 @@ def broken(change) -> dict:
             r"workload\.phases\[0\]\.mix\[0\]: unknown key 'colour'; allowed: model",
         ),
         (lambda d: d.update(modes=["elastic", "magic"]), r"modes\[1\]: unknown mode"),
+        (
+            lambda d: d.update(modes=["static", "static_experts"]),
+            r"modes\[1\]: static_experts splits a two-expert model's DiT .* no model",
+        ),
         (lambda d: d.update({"time-scale": 0}), r"time-scale: 0 is less than or equal"),
         (lambda d: d.update(warmup=5000), r"warmup: must be less than duration"),
         (
@@ -372,3 +376,104 @@ def test_s6_offers_four_fifths_of_each_phase_s_bound():
     mix = physics(get("S6-MIX").quick_variant(), cost)
     low = mix.static_capacity["disaggregated"][1]
     assert low < 0.55 * mix.capacity["disaggregated"][1]
+
+
+def test_s5_splits_the_experts_one_to_three_to_three_to_one():
+    """S5 names the expert split among its modes; its physics is the chain
+    encoder, dit-high, dit-low, VAE at 1:3:3:1 on the eight A10s, sustaining
+    what 1:6:1 does (both DiT-bound)."""
+    from dflow.bench.physics import physics
+    from dflow.emulation import cost_model
+
+    scenario = get("S5")
+    assert "static_experts" in scenario.modes
+    assert (scenario.jobs, get("S1").jobs) == (3, 1)
+    result = physics(scenario.quick_variant(), cost_model())
+    model = "wan2.2-i2v-a14b"
+    split = {tuple(p): a["a10"] for p, a in result.allocation["experts"].items()}
+    assert split == {
+        ("encoder", model): 1,
+        ("dit-high", model): 3,
+        ("dit-low", model): 3,
+        ("vae", model): 1,
+    }
+    assert result.average_capacity["experts"] == pytest.approx(
+        result.average_capacity["disaggregated"], rel=1e-6
+    )
+    assert result.saturation("static_experts") == pytest.approx(
+        result.saturation("static"), rel=1e-6
+    )
+    # a workload of one-DiT models: the split is the stage pools' physics
+    s1 = physics(get("S1").quick_variant(), cost_model())
+    assert s1.allocation["experts"] == s1.allocation["disaggregated"]
+
+
+EXPERTS = """
+title: Wan 2.2 I2V A14B on four A10s, the experts split
+fleet: {a10: 4}
+duration: 600
+warmup: 100
+drain: 300
+time-scale: 0.01
+modes: [static, static_experts]
+jobs: 2
+config:
+  dflow.runtime.quantize: {dit: int8, dit-high: int8, dit-low: int8}
+workload:
+  seed: 3
+  phases:
+    - name: i2v
+      arrivals: {rate: 0.012}
+      mix:
+        - {model: wan2.2-i2v-a14b, height: 480, width: 832, num_frames: 81, steps: 4, guidance_scale: 1.0, image: true}
+"""
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_and_sweeps_the_expert_split(tmp_path):
+    """``static_experts`` through ``dflow bench``: four emulated A10s as one
+    encoder, one worker per expert and one VAE, the requests' denoising split
+    between the two expert pools, then a one-step capacity sweep; the file's
+    ``jobs: 2`` runs both at once (real in-process fleets at 1/100 of real
+    time, each in a process of its own)."""
+    from dflow.cli import dflow
+
+    path = tmp_path / "experts.yaml"
+    path.write_text(EXPERTS)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        dflow,
+        [
+            "bench",
+            "--scenario",
+            str(path),
+            "--out",
+            str(out),
+            "--mode",
+            "static_experts",
+            "--capacity",
+            "--capacity-steps",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "results.json").read_text())
+    assert written["jobs"] == 2
+    split = written["modes"]["static_experts"]
+    model = "wan2.2-i2v-a14b"
+    assert split["allocation"] == {
+        f"{stage}/{model}": {"a10": 1}
+        for stage in ("dit-high", "dit-low", "encoder", "vae")
+    }
+    assert split["physics"] == "experts"
+    assert split["completed"] > 0
+    # both experts' pools denoised: each busy about half of what one DiT would be
+    use = split["utilization"]
+    assert set(use) == {"encoder", "dit-high", "dit-low", "vae"}
+    assert use["dit-high"] > 0 and use["dit-low"] > 0
+    assert split["gpu_use"]["a10"]["dit-high"] == pytest.approx(
+        split["gpu_use"]["a10"]["dit-low"], rel=0.25
+    )
+    sweep = written["capacity"]["modes"]["static_experts"]
+    assert len(sweep["repeats"][0]["probes"]) == 1
+    assert "| static_experts |" in result.output

@@ -36,7 +36,7 @@ from dflow.plugins.pricing import (
     WorkerView,
     plan_pools,
 )
-from dflow.pools import EXPERT_CHAIN, STAGES, Pool
+from dflow.pools import EXPERT_CHAIN, MONOLITHIC, STAGES, Pool
 from dflow.predictor import (
     WAN_ENCODE_OVER_DECODE,
     Predictor,
@@ -311,6 +311,39 @@ def test_wan22_rows_are_derived_from_wan21_14b():
     decode = anchors["wan2.1-t2v-14b", "vae", 1]["seconds"]
     assert text == anchors["wan2.1-t2v-14b", "encoder", 1]["seconds"]
     assert image == pytest.approx(text + WAN_ENCODE_OVER_DECODE * decode)
+
+
+def test_int8_weights_and_group_offload_with_cuda_streams_are_refused():
+    """torchao's int8 tensors cannot be pinned, which diffusers' group offload
+    with CUDA streams needs: a GPU worker given both is refused when it loads,
+    the error naming the two settings. On CPU (no streams) the same worker
+    group-offloads its int8 weights, and makes the resident worker's pixels."""
+    pytest.importorskip("torchao", reason="int8 DiT weights need torchao")
+    from dflow.quantization import check_offload
+    from dflow.runtime import StageRuntime
+
+    model = "tiny-wan22-t2v"
+    request = Request(model=model, prompt="a fox", steps=4, seed=1)
+    with dask.config.set({"dflow.runtime.offload": "group"}):
+        with pytest.raises(
+            ValueError,
+            match=r"^quantize: int8 DiT weights cannot be group-offloaded with "
+            r"CUDA streams \(dflow\.runtime\.offload: group\).*offload: none",
+        ):
+            StageRuntime(model, "dit-high", device="cuda", quantize="int8")
+        grouped = StageRuntime(model, MONOLITHIC, device="cpu", quantize="int8")
+        assert type(grouped.adapter.pipe.transformer.proj_out.weight).__name__ == (
+            "Int8Tensor"
+        )
+        offloaded = grouped.generate(request).array
+    resident = StageRuntime(model, MONOLITHIC, device="cpu", quantize="int8")
+    assert np.array_equal(offloaded, resident.generate(request).array)
+    # bf16 weights group-offload with streams; 8-bit ones resident or on CPU
+    check_offload(None, "group", "cuda")
+    check_offload("int8", "none", "cuda")
+    check_offload("fp8", "model", "cuda:0")
+    with pytest.raises(ValueError, match=r"^quantize: fp8 "):
+        check_offload("fp8", "group", "cuda:0")
 
 
 def a10_placement(stages, quantize=None):

@@ -119,6 +119,7 @@ class Adapter:
                 f"dflow.runtime.offload must be one of {', '.join(OFFLOAD_MODES)}, "
                 f"got {offload!r}"
             )
+        quantization.check_offload(self.quantize, offload, self.device)
         # offloaded weights live in host memory and visit the device per use
         home = self.device if offload == "none" else torch.device("cpu")
         source = presets.folder_of(self.spec)

@@ -22,8 +22,9 @@ LABEL = "emulated (cost model: H200 profile scaled by GPU type)"
 #: model; (b) the same moved by a Ray-Serve-style autoscaler; (c) dflow's stage
 #: pools at a static ratio; DisagFusion's threshold policy on the same pools;
 #: dflow's controller with prediction alone, with feedback alone, and (d) as
-#: shipped, the hybrid; (c) with a synchronous hand-off (:mod:`dflow.bench.run`
-#: says what each runs)
+#: shipped, the hybrid; (c) with a synchronous hand-off; (c) with a two-expert
+#: model's DiT split into one pool per expert (:mod:`dflow.bench.run` says what
+#: each runs)
 MODES = (
     "monolithic",
     "monolithic_autoscaled",
@@ -33,11 +34,15 @@ MODES = (
     "feedback_only",
     "elastic",
     "synchronous",
+    "static_experts",
 )
-#: The modes a scenario runs when it names none: all but ``synchronous``, the
+#: The modes a scenario runs only when it names them: ``synchronous``, the
 #: static pools with each stage task submitted when the previous one finishes
-#: (:mod:`dflow.bench.handoff`), which the jitter benchmark compares against
-DEFAULT_MODES = MODES[:-1]
+#: (:mod:`dflow.bench.handoff`), which the jitter benchmark compares against,
+#: and ``static_experts``, which only a two-expert model's scenario can run
+NAMED_ONLY = ("synchronous", "static_experts")
+#: The modes a scenario runs when it names none
+DEFAULT_MODES = tuple(m for m in MODES if m not in NAMED_ONLY)
 #: The modes served by monolithic replicas
 MONOLITHIC_MODES = ("monolithic", "monolithic_autoscaled")
 #: The modes in which dflow's elastic controller moves workers

@@ -68,6 +68,14 @@ DIT_BATCH = 8
     show_default=True,
     help="Rates --capacity tries per mode and repeat (a bisection).",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Fleets run at once, each in a process of its own: the modes, repeats "
+    "and capacity bisections are independent runs (default the scenario's "
+    "jobs, else 1).",
+)
 def bench(
     name: str,
     out: Path,
@@ -77,6 +85,7 @@ def bench(
     repeats: int | None,
     capacity: bool,
     capacity_steps: int,
+    jobs: int | None,
 ) -> None:
     """Run one workload on one emulated fleet, served by each mode of the
     scenario: monolithic replicas partitioned per model, the same autoscaled
@@ -136,6 +145,7 @@ def bench(
             capacity_steps=capacity_steps,
             progress=progress,
             dit_batch=DIT_BATCH if dit_batch == "on" else 1,
+            jobs=jobs,
         )
     for bar in bars.values():
         bar.__exit__(None, None, None)  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ import numpy as np
 
 import dask.config
 
+from dflow import families
 from dflow.errors import StageOutOfMemory
 from dflow.pools import MONOLITHIC, STAGES, Pool, base_stage
 from dflow.predictor import batch_limit
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 
 #: {pool: {gpu type: workers}}
 Allocation = dict[Pool, dict[str, int]]
+
+#: The ways a fleet serves a request: whole-pipeline replicas, stage pools, and
+#: stage pools with a two-expert model's DiT split into one pool per expert
+#: (the chain :data:`~dflow.pools.EXPERT_CHAIN`; a model of one DiT runs the
+#: stage pools' chain there too)
+KINDS = ("monolithic", "disaggregated", "experts")
 
 #: Each mode's physical ceiling: (kind, whether its allocation is the static
 #: one for the run's average mix). A static mode cannot follow the phases, so
@@ -45,6 +52,7 @@ BOUNDS = {
     "feedback_only": ("disaggregated", False),
     "elastic": ("disaggregated", False),
     "synchronous": ("disaggregated", True),
+    "static_experts": ("experts", True),
 }
 
 
@@ -103,18 +111,24 @@ def pool_work(
     monolithic: bool,
     chain: Sequence[str] = STAGES,
     quantize: str | None = None,
+    *,
+    experts: bool = False,
 ) -> dict[Pool, dict[str, float]]:
     """Seconds per request of ``mix`` (``(request, weight)`` pairs, weights
     summing to 1) that each pool costs on each GPU type; a disaggregated
     request runs through ``chain`` (:data:`~dflow.pools.EXPERT_CHAIN`: one
-    pool per expert)."""
+    pool per expert), or with ``experts`` through its model's expert chain
+    where it has one (:func:`expert_chain`)."""
     gpu_types = sorted(set(gpu_types))
-    stages = (MONOLITHIC,) if monolithic else tuple(chain)
     total = sum(w for _, w in mix)
     work: dict[Pool, dict[str, float]] = {}
     for request, weight in mix:
         if weight <= 0:
             continue
+        if monolithic:
+            stages: Sequence[str] = (MONOLITHIC,)
+        else:
+            stages = expert_chain(request.spec) if experts else chain
         for stage in stages:
             pool = Pool(stage, request.model)
             entry = work.setdefault(pool, dict.fromkeys(gpu_types, 0.0))
@@ -125,6 +139,18 @@ def pool_work(
                     * request_seconds(cost, request, pool, gpu, quantize=quantize)
                 )
     return work
+
+
+def expert_chain(spec: Any) -> tuple[str, ...]:
+    """The chain of a request of ``spec`` whose experts run in pools of their
+    own (:data:`~dflow.pools.EXPERT_CHAIN`), or :data:`~dflow.pools.STAGES`
+    for a model of one DiT."""
+    return families.of(spec).chains(spec)[-1]
+
+
+def has_experts(spec: Any) -> bool:
+    """Whether a request of ``spec`` can run its experts in pools of their own."""
+    return expert_chain(spec) != STAGES
 
 
 def capacity(allocation: Mapping[Pool, Mapping[str, int]], work) -> float:
@@ -302,7 +328,7 @@ def fluid_departures(
 class Physics:
     """What the profile says a scenario's fleet can do.
 
-    ``kind`` is ``"monolithic"`` or ``"disaggregated"``: ``capacity[kind]`` is
+    ``kind`` is one of :data:`KINDS`: ``capacity[kind]`` is
     the best allocation's rate of each phase's mix (what a mode that follows the
     phases could sustain), ``allocation[kind]`` the best static allocation for
     the run's average mix and ``static_capacity[kind]`` its rate of each phase's
@@ -426,32 +452,34 @@ def _physics(scenario: Scenario, cost: Any) -> Physics:
     total = sum(expected.values()) or 1.0
     average = [(requests[k], v / total) for k, v in expected.items() if v > 0]
     result = Physics(dict(scenario.fleet), spans, mixes, average, rates)
-    for kind in ("monolithic", "disaggregated"):
-        mono = kind == "monolithic"
-        work = pool_work(cost, average, scenario.fleet, mono)
-        rate, allocation = best_allocation(scenario.fleet, work)
+    split = any(has_experts(r.spec) for r, _ in average)
+    fleet = scenario.fleet
+    for kind in KINDS:
+        if kind == "experts" and not split:
+            # no model splits its experts: the stage pools' physics
+            result.allocation[kind] = result.allocation["disaggregated"]
+            result.average_capacity[kind] = result.average_capacity["disaggregated"]
+            result.capacity[kind] = result.capacity["disaggregated"]
+            result.static_capacity[kind] = result.static_capacity["disaggregated"]
+            result.model_capacity[kind] = result.model_capacity["disaggregated"]
+            continue
+
+        def work(mix: Sequence[tuple[Any, float]], kind: str = kind) -> Any:
+            return pool_work(
+                cost, mix, fleet, kind == "monolithic", experts=kind == "experts"
+            )
+
+        rate, allocation = best_allocation(fleet, work(average))
         result.allocation[kind] = allocation
         result.average_capacity[kind] = rate
-        result.capacity[kind] = [
-            best_allocation(scenario.fleet, pool_work(cost, mix, scenario.fleet, mono))[
-                0
-            ]
-            for mix in mixes
-        ]
+        result.capacity[kind] = [best_allocation(fleet, work(mix))[0] for mix in mixes]
         result.static_capacity[kind] = [
-            capacity(allocation, pool_work(cost, mix, scenario.fleet, mono))
-            for mix in mixes
+            capacity(allocation, work(mix)) for mix in mixes
         ]
         # a model's requests of several shapes: its own mix of them
         result.model_capacity[kind] = {
             model: capacity(
-                allocation,
-                pool_work(
-                    cost,
-                    [(r, w) for r, w in average if r.model == model],
-                    scenario.fleet,
-                    mono,
-                ),
+                allocation, work([(r, w) for r, w in average if r.model == model])
             )
             for model in {r.model for r, _ in average}
         }

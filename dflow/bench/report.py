@@ -4,14 +4,17 @@ the markdown table and the plots."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +22,7 @@ import numpy as np
 
 import dask.config
 
-from dflow.bench import CONTROLLED, LABEL, MONOLITHIC_MODES
+from dflow.bench import CONTROLLED, LABEL
 from dflow.bench.metrics import (
     ModeRun,
     gpu_use,
@@ -33,6 +36,7 @@ from dflow.bench.metrics import (
 )
 from dflow.bench.physics import (
     BOUNDS,
+    KINDS,
     SHAPE,
     Physics,
     bound,
@@ -60,7 +64,7 @@ def summarize(
     run: ModeRun, physics_: Physics, scenario: Scenario, window: tuple[float, float]
 ) -> dict[str, Any]:
     """The mode's entry of ``results.json``."""
-    kind = "monolithic" if run.mode in MONOLITHIC_MODES else "disaggregated"
+    kind = BOUNDS[run.mode][0]
     bound_rps = physics_.mode_bound(run.mode, run.entries, window)
     slo = model_slos(scenario, physics_)
     stop = (run.stop - run.start) / run.scale
@@ -169,6 +173,7 @@ def run_scenario(
     capacity_steps: int = 5,
     progress: Callable[[str, float, float], Any] | None = None,
     dit_batch: int = 1,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run every mode of ``scenario`` on the same trace, ``repeats`` times
     (seeds ``seed``, ``seed + 1``, ...); with ``capacity``, also find each
@@ -176,8 +181,24 @@ def run_scenario(
     (every run, and per mode the median of the repeats with their min and
     max) and the first repeat's plots; returns the results. ``dit_batch`` is
     every worker's ``dflow.runtime.max-dit-batch`` (1: no DiT batching),
-    which the physical bounds assume too."""
+    which the physical bounds assume too. ``jobs`` > 1 (default the
+    scenario's) runs that many fleets at once, each in a process of its own
+    (:func:`run_parallel`)."""
+    jobs = jobs or (scenario.quick_variant() if quick else scenario).jobs
     with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
+        if jobs > 1:
+            return run_parallel(
+                scenario,
+                out,
+                quick=quick,
+                modes=modes,
+                repeats=repeats,
+                capacity=capacity,
+                capacity_steps=capacity_steps,
+                progress=progress,
+                dit_batch=dit_batch,
+                jobs=jobs,
+            )
         return _run_scenario(
             scenario,
             out,
@@ -202,30 +223,13 @@ def _run_scenario(
     progress: Callable[[str, float, float], Any] | None,
     dit_batch: int,
 ) -> dict[str, Any]:
-    from dflow.emulation import cost_model
-
     if quick:
         scenario = scenario.quick_variant()
     modes = tuple(modes or scenario.modes)
     repeats = repeats or scenario.repeats
     out.mkdir(parents=True, exist_ok=True)
-    with dask.config.set({"dflow.runtime.backend": "emulated"}):
-        cost = cost_model()
-    window = (scenario.warmup, scenario.duration)
-    results: dict[str, Any] = {
-        "scenario": scenario.name,
-        "title": scenario.title,
-        "source": scenario.source,
-        "label": LABEL,
-        "quick": quick,
-        "dit_batch": dit_batch,
-        "time_scale": scenario.time_scale,
-        "duration_s": scenario.duration,
-        "window_s": list(window),
-        "fleet": scenario.fleet,
-        "repeats": repeats,
-        "runs": [],
-    }
+    cost = emulated_cost()
+    results = _header(scenario, quick, dit_batch, repeats)
     for repeat in range(repeats):
         seeded = scenario.reseeded(scenario.workload.seed + repeat)
         name = f"repeat {repeat + 1}/{repeats}" if repeats > 1 else ""
@@ -246,18 +250,88 @@ def _run_scenario(
     return results
 
 
+def emulated_cost() -> Any:
+    """The emulated backend's cost model, as this process's config has it."""
+    from dflow.emulation import cost_model
+
+    with dask.config.set({"dflow.runtime.backend": "emulated"}):
+        return cost_model()
+
+
+def _header(
+    scenario: Scenario, quick: bool, dit_batch: int, repeats: int
+) -> dict[str, Any]:
+    """``results.json``'s description of the runs."""
+    return {
+        "scenario": scenario.name,
+        "title": scenario.title,
+        "source": scenario.source,
+        "label": LABEL,
+        "quick": quick,
+        "dit_batch": dit_batch,
+        "time_scale": scenario.time_scale,
+        "duration_s": scenario.duration,
+        "window_s": [scenario.warmup, scenario.duration],
+        "fleet": scenario.fleet,
+        "repeats": repeats,
+        "runs": [],
+    }
+
+
+#: A mode's run on one trace: what it recorded, its wall seconds and the
+#: machine's load averages at its end
+Served = tuple[ModeRun, float, list[float]]
+
+
+#: A scenario's physics, trace and each request's SLO
+Trace = tuple[Physics, list[TraceEntry], list[float]]
+
+
+def trace(scenario: Scenario, cost: Any) -> Trace:
+    """``scenario``'s physics, the trace of its seed and each request's SLO."""
+    entries = generate(scenario.workload, scenario.duration)
+    return physics(scenario, cost), entries, request_slos(scenario, cost, entries)
+
+
+def serve(
+    scenario: Scenario,
+    mode: str,
+    cost: Any,
+    progress: Callable[[float], Any] | None = None,
+    traced: Trace | None = None,
+) -> Served:
+    """``mode`` serving ``scenario``'s trace on a fresh fleet laid out as its
+    physics' best static allocation of the mode's kind (``traced``:
+    :func:`trace`, if made already)."""
+    physics_, entries, slos = traced or trace(scenario, cost)
+    started = time.monotonic()
+    run = run_mode(
+        scenario,
+        mode,
+        entries,
+        physics_.allocation[BOUNDS[mode][0]],
+        cost,
+        scale=scenario.time_scale,
+        duration=scenario.duration,
+        drain=scenario.drain,
+        progress=progress,
+        slos=slos,
+    )
+    return run, time.monotonic() - started, _load_average()
+
+
 def run_once(
     scenario: Scenario,
     modes: Sequence[str],
     cost: Any,
     plots: Path | None = None,
     progress: Callable[[str, float, float], Any] | None = None,
+    served: Mapping[str, Served] | None = None,
 ) -> dict[str, Any]:
     """Every mode of ``modes`` on one trace of ``scenario``: its entry of
-    ``results.json``'s ``runs``; the plots go to ``plots`` if given."""
-    physics_ = physics(scenario, cost)
-    entries = generate(scenario.workload, scenario.duration)
-    slos = request_slos(scenario, cost, entries)
+    ``results.json``'s ``runs``; the plots go to ``plots`` if given. Modes
+    in ``served`` have run already (:func:`serve`)."""
+    physics_, entries, slos = traced = trace(scenario, cost)
     window = (scenario.warmup, scenario.duration)
     slo = model_slos(scenario, physics_)
     result: dict[str, Any] = {
@@ -275,30 +349,20 @@ def run_once(
     }
     runs = {}
     for mode in modes:
-        kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
-        allocation = physics_.allocation[kind]
+        allocation = physics_.allocation[BOUNDS[mode][0]]
 
         def report(elapsed: float, mode: str = mode) -> None:
             if progress is not None:
                 progress(mode, elapsed, scenario.duration)
 
-        started = time.monotonic()
-        run = run_mode(
-            scenario,
-            mode,
-            entries,
-            allocation,
-            cost,
-            scale=scenario.time_scale,
-            duration=scenario.duration,
-            drain=scenario.drain,
-            progress=report,
-            slos=slos,
-        )
+        if served is not None and mode in served:
+            run, wall, load = served[mode]
+        else:
+            run, wall, load = serve(scenario, mode, cost, report, traced)
         runs[mode] = run
         summary = summarize(run, physics_, scenario, window)
-        summary["wall_s"] = time.monotonic() - started
-        summary["load_average"] = _load_average()
+        summary["wall_s"] = wall
+        summary["load_average"] = load
         summary["allocation"] = {"/".join(p): v for p, v in sorted(allocation.items())}
         result["modes"][mode] = summary
     result["ratios"] = ratios(result)
@@ -404,89 +468,26 @@ def capacity_sweep(
     repeats: int,
     steps: int,
     progress: Callable[[str, float, float], Any] | None = None,
+    chains: Mapping[tuple[str, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Per mode, the highest multiple of the scenario's arrival rates at which
-    at least :data:`CAPACITY_ATTAINMENT` of the requests meet their SLO.
-
-    :func:`bisect_rate` with ``steps`` runs per mode and repeat, bracketed by
-    the physics: the rate multiple at which the mode's physics saturates
-    (``sat``, :meth:`~dflow.bench.physics.Physics.saturation`) bounds its
-    capacity in a run that lasts (a finite run lets a queue grow for a while,
-    so the bracket reaches 1.25 ``sat``); the bisection starts from ``[0.25
-    sat, 1.25 sat]``, so ``steps`` runs place the capacity within ``sat /
-    2**steps``. ``capacity_rps`` is the offered rate (requests a second in the
-    window) of the highest multiple that passed; ``None`` when none did (the
-    capacity is below 0.25 ``sat``)."""
+    at least :data:`CAPACITY_ATTAINMENT` of the requests meet their SLO: a
+    :func:`capacity_chain` per mode and repeat (seeds ``seed``, ``seed + 1``,
+    ...), and each mode's median, min and max over the repeats. ``chains``
+    holds the ``(mode, repeat)`` ones that have run already."""
     result: dict[str, Any] = {
         "attainment": CAPACITY_ATTAINMENT,
         "steps": steps,
         "modes": {},
     }
-    window = (scenario.warmup, scenario.duration)
     for mode in modes:
         repeats_: list[dict[str, Any]] = []
         for repeat in range(repeats):
+            if chains is not None and (mode, repeat) in chains:
+                repeats_.append(chains[mode, repeat])
+                continue
             seeded = scenario.reseeded(scenario.workload.seed + repeat)
-            physics_ = physics(seeded, cost)
-            kind = "monolithic" if mode in MONOLITHIC_MODES else "disaggregated"
-            saturation = physics_.saturation(mode) or 1.0
-
-            def measure(
-                multiple: float,
-                mode: str = mode,
-                seeded: Scenario = seeded,
-                physics_: Physics = physics_,
-                kind: str = kind,
-            ) -> dict[str, Any]:
-                probe = seeded.at_rate(multiple)
-                entries = generate(probe.workload, probe.duration)
-
-                def report(elapsed: float) -> None:
-                    if progress is not None:
-                        label = f"{mode} capacity x{multiple:.2f}"
-                        progress(label, elapsed, probe.duration)
-
-                run = run_mode(
-                    probe,
-                    mode,
-                    entries,
-                    physics_.allocation[kind],
-                    cost,
-                    scale=probe.time_scale,
-                    duration=probe.duration,
-                    drain=probe.drain,
-                    progress=report,
-                    slos=request_slos(probe, cost, entries),
-                )
-                measured = metrics(
-                    outcomes(run),
-                    window=window,
-                    stop=(run.stop - run.start) / run.scale,
-                    slo=model_slos(probe, physics_),
-                    bound_rps=0.0,
-                )
-                return {
-                    "offered_rps": measured["arrived"] / (window[1] - window[0]),
-                    "slo_attainment": measured["slo_attainment"],
-                    "goodput_rps": measured["goodput_rps"],
-                    "p95_s": measured["p95_s"],
-                    "load_average": _load_average(),
-                }
-
-            probes = bisect_rate(measure, 0.25 * saturation, 1.25 * saturation, steps)
-            passed = [
-                p for p in probes if (p["slo_attainment"] or 0.0) >= CAPACITY_ATTAINMENT
-            ]
-            best = max(passed, key=lambda p: p["multiple"], default=None)
-            repeats_.append(
-                {
-                    "seed": seeded.workload.seed,
-                    "saturation_multiple": saturation,
-                    "capacity_multiple": best and best["multiple"],
-                    "capacity_rps": best and best["offered_rps"],
-                    "probes": probes,
-                }
-            )
+            repeats_.append(capacity_chain(seeded, mode, cost, steps, progress))
         found = [r["capacity_rps"] for r in repeats_ if r["capacity_rps"] is not None]
         result["modes"][mode] = {
             "capacity_rps": statistics.median(found) if found else None,
@@ -495,6 +496,174 @@ def capacity_sweep(
             "repeats": repeats_,
         }
     return result
+
+
+def capacity_chain(
+    scenario: Scenario,
+    mode: str,
+    cost: Any,
+    steps: int,
+    progress: Callable[[str, float, float], Any] | None = None,
+) -> dict[str, Any]:
+    """``mode``'s capacity on ``scenario``'s seed: :func:`bisect_rate` with
+    ``steps`` runs, bracketed by the physics.
+
+    The rate multiple at which the mode's physics saturates (``sat``,
+    :meth:`~dflow.bench.physics.Physics.saturation`) bounds its capacity in a
+    run that lasts (a finite run lets a queue grow for a while, so the bracket
+    reaches 1.25 ``sat``); the bisection starts from ``[0.25 sat, 1.25
+    sat]``, so ``steps`` runs place the capacity within ``sat / 2**steps``.
+    ``capacity_rps`` is the offered rate (requests a second in the window) of
+    the highest multiple that passed; ``None`` when none did (the capacity is
+    below 0.25 ``sat``)."""
+    window = (scenario.warmup, scenario.duration)
+    physics_ = physics(scenario, cost)
+    allocation = physics_.allocation[BOUNDS[mode][0]]
+    saturation = physics_.saturation(mode) or 1.0
+
+    def measure(multiple: float) -> dict[str, Any]:
+        probe = scenario.at_rate(multiple)
+        entries = generate(probe.workload, probe.duration)
+
+        def report(elapsed: float) -> None:
+            if progress is not None:
+                label = f"{mode} capacity x{multiple:.2f}"
+                progress(label, elapsed, probe.duration)
+
+        run = run_mode(
+            probe,
+            mode,
+            entries,
+            allocation,
+            cost,
+            scale=probe.time_scale,
+            duration=probe.duration,
+            drain=probe.drain,
+            progress=report,
+            slos=request_slos(probe, cost, entries),
+        )
+        measured = metrics(
+            outcomes(run),
+            window=window,
+            stop=(run.stop - run.start) / run.scale,
+            slo=model_slos(probe, physics_),
+            bound_rps=0.0,
+        )
+        return {
+            "offered_rps": measured["arrived"] / (window[1] - window[0]),
+            "slo_attainment": measured["slo_attainment"],
+            "goodput_rps": measured["goodput_rps"],
+            "p95_s": measured["p95_s"],
+            "load_average": _load_average(),
+        }
+
+    probes = bisect_rate(measure, 0.25 * saturation, 1.25 * saturation, steps)
+    passed = [p for p in probes if (p["slo_attainment"] or 0.0) >= CAPACITY_ATTAINMENT]
+    best = max(passed, key=lambda p: p["multiple"], default=None)
+    return {
+        "seed": scenario.workload.seed,
+        "saturation_multiple": saturation,
+        "capacity_multiple": best and best["multiple"],
+        "capacity_rps": best and best["offered_rps"],
+        "probes": probes,
+    }
+
+
+# -- several fleets at once ------------------------------------------------------------
+
+
+def run_parallel(
+    scenario: Scenario,
+    out: Path,
+    *,
+    quick: bool,
+    modes: Sequence[str] | None,
+    repeats: int | None,
+    capacity: bool,
+    capacity_steps: int,
+    progress: Callable[[str, float, float], Any] | None,
+    dit_batch: int,
+    jobs: int,
+) -> dict[str, Any]:
+    """:func:`run_scenario` with ``jobs`` fleets at once, each run in a worker
+    process of its own (spawned: a process starts none of this one's
+    threads): every mode's run of each repeat, and each mode and repeat's
+    capacity bisection (its runs in turn, longest units first). A run is the
+    one :func:`serve` or :func:`capacity_chain` makes in one process; the
+    results and plots come out as there. A worker process reads dask config
+    from its files and environment (not this process's ``dask.config.set``
+    but the DiT batch limit, which it is given). ``progress`` hears each unit
+    done."""
+    if quick:
+        scenario = scenario.quick_variant()
+    modes = tuple(modes or scenario.modes)
+    repeats = repeats or scenario.repeats
+    out.mkdir(parents=True, exist_ok=True)
+    cost = emulated_cost()
+    results = _header(scenario, quick, dit_batch, repeats)
+    seeded = [scenario.reseeded(scenario.workload.seed + r) for r in range(repeats)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        labels: dict[Future[Any], str] = {}
+        chains: dict[tuple[str, int], Future[dict[str, Any]]] = {}
+        if capacity:
+            for repeat in range(repeats):
+                for mode in modes:
+                    chain = pool.submit(
+                        _capacity_job, seeded[repeat], mode, capacity_steps, dit_batch
+                    )
+                    chains[mode, repeat] = chain
+                    labels[chain] = f"{mode} capacity, repeat {repeat + 1}"
+        served: dict[tuple[str, int], Future[Served]] = {}
+        for repeat in range(repeats):
+            for mode in modes:
+                run = pool.submit(_serve_job, seeded[repeat], mode, dit_batch)
+                served[mode, repeat] = run
+                labels[run] = f"{mode}, repeat {repeat + 1}"
+        try:
+            for future in as_completed(labels):
+                future.result()
+                if progress is not None:
+                    progress(labels[future], 1, 1)
+        except BaseException:
+            # a failed run (or ^C) ends the benchmark: start no other run
+            pool.shutdown(cancel_futures=True)
+            raise
+    for repeat in range(repeats):
+        runs = {mode: served[mode, repeat].result() for mode in modes}
+        plots = out if repeat == 0 else None
+        results["runs"].append(run_once(seeded[repeat], modes, cost, plots, None, runs))
+    results.update(combine(results["runs"]))
+    if capacity:
+        results["capacity"] = capacity_sweep(
+            scenario,
+            modes,
+            cost,
+            repeats,
+            capacity_steps,
+            chains={key: future.result() for key, future in chains.items()},
+        )
+    results["jobs"] = jobs
+    write_results(out / "results.json", results)
+    return results
+
+
+@functools.cache
+def _worker_cost() -> Any:
+    """The cost model of a worker process of :func:`run_parallel`."""
+    return emulated_cost()
+
+
+def _serve_job(scenario: Scenario, mode: str, dit_batch: int) -> Served:
+    with quiet(), dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
+        return serve(scenario, mode, _worker_cost())
+
+
+def _capacity_job(
+    scenario: Scenario, mode: str, steps: int, dit_batch: int
+) -> dict[str, Any]:
+    with quiet(), dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
+        return capacity_chain(scenario, mode, _worker_cost(), steps)
 
 
 def mix_shares(mix: Sequence[tuple[Any, float]]) -> dict[str, float]:
@@ -538,7 +707,7 @@ def physics_summary(
                 "mix_rps": {m: p.mode_capacity(m)[index] for m in BOUNDS},
             }
         )
-    for kind in ("monolithic", "disaggregated"):
+    for kind in KINDS:
         summary[f"bound_{kind}_rps"] = bound(
             arrivals, p.phases, p.capacity[kind], window
         )
@@ -717,12 +886,15 @@ def table(results: Mapping[str, Any]) -> str:
             f"{capacity['attainment']:g} ({capacity['steps']} rates tried per mode "
             "and repeat, bisection from the physics' bracket)",
             "",
-            "| mode | capacity rps (median) | min | max |",
-            "|---|---|---|---|",
+            "| mode | capacity rps (median) | min | max | / monolithic |",
+            "|---|---|---|---|---|",
         ]
+        base = capacity["modes"].get("monolithic", {}).get("capacity_rps")
         for mode, c in capacity["modes"].items():
+            ratio = c["capacity_rps"] / base if base and c["capacity_rps"] else None
             lines.append(
-                f"| {mode} | {f(c['capacity_rps'])} | {f(c['min'])} | {f(c['max'])} |"
+                f"| {mode} | {f(c['capacity_rps'])} | {f(c['min'])} | {f(c['max'])} "
+                f"| {'-' if ratio is None else f'{ratio:.2f}x'} |"
             )
     return "\n".join(lines)
 

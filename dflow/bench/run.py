@@ -14,7 +14,10 @@ controller (``dflow.elastic.pricing: hybrid``), and its ablations
 ``prediction_only`` (profiles alone) and ``feedback_only`` (observed service
 times alone); ``synchronous``, the static pools with each stage task submitted
 when the previous one finishes (:class:`~dflow.bench.handoff.SynchronousHandoff`)
-rather than ahead of need. dflow's modes serve each pool earliest deadline first, each
+rather than ahead of need; ``static_experts``, the static pools with a
+two-expert model's DiT split into one pool per expert (the chain
+:data:`~dflow.pools.EXPERT_CHAIN`: the high-noise pool hands its latents to
+the low-noise pool at the boundary step). dflow's modes serve each pool earliest deadline first, each
 request's SLO its deadline; the peers' policies (monolithic, autoscaled,
 DisagFusion) in arrival order.
 """
@@ -186,7 +189,8 @@ def run_mode(
                 processes=False,
                 protocol="inproc",
                 host=None,
-                dashboard_address=None,
+                # a port of its own: fleets may run at once (--jobs)
+                dashboard_address=":0",
                 worker_options={"memory_limit": 0},
                 scheduler_options={"preload": [], "dashboard": False},
             )

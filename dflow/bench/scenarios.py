@@ -78,6 +78,7 @@ DEFAULTS = {
     "sample-every": 5.0,
     "slo-factor": 5.0,
     "repeats": 1,
+    "jobs": 1,
 }
 SUFFIXES = (".yaml", ".yml")
 
@@ -106,6 +107,9 @@ class Scenario:
     modes, repeats
         The serving modes to run, and how many times each (seeds ``seed``,
         ``seed + 1``, ...).
+    jobs
+        Fleets run at once, each in a process of its own (a light fleet's
+        runs are mostly emulated waiting).
     data
         The file's content (``quick_variant`` and ``reseeded`` rebuild from it).
     """
@@ -124,6 +128,7 @@ class Scenario:
     sample_every: float = 5.0
     modes: tuple[str, ...] = DEFAULT_MODES
     repeats: int = 1
+    jobs: int = 1
     #: dask config of the scenario's runs and its physics (8-bit DiT weights)
     config: dict[str, Any] = field(default_factory=dict)
     controller: dict[str, Any] = field(default_factory=lambda: dict(CONTROLLER))
@@ -250,6 +255,7 @@ def path_text(path: Sequence[Any]) -> str:
 
 def check(data: Mapping[str, Any], source: str) -> None:
     """What the schema cannot check: GPU types, models, modes, times."""
+    from dflow.bench.physics import has_experts
     from dflow.hardware import catalog
     from dflow.request import Request
 
@@ -275,6 +281,7 @@ def check(data: Mapping[str, Any], source: str) -> None:
                 fail(f"{key}.{name}", f"unknown setting; known: {', '.join(defaults)}")
     workload = data["workload"]
     durations = [("workload.phase-duration", workload.get("phase-duration"))]
+    experts = False
     for index, phase in enumerate(workload["phases"]):
         where = f"workload.phases[{index}]"
         durations.append((f"{where}.duration", phase.get("duration")))
@@ -299,12 +306,20 @@ def check(data: Mapping[str, Any], source: str) -> None:
 
                 fields["image"] = BLANK_IMAGE
             try:
-                Request(prompt="a fox", seed=0, **fields)
+                request = Request(prompt="a fox", seed=0, **fields)
             except ValueError as error:
                 name = getattr(error, "field", None)
                 if name is None:
                     fail(spot, str(error))
                 fail(f"{spot}.{name}", str(error).removeprefix(f"{name}: "))
+            experts = experts or has_experts(request.spec)
+    modes = list(data.get("modes", ()))
+    if "static_experts" in modes and not experts:
+        fail(
+            f"modes[{modes.index('static_experts')}]",
+            "static_experts splits a two-expert model's DiT into one pool per "
+            "expert; no model of the workload has two experts (Wan 2.2 A14B has)",
+        )
     for where, value in durations:
         if isinstance(value, list) and value[0] > value[1]:
             fail(where, f"[least, most] with least <= most, got {value}")
@@ -341,6 +356,7 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Scenario:
         sample_every=float(values["sample-every"]),
         modes=tuple(values.get("modes", DEFAULT_MODES)),
         repeats=int(values["repeats"]),
+        jobs=int(values["jobs"]),
         controller={**CONTROLLER, **values.get("controller", {})},
         autoscaler={**AUTOSCALER, **values.get("autoscaler", {})},
         disagfusion={**DISAGFUSION, **values.get("disagfusion", {})},
