@@ -20,7 +20,6 @@ Usage (on a CUDA machine)::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import statistics
@@ -86,28 +85,6 @@ def thread_cpu_s() -> dict[str, float]:
     }
 
 
-def watch_collections(dask_worker) -> None:
-    """Record the seconds of each of this worker's garbage collections of the
-    oldest generation (``dask_worker.full_collections``)."""
-    seconds: list[float] = []
-    started: list[float] = []
-
-    def record(phase: str, info: dict) -> None:
-        if info["generation"] != 2:
-            return
-        if phase == "start":
-            started[:] = [time.perf_counter()]
-        elif started:
-            seconds.append(round(time.perf_counter() - started[0], 4))
-
-    gc.callbacks.append(record)
-    dask_worker.full_collections = seconds
-
-
-def full_collections(dask_worker) -> list[float]:
-    return dask_worker.full_collections
-
-
 def cpu_during(before: dict, after: dict) -> dict:
     """Per worker, the threads that used more than 0.1 CPU s between two samples."""
     return {
@@ -126,7 +103,6 @@ def disaggregated(
     burst: int,
     protocol: str,
     overrides: dict,
-    unfreeze: bool = False,
 ) -> tuple[list[float], np.ndarray, dict]:
     """Seconds per warm request through dflow, its pixels, and burst telemetry."""
     settings = {"dflow.client.model-timeout": "900s", "dflow.elastic.enabled": False}
@@ -147,9 +123,6 @@ def disaggregated(
         dflow.submit(client, request.replace(steps=2)).result()
         telemetry = cluster.scheduler.plugins["dflow-telemetry"]
         seconds, singles = [], []
-        if unfreeze:
-            client.run(gc.unfreeze)
-        client.run(watch_collections)
         for _ in range(repeats):
             first = len(telemetry.records)
             start = time.perf_counter()
@@ -157,7 +130,6 @@ def disaggregated(
             seconds.append(time.perf_counter() - start)
             singles.append(request_stages(list(telemetry.records)[first:]))
         pixels = output.array[0]
-        collections = client.run(full_collections)
         first = len(telemetry.records)
         cpu_before = client.run(thread_cpu_s)
         start = time.time()
@@ -168,7 +140,6 @@ def disaggregated(
         summary = burst_summary(records, elapsed, burst)
         summary["thread_cpu_s"] = cpu_during(cpu_before, client.run(thread_cpu_s))
         summary["single_stages"] = singles
-        summary["single_full_collections_s"] = collections
         return seconds, pixels, summary
 
 
@@ -225,11 +196,6 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a dask config setting for the cluster (repeatable; VALUE is YAML)",
     )
-    parser.add_argument(
-        "--unfreeze",
-        action="store_true",
-        help="undo the workers' gc.freeze of their loaded model (an A/B of it)",
-    )
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     overrides = {
@@ -249,7 +215,7 @@ def main() -> None:
         flush=True,
     )
     served, served_pixels, burst = disaggregated(
-        request, args.repeats, args.burst, args.protocol, overrides, args.unfreeze
+        request, args.repeats, args.burst, args.protocol, overrides
     )
     print(
         f"dflow: {[round(s, 3) for s in served]} ({time.perf_counter() - started:.0f}s in)",
@@ -260,7 +226,6 @@ def main() -> None:
         "model": args.model,
         "protocol": args.protocol,
         "config": overrides,
-        "unfreeze": args.unfreeze,
         "request": {
             "height": request.height,
             "width": request.width,

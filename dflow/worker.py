@@ -204,9 +204,7 @@ class StagePlugin(WorkerPlugin):
                 stage,
                 model,
             )
-            gc.unfreeze()  # the model's objects were frozen at its load (assign)
             await asyncio.to_thread(old.close)
-            del old
         await self.assign(stage, model)
 
     async def assign(
@@ -245,13 +243,6 @@ class StagePlugin(WorkerPlugin):
             return
         runtimes.install(runtime)
         self.runtime = runtime
-        if worker.nanny is not None:
-            # A full collection walks every object of torch, diffusers and
-            # distributed (half a million) and stalls the stage call it lands in;
-            # in a worker's own process what exists now lives as long as the
-            # model, so leave it out of collections (until the model is closed).
-            gc.collect()
-            gc.freeze()
         resources = stage_resources(Pool(stage, runtime.model), stage_slots(stage))
         await worker.set_resources(**resources)
         await self._report(
@@ -324,7 +315,6 @@ class StagePlugin(WorkerPlugin):
             # process with a warning. Leave the heap out of collections.
             gc.freeze()
         elif runtime is not None:
-            gc.unfreeze()
             await asyncio.to_thread(runtime.close)
 
 

@@ -166,6 +166,18 @@ def test_progress_events_skip_steps_within_the_interval_and_the_last(client):
     assert reported(first_only) == [1]
 
 
+def test_submit_shortens_the_clients_batching_of_messages(client):
+    """``dflow.submit`` has the client's messages to the scheduler wait at most
+    ``dflow.client.send-interval`` (distributed's 10 ms would hold a request's
+    graph behind the previous request's release)."""
+    request, other = requests(2, start=300)
+    with dask.config.set({"dflow.client.send-interval": "3ms"}):
+        assert dflow.submit(client, request).result().array.shape[0] == 1
+    assert client.scheduler_comm.interval == pytest.approx(0.003)
+    assert dflow.submit(client, other).result().array.shape[0] == 1
+    assert client.scheduler_comm.interval == pytest.approx(0.001)  # the default
+
+
 def test_one_pool_per_stage_serves(cluster, client):
     assert {s: cluster.stage_workers(s) for s in ("encoder", "dit", "vae", "all")} == {
         "encoder": [W[0]],

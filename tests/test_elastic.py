@@ -25,9 +25,7 @@ seconds. The last test lets the cluster resize its pools (``scale-pools``).
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -349,45 +347,6 @@ class TestSwitching:
         assert status["stages"]["all"]["workers"] == 0
         assert status["stages"]["all"]["arrival_rate"] == 0
         assert isinstance(status["decisions"], (list, tuple))
-
-    def test_a_switch_frees_the_old_model(self, real_fleet):
-        """A ready worker leaves its model's objects out of garbage collections
-        (``gc.freeze``), and a switch still lets the old model go: nothing of it
-        stays frozen."""
-        fleet = real_fleet
-        poll(fleet.settled, 120, "no switch in progress")
-        name = next(n for n, stage in fleet.layout().items() if stage == "encoder")
-        (address,) = [
-            a
-            for a, w in fleet.client.scheduler_info(n_workers=-1)["workers"].items()
-            if w["name"] == name
-        ]
-
-        def watch_runtime(dask_worker) -> int:
-            (model,) = runtime.installed()
-            dask_worker.dflow_old_runtime = weakref.ref(model)
-            return gc.get_freeze_count()
-
-        def old_runtime_alive(dask_worker) -> tuple[bool, int]:
-            return dask_worker.dflow_old_runtime() is not None, gc.get_freeze_count()
-
-        frozen = fleet.client.run(watch_runtime, workers=[address])[address]
-        assert frozen > 10_000  # torch's and distributed's objects, at least
-        fleet.switch(name, "vae", "test: free the encoder's model")
-        poll(
-            lambda: fleet.settled() and fleet.layout()[name] == "vae",
-            120,
-            "the switch done",
-        )
-        alive, frozen = fleet.client.run(old_runtime_alive, workers=[address])[address]
-        assert not alive
-        assert frozen > 10_000  # the new model's load froze again
-        fleet.switch(name, "encoder", "test: back to the start")
-        poll(
-            lambda: fleet.settled() and fleet.layout()[name] == "encoder",
-            120,
-            "the switch back done",
-        )
 
     def test_status_decisions_are_lists(self, real_fleet):
         """``dflow.status`` documents ``"decisions": [...]`` with ``source`` and
