@@ -5,13 +5,16 @@ models. :func:`plan` is a pure function of the fleet, the demand on each pool
 and what each pool costs on each GPU type; the elastic plugin feeds it and
 applies its moves, the emulated benchmarks and the tests call it directly.
 
-The objective is the largest predicted utilization over the horizon::
+The objective is the number of requests predicted to meet their deadlines
+over the horizon (queued ones and those arriving), then the largest predicted
+utilization::
 
     utilization(pool) = (rate x horizon + backlog) / (horizon x sum of its workers' speeds)
 
 with demand in *reference seconds* (seconds of work on the reference GPU type)
 and speeds relative to that type, so a worker of speed 2 clears two reference
-seconds of work per second.
+seconds of work per second. Without deadlines (or when every request meets
+its deadline either way) the utilization alone decides.
 """
 
 from __future__ import annotations
@@ -79,10 +82,19 @@ class PlannerWorker:
 class Demand:
     """Work on a pool, in reference seconds: ``rate`` arriving per second, and
     ``backlog`` already owed by requests in flight (a request still encoding
-    owes its DiT and VAE work too)."""
+    owes its DiT and VAE work too).
+
+    Deadlines, counted when ``task_seconds`` is above 0: ``due`` holds the
+    owed tasks that have one, as ``(seconds left to finish this stage,
+    tasks)`` groups; an arriving task has ``slo`` seconds to finish this
+    stage (``inf``: none). Each task is ``task_seconds`` of work.
+    """
 
     rate: float = 0.0
     backlog: float = 0.0
+    task_seconds: float = 0.0
+    due: tuple[tuple[float, float], ...] = ()
+    slo: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,10 @@ class Plan:
     feasible
         False when a pool has demand but no worker can serve it; ``reason`` says
         which and why.
+    met, due
+        Requests predicted to meet their deadlines over the horizon after the
+        plan, of those with a deadline (queued, and arriving over the horizon;
+        fractions of requests count).
     """
 
     assignment: dict[str, Pool | None]
@@ -144,6 +160,8 @@ class Plan:
     bottleneck: Pool | None
     feasible: bool
     reason: str
+    met: float = 0.0
+    due: float = 0.0
 
 
 def plan(
@@ -238,12 +256,25 @@ def plan(
     pool's only worker from being swapped for a better-suited GPU type.)
 
     Every move must pay for itself: of the target's moves, each one whose
-    undoing leaves the plan's score (starved pools, missing minimums, largest
-    utilization) no worse is undone, least urgent first. A target built from
+    undoing leaves the plan's score (starved pools, missing minimums, deadlines
+    met, largest utilization) no worse is undone, least urgent first. A target built from
     scratch can differ from the current assignment in places the bottleneck
     does not care about (ties, reshuffles between pools with headroom); those
     moves would cost drains and loads for nothing, and are what trades
     workers back and forth between pools as demand wobbles.
+
+    Deadlines come before the utilization: each pool serves its tasks earliest
+    deadline first at the capacity the plan gives it, a mover adding its speed
+    only once its drain and load are done, and a task that cannot make its
+    deadline yields to those that can (:meth:`_Problem.met`). After the local
+    search, workers move one at a time to pools that miss deadlines while that
+    meets more of them than it loses where they come from. A target that meets
+    :data:`MET_MARGIN` more requests replaces the current assignment whatever
+    the utilization; one that meets fewer never does; otherwise the
+    utilization decides as above. So a small pool whose queued requests are
+    near their deadlines gets a worker from a larger pool with slack, and a
+    backlog that its pool drains by its deadlines pulls no worker away from a
+    pool that would then miss some.
     """
     if horizon is None:
         horizon = dask.config.get("dflow.planner.horizon")
@@ -269,11 +300,7 @@ def plan(
     before = problem.current
     target = problem.place(pinned, free, prefer_idle)
     old, new = before.score(), target.score()
-    if new[:2] < old[:2] or (
-        new[:2] == old[:2]
-        and old[2] > target_utilization
-        and new[2] < old[2] * (1 - float(hysteresis))
-    ):
+    if _better(new, old, float(hysteresis), target_utilization):
         problem.prune(target)
         return problem.decide(target, None, hysteresis, target_utilization)
     # not worth moving anyone: only place the workers that serve no pool yet
@@ -283,6 +310,35 @@ def plan(
     assigned = [i for i in free if problem.home[i] >= 0]
     after = problem.place([*pinned, *assigned], unassigned, prefer_idle)
     return problem.decide(after, target, hysteresis, target_utilization)
+
+
+#: Requests (fractions count) more a target must meet to replace the
+#: current assignment whatever the utilization; a single move of the
+#: deadline search must meet at least :data:`MET_STEP` more
+MET_MARGIN = 1.0
+MET_STEP = 0.25
+#: Rounding below which two counts of requests met are equal
+MET_TOLERANCE = 1e-6
+#: Pieces the arrivals over the horizon are counted in, each arriving at
+#: its piece's middle
+ARRIVAL_PIECES = 4
+
+Score = tuple[int, int, float, float]
+
+
+def _better(new: Score, old: Score, hysteresis: float, target: float) -> bool:
+    """Whether the plan scored ``new`` replaces the one scored ``old``: fewer
+    pools starved or minimums missed; else :data:`MET_MARGIN` more deadlines
+    met; else, meeting no fewer, a largest utilization above ``target``
+    lowered by more than ``hysteresis``."""
+    if new[:2] != old[:2]:
+        return new[:2] < old[:2]
+    gained = new[2] - old[2]
+    if gained >= MET_MARGIN:
+        return True
+    if gained < -MET_TOLERANCE:
+        return False
+    return old[3] > target and new[3] < old[3] * (1 - hysteresis)
 
 
 def _per_pool(
@@ -299,19 +355,40 @@ def _per_pool(
 
 class _State:
     """Workers (by index) placed on pools (by index; -1 for none), and the
-    capacity that gives each pool."""
+    capacity that gives each pool: its workers' speeds over the horizon net
+    of switches (``capacity``), their speeds once all serve (``full``) and
+    those serving from now (``ready``)."""
 
     def __init__(self, problem: _Problem):
         self.problem = problem
         self.assignment = [-1] * len(problem.workers)
         self.capacity = [0.0] * len(problem.pools)
+        self.full = [0.0] * len(problem.pools)
+        self.ready = [0.0] * len(problem.pools)
         self.count = [0] * len(problem.pools)
+        #: deadlines met per pool, as of the last :meth:`score`
+        self.mets = [0.0] * len(problem.pools)
 
     def stay(self, worker: int) -> None:
-        home = self.assignment[worker] = self.problem.home[worker]
+        problem = self.problem
+        home = self.assignment[worker] = problem.home[worker]
         if home >= 0:
-            self.capacity[home] += self.problem.home_speed[worker]
+            self.capacity[home] += problem.home_speed[worker]
+            self.full[home] += problem.home_full[worker]
+            self.ready[home] += problem.home_ready[worker]
             self.count[home] += 1
+
+    def add(self, group: _Group, pool: int, n: int = 1) -> None:
+        """``n`` of ``group``'s workers join ``pool`` (negative: leave it)."""
+        self.capacity[pool] += n * group.effective[pool]
+        self.full[pool] += n * group.full[pool]
+        self.ready[pool] += n * group.ready[pool]
+        self.count[pool] += n
+
+    def met(self, pool: int) -> float:
+        return self.problem.met(
+            pool, self.capacity[pool], self.full[pool], self.ready[pool]
+        )
 
     def utilization(self, pool: int) -> float:
         return self.problem.utilization(pool, self.capacity[pool])
@@ -319,17 +396,19 @@ class _State:
     def largest(self, pools: list[int]) -> float:
         return max(map(self.utilization, pools), default=0.0)
 
-    def score(self) -> tuple[int, int, float]:
+    def score(self) -> Score:
         """Pools starved (demand, no capacity), workers missing from pool
-        minimums, largest utilization otherwise: lower is better, in order."""
+        minimums, deadlines met, largest utilization otherwise (see
+        :func:`_better`)."""
         problem = self.problem
-        utilization = [self.utilization(p) for p in range(len(problem.pools))]
+        pools = range(len(problem.pools))
+        utilization = [self.utilization(p) for p in pools]
         starved = sum(u == math.inf for u in utilization)
-        short = sum(
-            max(0, problem.floor(p) - self.count[p]) for p in range(len(problem.pools))
-        )
+        short = sum(max(0, problem.floor(p) - self.count[p]) for p in pools)
         worst = max((u for u in utilization if u < math.inf), default=0.0)
-        return starved, short, worst
+        if problem.timed:
+            self.mets = [self.met(p) for p in pools]
+        return starved, short, sum(self.mets), worst
 
 
 @dataclass
@@ -344,6 +423,10 @@ class _Group:
     kind: int
     home: int
     effective: list[float]
+    #: a member's speed on each pool once it serves there (0 where it never
+    #: does within the horizon), and from now (its home alone)
+    full: list[float]
+    ready: list[float]
     #: seconds its members' running tasks still need (rounded up)
     drain: float = 0.0
     members: deque[int] = field(default_factory=deque)
@@ -378,6 +461,11 @@ class _Problem:
         self.uncosted = sorted(
             p for p, d in demands.items() if p not in index and (d.rate or d.backlog)
         )
+        #: per pool, its tasks with a deadline over the horizon, earliest
+        #: first: (seconds from now, tasks, reference seconds of one)
+        self.due = [self.deadlines(demands.get(p, none)) for p in self.pools]
+        self.timed = any(self.due)
+        self.wanted = [sum(n for _, n, _ in items) for items in self.due]
         self.mins: list[int] = [mins[p] or 0 for p in self.pools]
         self.maxs: list[int] = [
             len(workers) if (m := maxs[p]) is None else m for p in self.pools
@@ -392,6 +480,9 @@ class _Problem:
         self.home: list[int] = []
         self.kind: list[int] = []
         self.home_speed: list[float] = []
+        #: its speed at home once serving, and from now (0 while settling)
+        self.home_full: list[float] = []
+        self.home_ready: list[float] = []
         #: seconds each worker's running task still needs, rounded up to a
         #: sixteenth of the horizon (at most the horizon)
         self.drain: list[float] = []
@@ -410,7 +501,7 @@ class _Problem:
                 fits.setdefault((w.gpu_type, w.memory_bytes), set()).add(w.pool)
         #: what a worker's fields make of it (class, home, speed there,
         #: drain): alike workers share it, so the fleet is read in one pass
-        made: dict[tuple, tuple[int, int, float, float]] = {}
+        made: dict[tuple, tuple[int, int, float, float, float, float]] = {}
         for w in self.workers:
             fields = (
                 w.gpu_type,
@@ -446,16 +537,21 @@ class _Problem:
                 drain = max(0.0, w.drain_seconds) if home >= 0 else 0.0
                 if drain and step:
                     drain = min(horizon, math.ceil(drain / step - 1e-9) * step)
+                full = self.speed[kind][home] if home >= 0 and settled else 0.0
                 known = made[fields] = (
                     kind,
                     home,
-                    self.speed[kind][home] * settled if home >= 0 else 0.0,
+                    full * settled,
                     drain,
+                    full,
+                    full if w.ready_in <= 0 else 0.0,
                 )
             self.kind.append(known[0])
             self.home.append(known[1])
             self.home_speed.append(known[2])
             self.drain.append(known[3])
+            self.home_full.append(known[4])
+            self.home_ready.append(known[5])
         total = sum(self.loads)
         weights = [
             load / total if total else 1 / len(self.pools) for load in self.loads
@@ -465,11 +561,46 @@ class _Problem:
             sum(w * s for w, s in zip(weights, speeds)) for speeds in self.speed
         ]
         self.current = current = _State(self)
-        current.assignment = list(self.home)
-        for home, speed in zip(self.home, self.home_speed):
-            if home >= 0:
-                current.capacity[home] += speed
-                current.count[home] += 1
+        for i in range(len(self.workers)):
+            current.stay(i)
+
+    def deadlines(self, demand: Demand) -> list[tuple[float, float, float]]:
+        """``demand``'s tasks with a deadline: the owed ones, and those
+        arriving over the horizon in :data:`ARRIVAL_PIECES` pieces."""
+        work = demand.task_seconds
+        if work <= 0:
+            return []
+        items = [(left, n, work) for left, n in demand.due if n > 0]
+        if demand.slo < math.inf and demand.rate > 0 and self.horizon > 0:
+            piece = self.horizon / ARRIVAL_PIECES
+            tasks = demand.rate * piece / work
+            items += [
+                ((k + 0.5) * piece + demand.slo, tasks, work)
+                for k in range(ARRIVAL_PIECES)
+            ]
+        return sorted(items)
+
+    def met(self, pool: int, capacity: float, full: float, ready: float) -> float:
+        """Tasks of ``pool`` that meet their deadlines, served earliest
+        deadline first by workers of these speeds (:class:`_State`): by ``t``
+        seconds from now they clear at least ``max(ready t, full t - late)``,
+        ``late`` being the work lost to the movers' drains and loads (exact
+        before the first mover serves and after the last does). A task that
+        cannot make its deadline yields to those that can."""
+        items = self.due[pool]
+        if not items:
+            return 0.0
+        late = (full - capacity) * self.horizon
+        done = met = 0.0
+        for deadline, tasks, work in items:
+            if deadline <= 0:
+                continue
+            room = max(ready * deadline, full * deadline - late) - done
+            if room > 0:
+                served = min(tasks, room / work)
+                met += served
+                done += served * work
+        return met
 
     def keep_one(self, pinned: list[int], free: list[int]) -> None:
         """Pin one ready worker of each pool that needs a worker and has no
@@ -524,7 +655,12 @@ class _Problem:
             else speed[p] * self.after_switch(switch[p] + drain)
             for p in range(len(self.pools))
         ]
-        return _Group(kind, home, effective, drain, placed=[0] * len(self.pools))
+        # a mover's speed counts once it serves, if it does within the horizon
+        full = [speed[p] if effective[p] > 0 else 0.0 for p in range(len(speed))]
+        ready = [speed[p] if p == home else 0.0 for p in range(len(speed))]
+        return _Group(
+            kind, home, effective, full, ready, drain, placed=[0] * len(self.pools)
+        )
 
     def after_switch(self, seconds: float) -> float:
         """Share of the horizon left to a worker that starts serving in ``seconds``."""
@@ -553,6 +689,8 @@ class _Problem:
             group.left = len(group.members)
         self.fill(state, groups)
         self.improve(state, groups)
+        if self.timed:
+            self.meet(state, groups)
         for group in groups:
             members, home = group.members, group.home
             for _ in range(group.placed[home] if home >= 0 else 0):
@@ -594,8 +732,7 @@ class _Problem:
             group = usable[0]
             group.left -= 1
             group.placed[p] += 1
-            state.capacity[p] += group.effective[p]
-            state.count[p] += 1
+            state.add(group, p)
             return True
 
         # the pool with the fewest candidates left goes first, so none takes
@@ -632,8 +769,7 @@ class _Problem:
                 stay = min(group.left, maxs[home] - state.count[home])
                 group.left -= stay
                 group.placed[home] += stay
-                state.capacity[home] += stay * group.effective[home]
-                state.count[home] += stay
+                state.add(group, home, stay)
 
     def improve(self, state: _State, groups: list[_Group]) -> None:
         """Move or swap workers into the bottleneck while that lowers the largest
@@ -689,16 +825,72 @@ class _Problem:
             mover, source, partner = change
             mover.placed[source] -= 1
             mover.placed[b] += 1
-            capacity[source] -= mover.effective[source]
-            capacity[b] += mover.effective[b]
-            if partner is None:
-                count[source] -= 1
-                count[b] += 1
-            else:
+            state.add(mover, source, -1)
+            state.add(mover, b)
+            if partner is not None:
                 partner.placed[b] -= 1
                 partner.placed[source] += 1
-                capacity[b] -= partner.effective[b]
-                capacity[source] += partner.effective[source]
+                state.add(partner, b, -1)
+                state.add(partner, source)
+
+    def meet(self, state: _State, groups: list[_Group]) -> None:
+        """Move single workers to pools that miss deadlines while each move
+        meets at least :data:`MET_STEP` more than its source then misses; of
+        equal gains, from the least utilized source."""
+        pools = range(len(self.pools))
+        maxs, met = self.maxs, self.met
+        capacity, full, ready, count = (
+            state.capacity,
+            state.full,
+            state.ready,
+            state.count,
+        )
+        least = [max(self.floor(p), self.served[p]) for p in pools]
+        mets = [state.met(p) for p in pools]
+        for _ in range(len(self.workers)):
+            best: tuple[float, float] = (MET_STEP, 0.0)
+            change: tuple[_Group, int, int] | None = None
+            for b in pools:
+                if self.wanted[b] - mets[b] <= MET_TOLERANCE or count[b] >= maxs[b]:
+                    continue
+                gains: dict[tuple[float, float, float], float] = {}
+                for g in groups:
+                    if not g.effective[b]:
+                        continue
+                    into = (g.effective[b], g.full[b], g.ready[b])
+                    if into not in gains:
+                        gains[into] = (
+                            met(
+                                b,
+                                capacity[b] + into[0],
+                                full[b] + into[1],
+                                ready[b] + into[2],
+                            )
+                            - mets[b]
+                        )
+                    gain = gains[into]
+                    if gain < best[0]:
+                        continue
+                    for q in pools:
+                        if q == b or not g.placed[q] or count[q] <= least[q]:
+                            continue
+                        kept = met(
+                            q,
+                            capacity[q] - g.effective[q],
+                            full[q] - g.full[q],
+                            ready[q] - g.ready[q],
+                        )
+                        net = (gain - (mets[q] - kept), -state.utilization(q))
+                        if net > best:
+                            best, change = net, (g, q, b)
+            if change is None:
+                return
+            mover, source, target = change
+            mover.placed[source] -= 1
+            mover.placed[target] += 1
+            state.add(mover, source, -1)
+            state.add(mover, target)
+            mets[source], mets[target] = state.met(source), state.met(target)
 
     def prune(self, state: _State) -> None:
         """Undo each move of ``state`` whose undoing leaves its score no worse,
@@ -740,7 +932,7 @@ class _Problem:
                 return
             moved = kept
 
-    def undo(self, state: _State, i: int, score: tuple[int, int, float]) -> bool:
+    def undo(self, state: _State, i: int, score: Score) -> bool:
         """Send worker ``i`` of ``state`` back home if that leaves ``score`` no
         worse; whether it did."""
         home, target = self.home[i], state.assignment[i]
@@ -770,14 +962,41 @@ class _Problem:
                     starved += 1
                 elif u > worst:
                     worst = u
+        gone = self.speed[kind][target] if into > 0 else 0.0
+        back = self.home_full[i], self.home_ready[i]
+        mets = state.mets
+        met = score[2]
+        if self.timed:
+            left = self.met(
+                target,
+                capacity[target] - into,
+                state.full[target] - gone,
+                state.ready[target],
+            )
+            returned = self.met(
+                home,
+                capacity[home] + self.home_speed[i],
+                state.full[home] + back[0],
+                state.ready[home] + back[1],
+            )
+            met = sum(mets) - mets[target] - mets[home] + left + returned
         if (starved, short) < score[:2] or (
-            (starved, short) == score[:2] and worst <= score[2] * (1 + 1e-9)
+            (starved, short) == score[:2]
+            and (
+                met > score[2] + MET_TOLERANCE
+                or (met >= score[2] - MET_TOLERANCE and worst <= score[3] * (1 + 1e-9))
+            )
         ):
             state.assignment[i] = home
             capacity[target] -= into
             capacity[home] += self.home_speed[i]
+            state.full[target] -= gone
+            state.full[home] += back[0]
+            state.ready[home] += back[1]
             count[target] -= 1
             count[home] += 1
+            if self.timed:
+                mets[target], mets[home] = left, returned
             return True
         return False
 
@@ -818,10 +1037,25 @@ class _Problem:
         # over the pools that can be served, so an unservable one does not hide the rest
         served = [i for i, p in enumerate(pools) if p not in starved]
         old = before.largest(served)
+        met_before, met_after = self.total_met(before), self.total_met(after)
+        due = sum(self.wanted)
+        deadlines = (
+            f"deadlines met {met_before:.1f} -> {met_after:.1f} of {due:.1f}; "
+            if self.timed
+            else ""
+        )
         if moves:
             reasons.append(
-                f"{len(moves)} move{'s' if len(moves) > 1 else ''}; largest "
-                f"utilization {old:.2f} -> {after.largest(served):.2f}"
+                f"{len(moves)} move{'s' if len(moves) > 1 else ''}; {deadlines}"
+                f"largest utilization {old:.2f} -> {after.largest(served):.2f}"
+            )
+        elif (
+            rejected is not None
+            and self.total_met(rejected) < met_before - MET_TOLERANCE
+        ):
+            reasons.append(
+                f"no move: the best plan found meets fewer deadlines "
+                f"({self.total_met(rejected):.1f} against {met_before:.1f})"
             )
         elif rejected is not None and rejected.largest(served) < old * (1 - 1e-9):
             if old <= target_utilization:
@@ -848,7 +1082,14 @@ class _Problem:
             bottleneck=bottleneck,
             feasible=not starved,
             reason="; ".join(reasons),
+            met=met_after,
+            due=due,
         )
+
+    def total_met(self, state: _State) -> float:
+        if not self.timed:
+            return 0.0
+        return sum(state.met(p) for p in range(len(self.pools)))
 
     def why_move(self, after: _State, source: int, target: int) -> str:
         before = self.current
@@ -871,6 +1112,11 @@ class _Problem:
             reason += (
                 f"; {_label(self.pools[source])} "
                 f"{before.utilization(source):.2f} -> {after.utilization(source):.2f}"
+            )
+        if self.wanted[target]:
+            reason += (
+                f"; {_label(self.pools[target])} meets {before.met(target):.1f} -> "
+                f"{after.met(target):.1f} of {self.wanted[target]:.1f} deadlines"
             )
         return reason
 

@@ -699,8 +699,9 @@ def plain_undo(problem, state, i: int, score) -> bool:
     state.count[target] -= 1
     state.count[home] += 1
     new = state.score()
+    # no deadlines in these scenarios: the utilization decides
     if new[:2] < score[:2] or (
-        new[:2] == score[:2] and new[2] <= score[2] * (1 + 1e-9)
+        new[:2] == score[:2] and new[3] <= score[3] * (1 + 1e-9)
     ):
         state.assignment[i] = home
         return True
@@ -763,3 +764,67 @@ def test_pruning_decides_as_the_plain_pass(monkeypatch):
         pruned += bool(fast.moves)
     # the shifts of 100 and 1,000 workers and many random cases move workers
     assert pruned > 100
+
+
+PDIT = ("dit", PIXART)
+
+
+def test_a_pool_near_its_deadlines_gets_a_worker_the_utilization_would_not_give():
+    """PixArt's one DiT worker has four 2 s tasks due in 4 s: alone it
+    finishes two in time. Flux's seven have more work over the horizon
+    (utilization 0.93 against 0.27) but two minutes of slack. The utilization
+    moves nobody; the deadlines move one Flux worker to PixArt, which then
+    meets all four, and Flux still meets all of its own."""
+    workers = placed({DIT: 7, PDIT: 1})
+    flux = Demand(rate=6.5, task_seconds=2.0, slo=120.0)
+    pixart = Demand(backlog=8.0, task_seconds=2.0, due=((4.0, 4),))
+    pool_costs = costs(pools=(DIT, PDIT))
+    # the same work without deadlines: the utilization alone, no move
+    blind = {DIT: Demand(rate=6.5), PDIT: Demand(backlog=8.0)}
+    result = plan(workers, blind, pool_costs, now=0.0, horizon=30)
+    assert result.moves == [] and result.due == 0
+    assert result.utilization[DIT] == pytest.approx(6.5 / 7)
+
+    result = plan(workers, {DIT: flux, PDIT: pixart}, pool_costs, now=0.0, horizon=30)
+    assert [(m.source, m.target) for m in result.moves] == [(DIT, PDIT)]
+    # Flux's arrivals: 6.5 x 30 / 2 = 97.5 tasks, all in time either way
+    assert result.met == pytest.approx(result.due) == pytest.approx(97.5 + 4)
+    assert "deadlines met 99.5 -> 101.5 of 101.5" in result.reason
+    assert "dit of pixart-sigma-1024 meets 2.0 -> 4.0 of 4.0" in result.moves[0].reason
+    # ... at a worse utilization: the deadlines come first
+    assert result.utilization[DIT] == pytest.approx(6.5 / 6)
+
+    # a mover that loads for 10 s serves none of them by their deadline: no move
+    slow = costs(pools=(DIT, PDIT), switch=10.0)
+    result = plan(workers, {DIT: flux, PDIT: pixart}, slow, now=0.0, horizon=30)
+    assert result.moves == []
+    assert result.met == pytest.approx(97.5 + 2)
+
+
+def test_a_backlog_its_pool_drains_by_its_deadlines_pulls_no_worker():
+    """Flux's phase ended: its two DiT workers owe forty 3 s tasks due in
+    90 s, which they finish in 60 s. PixArt's phase runs on six, just in
+    time. By utilization Flux's backlog (2.0 against 1.07) takes a PixArt
+    worker; with deadlines it does not, since PixArt would then miss some
+    and Flux meets all of its own either way."""
+    workers = placed({DIT: 2, PDIT: 6})
+    pool_costs = costs(pools=(DIT, PDIT))
+    flux = Demand(backlog=120.0, task_seconds=3.0, due=((90.0, 40),))
+    pixart = Demand(
+        rate=5.4, backlog=30.0, task_seconds=3.0, due=((8.0, 10),), slo=10.0
+    )
+    blind = {DIT: Demand(backlog=120.0), PDIT: Demand(rate=5.4, backlog=30.0)}
+    result = plan(workers, blind, pool_costs, now=0.0, horizon=30)
+    assert [(m.source, m.target) for m in result.moves] == [(PDIT, DIT)]
+
+    result = plan(workers, {DIT: flux, PDIT: pixart}, pool_costs, now=0.0, horizon=30)
+    assert result.moves == []
+    assert result.met == pytest.approx(result.due) == pytest.approx(40 + 10 + 54)
+
+
+def test_a_task_past_its_deadline_never_counts_and_yields_to_the_rest():
+    workers = placed({DIT: 1})
+    # two tasks already late, two due in 4 s: one worker meets those two
+    late = Demand(backlog=8.0, task_seconds=2.0, due=((-1.0, 2), (4.0, 2)))
+    result = plan(workers, {DIT: late}, costs(pools=(DIT,)), now=0.0, horizon=30)
+    assert (result.met, result.due) == (pytest.approx(2.0), pytest.approx(4.0))
