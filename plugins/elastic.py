@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter, deque
 from typing import Any
@@ -301,10 +302,20 @@ class ElasticController(SchedulerPlugin):
         owed: Counter[Pool] = Counter()
         # the newest owed task's annotations per pool; its features read once
         latest: dict[Pool, Any] = {}
+        # seconds left to each owed task's deadline, and the newest one's SLO
+        due: dict[Pool, list[float]] = {}
+        slo: dict[Pool, float] = {}
+        requests = self.extension.requests
         for ts in scheduler.tasks.values():
             if ts.state in OWED and (pool := task_pool(ts.annotations)) is not None:
                 owed[pool] += 1
                 latest[pool] = ts.annotations
+                info = (ts.annotations or {})["dflow"]
+                request = requests.get(info.get("request"))
+                if request is not None and request.due is not None:
+                    slo[pool] = request.due - request.submitted
+                    if request.due < math.inf:
+                        due.setdefault(pool, []).append(request.due - now)
         newest = {pool: task_features(a) for pool, a in latest.items()}
         waiting: Counter[Pool] = Counter(
             pool
@@ -326,6 +337,8 @@ class ElasticController(SchedulerPlugin):
                 arrivals=telemetry.arrival_ages(pool, long_window),
                 waiting=waiting[pool],
                 weight_bytes=int(spec.get("weight_bytes", {}).get(pool.stage, 0)),
+                due=tuple(due.get(pool, ())),
+                slo=slo.get(pool, math.inf),
             )
         return Observation(now, tuple(workers), pools, dict(self.load_seconds))
 

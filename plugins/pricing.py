@@ -115,6 +115,10 @@ class PoolView:
     waiting: int = 0
     #: bytes of the pool's weights on a device
     weight_bytes: int = 0
+    #: seconds left to the deadline of each owed task's request (those with one)
+    due: Sequence[float] = ()
+    #: the SLO of the newest owed task's request (``inf``: none)
+    slo: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -544,18 +548,68 @@ def _poisson_fit(count: int, seconds: float) -> float:
     return count * math.log(count / seconds) if count else 0.0
 
 
+#: Where each stage runs in a request's chain (a plain DiT where the experts would)
+CHAIN_ORDER = {"encoder": 0, "dit": 1, "dit-high": 1, "dit-low": 2, "vae": 3}
+#: Groups the owed tasks' deadlines are counted in, per pool (the late ones
+#: in one of their own)
+DUE_GROUPS = 8
+
+
 def demands(
     observation: Observation, prices: Mapping[Pool, Price], settings: Settings
 ) -> dict[Pool, Demand]:
-    """Arrivals times service, plus the work owed by requests in flight, per pool."""
+    """Arrivals times service, plus the work owed by requests in flight, per
+    pool; and their deadlines for this stage: a request's deadline less the
+    predicted seconds of its later stages (of its other stages, for one
+    arriving)."""
     result = {}
     for pool, pool_price in prices.items():
         view = observation.pools.get(pool, PoolView())
+        seconds = pool_price.seconds
+        later, others = chain_seconds(pool, prices)
+        due = due_groups([left - later for left in view.due])
+        slo = view.slo - others
+        timed = seconds > 0 and (due or slo < math.inf)
         result[pool] = Demand(
-            rate=forecast_rate(view, settings) * pool_price.seconds,
-            backlog=view.owed * pool_price.seconds,
+            rate=forecast_rate(view, settings) * seconds,
+            backlog=view.owed * seconds,
+            task_seconds=seconds if timed else 0.0,
+            due=due,
+            slo=slo,
         )
     return result
+
+
+def chain_seconds(pool: Pool, prices: Mapping[Pool, Price]) -> tuple[float, float]:
+    """Predicted seconds of a request's stages after ``pool``'s, and of all its
+    stages but ``pool``'s, on the reference GPU type (0 for a monolithic pool)."""
+    order = CHAIN_ORDER.get(pool.stage)
+    if order is None:
+        return 0.0, 0.0
+    later = others = 0.0
+    for other, other_price in prices.items():
+        place = CHAIN_ORDER.get(other.stage)
+        if other.model != pool.model or place is None or other == pool:
+            continue
+        others += other_price.seconds
+        if place > order:
+            later += other_price.seconds
+    return later, others
+
+
+def due_groups(left: Sequence[float]) -> tuple[tuple[float, float], ...]:
+    """Seconds left to deadlines, as at most :data:`DUE_GROUPS` groups of
+    ``(mean seconds left, tasks)``, earliest first: the late ones (none left)
+    in one group, the rest in groups of equal count."""
+    ordered = sorted(left)
+    late = bisect.bisect_right(ordered, 0.0)
+    groups = [(ordered[0], float(late))] if late else []
+    rest = ordered[late:]
+    size = math.ceil(len(rest) / (DUE_GROUPS - 1)) if rest else 1
+    for start in range(0, len(rest), size):
+        chunk = rest[start : start + size]
+        groups.append((sum(chunk) / len(chunk), float(len(chunk))))
+    return tuple(groups)
 
 
 def unpriced(

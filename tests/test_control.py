@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ import dflow
 from dflow.planner import Demand, Move, Plan
 from dflow.plugins.actuators import ClusterScaler
 from dflow.plugins.pricing import (
+    DUE_GROUPS,
     Memory,
     Observation,
     PlannerRecords,
@@ -30,6 +32,7 @@ from dflow.plugins.pricing import (
     WorkerView,
     barring,
     demands,
+    due_groups,
     dwelling,
     forecast_rate,
     plan_pools,
@@ -379,6 +382,42 @@ def test_demand_and_targets():
     # (1 x 30 + 8) / (30 x 0.5) = 2.53: three workers; no load: none
     assert pool_targets({DIT: demand}, 30.0, 0.5) == {DIT: 3}
     assert pool_targets({DIT: Demand(0.0, 0.0)}, 30.0, 0.5) == {DIT: 0}
+
+
+def test_demand_carries_each_stages_deadlines():
+    """An owed DiT task must finish by its request's deadline less the VAE's
+    seconds; an arriving request has its SLO less its other stages' seconds
+    for its DiT. Pools without deadlines are not counted."""
+    views = {
+        DIT: PoolView(
+            owed=3,
+            newest=DIT_HEAVY,
+            arrivals=STEADY_HALF,
+            due=(10.0, -1.0, 5.0),
+            slo=20.0,
+        ),
+        ENC: PoolView(newest=DIT_HEAVY),
+        VAE: PoolView(newest=DIT_HEAVY, slo=20.0),
+    }
+    observation = Observation(1000.0, (), views)
+    prices = price_pools(
+        observation, [ENC, DIT, VAE], "h200", ["h200"], StageCosts(), SETTINGS
+    )
+    result = demands(observation, prices, SETTINGS)
+    dit = result[DIT]
+    assert dit.task_seconds == pytest.approx(2.0)
+    # the late task in a group of its own, then the rest earliest first
+    assert [x for group in dit.due for x in group] == pytest.approx(
+        [-1.08, 1, 4.92, 1, 9.92, 1]
+    )
+    assert dit.slo == pytest.approx(20.0 - 0.04 - 0.08)
+    assert result[VAE].slo == pytest.approx(20.0 - 0.04 - 2.0)
+    assert result[VAE].task_seconds == pytest.approx(0.08)
+    assert result[ENC].task_seconds == 0.0 and result[ENC].slo == math.inf
+    # many owed tasks: at most DUE_GROUPS groups, every task counted once
+    groups = due_groups([float(i) for i in range(-5, 95)])
+    assert len(groups) <= DUE_GROUPS and sum(n for _, n in groups) == 100
+    assert groups[0] == (-5.0, 6.0)  # -5 .. 0: late
 
 
 # -- planning --------------------------------------------------------------------------
