@@ -8,7 +8,11 @@ cannot hold either DiT). Three decisions are timed:
 - steady: the fleet as the cold plan left it, demand jittered by 10% (no move);
 - shift: the demand mix flips from Flux to Wan (many moves).
 
-Run with ``python benchmarks/planner_speed.py [--repeats N]``.
+With ``--deadlines`` every pool's demand also carries deadlines (the
+planner then counts the requests that meet them): 20 s of owed tasks due in
+2-58 s, and arrivals with a 60 s SLO.
+
+Run with ``python benchmarks/planner_speed.py [--repeats N] [--deadlines]``.
 """
 
 from __future__ import annotations
@@ -52,21 +56,42 @@ def costs() -> dict[Pool, PoolCost]:
     }
 
 
+#: reference seconds of one task of each stage, with ``--deadlines``
+TASK_SECONDS = {"encoder": 0.5, "dit": 10.0, "vae": 1.0}
+
+
 def demands(
-    workers: int, flux_share: float, rng: random.Random, jitter: float
+    workers: int,
+    flux_share: float,
+    rng: random.Random,
+    jitter: float,
+    deadlines: bool = False,
 ) -> dict[Pool, Demand]:
-    """Reference seconds of work per second, 95% of it on the DiTs."""
+    """Reference seconds of work per second, 95% of it on the DiTs; with
+    ``deadlines``, 20 s of it owed, due in 2-58 s, and a 60 s SLO."""
     total = 0.7 * workers * 0.6
     shares = {"encoder": 0.02, "dit": 0.95, "vae": 0.03}
-    return {
-        (stage, model): Demand(
-            rate=total
+    result = {}
+    for stage, model in MEMORY:
+        rate = (
+            total
             * shares[stage]
             * (flux_share if model == MODELS[0] else 1 - flux_share)
             * rng.uniform(1 - jitter, 1 + jitter)
         )
-        for stage, model in MEMORY
-    }
+        if not deadlines:
+            result[Pool(stage, model)] = Demand(rate=rate)
+            continue
+        task = TASK_SECONDS[stage]
+        owed = rate * 20.0 / task
+        result[Pool(stage, model)] = Demand(
+            rate=rate,
+            backlog=owed * task,
+            task_seconds=task,
+            due=tuple((2.0 + 8.0 * k, owed / 8) for k in range(8)),
+            slo=60.0,
+        )
+    return result
 
 
 def timed(repeats: int, *args, **kwargs):
@@ -85,7 +110,7 @@ def timed(repeats: int, *args, **kwargs):
 
 
 def scenarios(
-    n: int, rng: random.Random
+    n: int, rng: random.Random, deadlines: bool = False
 ) -> Iterator[tuple[str, list[PlannerWorker], dict[Pool, Demand], float]]:
     """The three decisions at ``n`` workers: name, fleet, demand and time."""
     pool_costs = costs()
@@ -93,20 +118,23 @@ def scenarios(
         PlannerWorker(f"gpu-{i:04d}", gpu, GPUS[gpu][0])
         for i, gpu in enumerate(rng.choice(list(GPUS)) for _ in range(n))
     ]
-    before = demands(n, 0.8, rng, 0.0)
+    before = demands(n, 0.8, rng, 0.0, deadlines)
     yield "cold", fleet, before, 0.0
     cold = plan(fleet, before, pool_costs, now=0.0)
     placed = [
         PlannerWorker(w.name, w.gpu_type, w.memory_bytes, cold.assignment[w.name])
         for w in fleet
     ]
-    yield "steady", placed, demands(n, 0.8, rng, 0.1), 100.0
-    yield "shift", placed, demands(n, 0.2, rng, 0.0), 100.0
+    yield "steady", placed, demands(n, 0.8, rng, 0.1, deadlines), 100.0
+    yield "shift", placed, demands(n, 0.2, rng, 0.0, deadlines), 100.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument(
+        "--deadlines", action="store_true", help="demand with deadlines"
+    )
     args = parser.parse_args()
     rng = random.Random(0)
     pool_costs = costs()
@@ -117,15 +145,16 @@ def main() -> None:
     )
     for n in (10, 100, 1000):
         times, plans = {}, {}
-        for name, workers, demand, now in scenarios(n, rng):
+        for name, workers, demand, now in scenarios(n, rng, args.deadlines):
             times[name], plans[name] = timed(
                 args.repeats, workers, demand, pool_costs, now=now
             )
         steady, shift = plans["steady"], plans["shift"]
         assert not steady.moves, steady.reason
+        met = f" {shift.met:.0f} of {shift.due:.0f}" if args.deadlines else ""
         print(
             f"{n:>8} {times['cold']:>14} {times['steady']:>14} {times['shift']:>14} "
-            f"{len(shift.moves):>6} {shift.utilization[shift.bottleneck]:>11.2f}"
+            f"{len(shift.moves):>6} {shift.utilization[shift.bottleneck]:>11.2f}{met}"
         )
 
 

@@ -30,7 +30,7 @@ import dask.config
 from dask.utils import parse_timedelta
 
 import dflow.config  # noqa: F401
-from dflow.pools import Pool
+from dflow.pools import MONOLITHIC, Pool
 
 GIB = 2**30
 
@@ -408,7 +408,7 @@ class _State:
         worst = max((u for u in utilization if u < math.inf), default=0.0)
         if problem.timed:
             self.mets = [self.met(p) for p in pools]
-        return starved, short, sum(self.mets), worst
+        return starved, short, problem.total(self.mets), worst
 
 
 @dataclass
@@ -466,6 +466,19 @@ class _Problem:
         self.due = [self.deadlines(demands.get(p, none)) for p in self.pools]
         self.timed = any(self.due)
         self.wanted = [sum(n for _, n, _ in items) for items in self.due]
+        # a request meets its deadline only if each of its stages does: the
+        # pools of a model count together (see total)
+        families: dict[tuple[str, bool], list[int]] = {}
+        for p, (stage, model) in enumerate(self.pools):
+            if self.wanted[p]:
+                family = (model, stage == MONOLITHIC)
+                families.setdefault(family, []).append(p)
+        self.families = list(families.values())
+        self.family = [-1] * len(self.pools)
+        for f, members in enumerate(self.families):
+            for p in members:
+                self.family[p] = f
+        self.requests = [max(self.wanted[p] for p in f) for f in self.families]
         self.mins: list[int] = [mins[p] or 0 for p in self.pools]
         self.maxs: list[int] = [
             len(workers) if (m := maxs[p]) is None else m for p in self.pools
@@ -579,6 +592,28 @@ class _Problem:
                 for k in range(ARRIVAL_PIECES)
             ]
         return sorted(items)
+
+    def total(self, mets: Sequence[float]) -> float:
+        """Requests that meet their deadlines, given the tasks each pool meets:
+        a model's requests miss as many as its worst stage misses (a request
+        misses if any of its stages does; a cheap stage's tasks count no
+        more than an expensive one's)."""
+        wanted = self.wanted
+        return sum(
+            requests - max(wanted[p] - mets[p] for p in members)
+            for requests, members in zip(self.requests, self.families)
+        )
+
+    def missing(self, mets: Sequence[float], pool: int) -> bool:
+        """Whether ``pool`` is the worst stage of its model (more met there
+        meets more requests)."""
+        f = self.family[pool]
+        if f < 0:
+            return False
+        wanted = self.wanted
+        miss = wanted[pool] - mets[pool]
+        worst = max(wanted[p] - mets[p] for p in self.families[f])
+        return miss > MET_TOLERANCE and miss >= worst - MET_TOLERANCE
 
     def met(self, pool: int, capacity: float, full: float, ready: float) -> float:
         """Tasks of ``pool`` that meet their deadlines, served earliest
@@ -834,63 +869,87 @@ class _Problem:
                 state.add(partner, source)
 
     def meet(self, state: _State, groups: list[_Group]) -> None:
-        """Move single workers to pools that miss deadlines while each move
-        meets at least :data:`MET_STEP` more than its source then misses; of
-        equal gains, from the least utilized source."""
+        """Move workers to the worst stages of models that miss deadlines while
+        each move meets at least :data:`MET_STEP` more requests than it loses:
+        the best move (of equal gains, from the least utilized source),
+        repeated while it still gains, then the next best."""
         pools = range(len(self.pools))
-        maxs, met = self.maxs, self.met
-        capacity, full, ready, count = (
-            state.capacity,
-            state.full,
-            state.ready,
-            state.count,
-        )
+        maxs, total = self.maxs, self.total
+        count = state.count
         least = [max(self.floor(p), self.served[p]) for p in pools]
         mets = [state.met(p) for p in pools]
+
+        def joined(g: _Group, p: int, n: int) -> float:
+            """Tasks ``p`` meets with ``n`` of ``g``'s workers more."""
+            return self.met(
+                p,
+                state.capacity[p] + n * g.effective[p],
+                state.full[p] + n * g.full[p],
+                state.ready[p] + n * g.ready[p],
+            )
+
+        def movable(g: _Group, q: int, b: int) -> bool:
+            """Whether one of ``g``'s workers in ``q`` may go to ``b``: never
+            below ``q``'s minimum, nor leaving it more work than it can keep
+            up with (its requests would miss their deadlines after the
+            horizon)."""
+            return (
+                bool(g.placed[q])
+                and count[q] > least[q]
+                and count[b] < maxs[b]
+                and self.utilization(q, state.capacity[q] - g.effective[q]) <= 1
+            )
+
+        def gained(g: _Group, q: int, b: int) -> float:
+            trial = list(mets)
+            trial[b], trial[q] = joined(g, b, 1), joined(g, q, -1)
+            return total(trial) - total(mets)
+
         for _ in range(len(self.workers)):
             best: tuple[float, float] = (MET_STEP, 0.0)
             change: tuple[_Group, int, int] | None = None
+            now = total(mets)
+            # groups alike on a pool gain or lose alike there
+            into: dict[tuple[int, float, float, float], float] = {}
+            out: dict[tuple[int, float, float, float], float] = {}
             for b in pools:
-                if self.wanted[b] - mets[b] <= MET_TOLERANCE or count[b] >= maxs[b]:
+                if count[b] >= maxs[b] or not self.missing(mets, b):
                     continue
-                gains: dict[tuple[float, float, float], float] = {}
                 for g in groups:
                     if not g.effective[b]:
                         continue
-                    into = (g.effective[b], g.full[b], g.ready[b])
-                    if into not in gains:
-                        gains[into] = (
-                            met(
-                                b,
-                                capacity[b] + into[0],
-                                full[b] + into[1],
-                                ready[b] + into[2],
-                            )
-                            - mets[b]
-                        )
-                    gain = gains[into]
-                    if gain < best[0]:
+                    key = (b, g.effective[b], g.full[b], g.ready[b])
+                    if key not in into:
+                        into[key] = joined(g, b, 1)
+                    trial = list(mets)
+                    trial[b] = into[key]
+                    # what b gains bounds what the move gains
+                    if total(trial) - now < best[0]:
                         continue
                     for q in pools:
-                        if q == b or not g.placed[q] or count[q] <= least[q]:
+                        if q == b or not movable(g, q, b):
                             continue
-                        kept = met(
-                            q,
-                            capacity[q] - g.effective[q],
-                            full[q] - g.full[q],
-                            ready[q] - g.ready[q],
-                        )
-                        net = (gain - (mets[q] - kept), -state.utilization(q))
+                        key = (q, g.effective[q], g.full[q], g.ready[q])
+                        if key not in out:
+                            out[key] = joined(g, q, -1)
+                        kept, trial[q] = trial[q], out[key]
+                        net = (total(trial) - now, -state.utilization(q))
+                        trial[q] = kept
                         if net > best:
                             best, change = net, (g, q, b)
             if change is None:
                 return
             mover, source, target = change
-            mover.placed[source] -= 1
-            mover.placed[target] += 1
-            state.add(mover, source, -1)
-            state.add(mover, target)
-            mets[source], mets[target] = state.met(source), state.met(target)
+            while True:
+                mover.placed[source] -= 1
+                mover.placed[target] += 1
+                state.add(mover, source, -1)
+                state.add(mover, target)
+                mets[source], mets[target] = state.met(source), state.met(target)
+                if not movable(mover, source, target):
+                    break
+                if gained(mover, source, target) < MET_STEP:
+                    break
 
     def prune(self, state: _State) -> None:
         """Undo each move of ``state`` whose undoing leaves its score no worse,
@@ -965,7 +1024,7 @@ class _Problem:
         gone = self.speed[kind][target] if into > 0 else 0.0
         back = self.home_full[i], self.home_ready[i]
         mets = state.mets
-        met = score[2]
+        met = was = score[2]
         if self.timed:
             left = self.met(
                 target,
@@ -979,12 +1038,15 @@ class _Problem:
                 state.full[home] + back[0],
                 state.ready[home] + back[1],
             )
-            met = sum(mets) - mets[target] - mets[home] + left + returned
+            trial = list(mets)
+            trial[target], trial[home] = left, returned
+            met, was = self.total(trial), self.total(mets)
+        # as in _better: this undo's own gain in deadlines, the plan's utilization
         if (starved, short) < score[:2] or (
             (starved, short) == score[:2]
             and (
-                met > score[2] + MET_TOLERANCE
-                or (met >= score[2] - MET_TOLERANCE and worst <= score[3] * (1 + 1e-9))
+                met - was >= MET_MARGIN
+                or (met >= was - MET_TOLERANCE and worst <= score[3] * (1 + 1e-9))
             )
         ):
             state.assignment[i] = home
@@ -1038,7 +1100,7 @@ class _Problem:
         served = [i for i, p in enumerate(pools) if p not in starved]
         old = before.largest(served)
         met_before, met_after = self.total_met(before), self.total_met(after)
-        due = sum(self.wanted)
+        due = sum(self.requests)
         deadlines = (
             f"deadlines met {met_before:.1f} -> {met_after:.1f} of {due:.1f}; "
             if self.timed
@@ -1089,7 +1151,7 @@ class _Problem:
     def total_met(self, state: _State) -> float:
         if not self.timed:
             return 0.0
-        return sum(state.met(p) for p in range(len(self.pools)))
+        return self.total([state.met(p) for p in range(len(self.pools))])
 
     def why_move(self, after: _State, source: int, target: int) -> str:
         before = self.current
