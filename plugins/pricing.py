@@ -21,6 +21,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import dask.config
 from dask.utils import parse_timedelta
 
@@ -502,11 +504,13 @@ CHANGE_THRESHOLD = 13.8
 
 
 def forecast_rate(view: PoolView, settings: Settings) -> float:
-    """Tasks of a pool arriving per second, the forecast for the horizon: the
-    rate since the arrivals' last change point (:func:`rate_since_change`)
-    over the planning horizon (at least the telemetry window).
+    """Tasks of a pool arriving per second, the forecast for the horizon, from
+    the arrivals over the planning horizon (at least the telemetry window):
+    the rate since their last change point (:func:`change_point`), or, where
+    a rate that changes along a line explains them better (:func:`trend`: a
+    ramp of load), that line's mean over the horizon ahead.
 
-    With no change, the whole span's rate: over a short window the randomness
+    With neither, the whole span's rate: over a short window the randomness
     of arrivals swings demand, and moves workers. After a shift (a phase of a
     moving mix began or ended) the rate since it, as soon as the test sees it:
     a phase shift moves workers once, and the old phase's rate no longer
@@ -514,19 +518,56 @@ def forecast_rate(view: PoolView, settings: Settings) -> float:
     makes up for.)
     """
     span = max(settings.window, settings.horizon)
-    return rate_since_change(view.arrivals, span, least=settings.window / 6)
+    ages = view.arrivals
+    since, step = change_point(ages, span, least=settings.window / 6)
+    line, now, slope = trend(ages, span)
+    if 2 * line > CHANGE_THRESHOLD and line > step:
+        return max(0.0, now + slope * settings.horizon / 2)
+    return bisect.bisect_left(ages, since) / since if since > 0 else 0.0
 
 
 def rate_since_change(ages: Sequence[float], span: float, least: float) -> float:
     """Arrivals per second since the likeliest change point of their Poisson
-    rate within the last ``span`` seconds, or over all of it when no split
-    passes the likelihood-ratio test (:data:`CHANGE_THRESHOLD`).
+    rate within the last ``span`` seconds (:func:`change_point`)."""
+    since, _ = change_point(ages, span, least)
+    return bisect.bisect_left(ages, since) / since if since > 0 else 0.0
+
+
+def trend(ages: Sequence[float], span: float) -> tuple[float, float, float]:
+    """A Poisson rate along a line through the arrivals of the last ``span``
+    seconds (``ages``: seconds since each, youngest first), fitted through
+    the rates of its two halves: how much likelier it makes them than one
+    rate (log-likelihood, as :func:`change_point`'s), its rate now and its
+    slope per second."""
+    total = bisect.bisect_right(ages, span)
+    if span <= 0 or total < 2:
+        return 0.0, 0.0, 0.0
+    half = span / 2
+    newer = bisect.bisect_left(ages, half)
+    old_rate, new_rate = (total - newer) / half, newer / half
+    slope = (new_rate - old_rate) / half
+    # the halves' rates hold at their middles; the line must stay above 0
+    now = new_rate + slope * span / 4
+    if slope == 0 or min(now, now - slope * span) <= 0:
+        return 0.0, now, slope
+    rates = now - slope * np.asarray(ages[:total])
+    gain = float(np.log(rates).sum()) - _poisson_fit(total, span)
+    return gain, now, slope
+
+
+def change_point(
+    ages: Sequence[float], span: float, least: float
+) -> tuple[float, float]:
+    """Seconds since the likeliest change point of the arrivals' Poisson rate
+    within the last ``span`` seconds, and how much likelier the split makes
+    them (log-likelihood ratio); ``(span, 0)`` when no split passes the
+    likelihood-ratio test (:data:`CHANGE_THRESHOLD`).
 
     ``ages`` are seconds since each arrival, youngest first; a split leaves at
     least ``least`` seconds on either side.
     """
     if span <= 0:
-        return 0.0
+        return 0.0, 0.0
     total = bisect.bisect_right(ages, span)
     whole = _poisson_fit(total, span)
     best, split = 0.0, span
@@ -539,7 +580,7 @@ def rate_since_change(ages: Sequence[float], span: float, least: float) -> float
         ratio -= whole
         if 2 * ratio > CHANGE_THRESHOLD and ratio > best:
             best, split = ratio, age
-    return bisect.bisect_left(ages, split) / split
+    return split, best
 
 
 def _poisson_fit(count: int, seconds: float) -> float:

@@ -45,6 +45,7 @@ from dflow.plugins.pricing import (
     rate_since_change,
     target_sizes,
     timing,
+    trend,
 )
 from dflow.pools import Pool, stage_resources, task_pool, task_resources
 from dflow.predictor import Prediction
@@ -364,6 +365,36 @@ def test_forecast_takes_the_rate_since_a_change_point():
     # nothing arrived
     assert forecast_rate(PoolView(), settings) == 0.0
     assert rate_since_change((1.0, 2.0), 0.0, 1.0) == 0.0
+
+
+def ramp_ages(start: float, end: float, seconds: float, seed: int) -> tuple[float, ...]:
+    """Seconds since each arrival of a Poisson rate rising along a line from
+    ``start`` to ``end`` per second over ``seconds`` (thinned); youngest first."""
+    rng = np.random.default_rng(seed)
+    top = max(start, end)
+    times = rng.uniform(0, seconds, rng.poisson(top * seconds))
+    kept = times[
+        rng.uniform(0, top, len(times)) < start + (end - start) * times / seconds
+    ]
+    return tuple(sorted(seconds - kept))
+
+
+def test_forecast_follows_a_ramp():
+    """A rate rising from 0.5 to 8 per second over the last 30 s averages 11.75
+    over the next 30: the trend forecasts closer to that than the rate since
+    a change point in most draws and farther in none; a steady load has no
+    trend (the draws of the test above)."""
+    settings = dataclasses.replace(SETTINGS, window=30.0, horizon=30.0)
+    truth = 8.0 + 7.5 / 2
+    closer = 0
+    for seed in range(40):
+        ages = ramp_ages(0.5, 8.0, 30.0, seed)
+        forecast = forecast_rate(PoolView(arrivals=ages), settings)
+        since = rate_since_change(ages, 30.0, 5.0)
+        assert abs(forecast - truth) <= abs(since - truth) + 1e-9
+        closer += abs(forecast - truth) < abs(since - truth)
+    assert closer >= 15
+    assert trend((), 30.0) == (0.0, 0.0, 0.0)
 
 
 #: one arrival every 2 s over the last 30 s (0.5 per second)
