@@ -109,3 +109,15 @@ def task_pool(annotations: Mapping[str, Any] | None) -> Pool | None:
 def task_features(annotations: Mapping[str, Any] | None) -> dict[str, Any]:
     """The request features a stage task was annotated with."""
     return dict(((annotations or {}).get("dflow") or {}).get("features", {}))
+
+
+#: The features requests of one model must share to take denoising steps
+#: together (their latent and embedding shapes and guidance mode follow from
+#: them); each keeps its own step count, seed and guidance scale
+BATCH_FEATURES = ("height", "width", "frames", "cfg", "image")
+
+
+def batch_key(features: Mapping[str, Any]) -> tuple:
+    """What requests of one pool must share to be batched in one denoising
+    step, from their features (as annotated on their tasks)."""
+    return tuple(features.get(name) for name in BATCH_FEATURES)

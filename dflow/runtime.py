@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -584,7 +584,7 @@ class StageRuntime:
         start = time.perf_counter()
         state = self.adapter.start(request, tensors)
         if state.key not in self._limits:
-            self._limits[state.key] = self.dit_batch_limit(request)
+            self._limits[state.key] = self.dit_batch_limit(request.features)
         own = time.perf_counter() - start
         seconds, share = self._steps(state, should_stop, on_step)
         start = time.perf_counter()
@@ -597,15 +597,15 @@ class StageRuntime:
         }
         return {"latents": latents, "timings": timings}
 
-    def dit_batch_limit(self, request: Request) -> int:
-        """The most requests shaped like ``request`` one denoising step takes:
-        ``max_dit_batch``, less where the profiles predict a larger batch would
-        not fit this device or not gain ``dflow.runtime.dit-batch-min-gain`` in
-        throughput (:func:`~dflow.predictor.batch_limit`)."""
+    def dit_batch_limit(self, features: Mapping[str, Any]) -> int:
+        """The most requests with ``features`` (a request's, or as annotated
+        on its task) one denoising step takes: ``max_dit_batch``, less where
+        the profiles predict a larger batch would not fit this device or not
+        gain ``dflow.runtime.dit-batch-min-gain`` in throughput
+        (:func:`~dflow.predictor.batch_limit`)."""
         price, memory = backend.current().dit_batch_price(
             self.spec, self.stages, self.gpu_type, self.device
         )
-        features = request.features
         return batch_limit(
             lambda batch: price(features, batch),
             self.max_dit_batch,

@@ -31,11 +31,20 @@ import dask.config
 from distributed import Nanny, Worker
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.worker_state_machine import TaskState
 
 import dflow.config  # noqa: F401
 from dflow import backend, diagnosis, logs
 from dflow import runtime as runtimes
-from dflow.pools import MONOLITHIC, WORKER_STAGES, Pool, base_stage, stage_resources
+from dflow.pools import (
+    MONOLITHIC,
+    WORKER_STAGES,
+    Pool,
+    base_stage,
+    batch_key,
+    stage_resources,
+    task_features,
+)
 from dflow.quantization import holds_dit
 
 logger = logging.getLogger(__name__)
@@ -96,6 +105,8 @@ class StagePlugin(WorkerPlugin):
         self.worker: Worker | None = None
         self.runtime: runtimes.StageRuntime | None = None
         self.ready: asyncio.Event | None = None
+        #: the runtime's DiT batch limit per batch key
+        self._limits: dict[tuple, int] = {}
 
     async def setup(self, worker: Worker) -> None:
         from dflow.protocol import register_serializers
@@ -109,6 +120,9 @@ class StagePlugin(WorkerPlugin):
         worker.handlers["dflow_running"] = self.running_keys
         worker.handlers["dflow_give_back"] = self.give_back
         worker.stream_handlers["dflow-priorities"] = self.reprioritize
+        # Dask's pick of the next task to start, which the batch gate narrows
+        self._next_ready_task = worker.state._next_ready_task
+        worker.state._next_ready_task = self.next_ready_task  # type: ignore[method-assign]
         backend.current().setup_worker(worker)
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
@@ -124,6 +138,82 @@ class StagePlugin(WorkerPlugin):
             if ts.state in ("executing", "long-running")
             and resource in (ts.resource_restrictions or {})
         ]
+
+    def next_ready_task(self) -> TaskState | None:
+        """The task this worker starts next: Dask's pick, except while this
+        worker denoises a batch (``dflow.runtime.max-dit-batch`` above 1).
+
+        A worker of several task slots starts, besides the batch it runs, only
+        denoising tasks that can join it: same :func:`~dflow.pools.batch_key`,
+        within the batch limit of their shape. The others stay queued, where
+        the scheduler's rebalance can move them and their priorities hold, as
+        with one slot. A task may join ahead of a queued task of another shape
+        only while the batch holds a request ahead of that one (the oldest
+        shape goes next, as in :class:`~dflow.runtime.StepBatcher`), so no shape
+        starves.
+        """
+        assert self.worker is not None
+        state = self.worker.state
+        runtime = self.runtime
+        if (
+            runtime is None
+            or runtime.dit_stage is None
+            or not runtime.steps_batch(runtime.dit_stage)
+            or not state.constrained
+        ):
+            return self._next_ready_task()
+        resource = Pool(runtime.stage, runtime.model).resource
+        batch = [
+            ts
+            for ts in (*state.executing, *state.long_running)
+            if resource in (ts.resource_restrictions or {})
+        ]
+        if not batch or resource not in (
+            state.constrained.peek().resource_restrictions or {}
+        ):
+            return self._next_ready_task()
+        try:
+            joining = self._joining(batch, state.constrained.sorted(), resource)
+        except Exception:
+            # never break the worker's state machine over a batch
+            logger.exception("Could not tell which task may join the batch")
+            return self._next_ready_task()
+        if joining is not None and state._resource_restrictions_satisfied(joining):
+            state.constrained.discard(joining)
+            return joining
+        # nothing may join: the batch's extra slots stay free
+        return state.ready.pop() if state.ready else None
+
+    def _joining(
+        self, batch: list[TaskState], queued: Iterator[TaskState], resource: str
+    ) -> TaskState | None:
+        """The first of ``queued`` (in priority order) that may join ``batch``."""
+        assert self.runtime is not None
+        keys = {batch_key(task_features(ts.annotations)) for ts in batch}
+        if len(keys) > 1:
+            return None
+        key = keys.pop()
+        if len(batch) >= self._batch_limit(key, batch[0]):
+            return None
+        oldest = min(ts.priority or () for ts in batch)
+        for ts in queued:
+            if resource not in (ts.resource_restrictions or {}):
+                continue
+            if batch_key(task_features(ts.annotations)) == key:
+                return ts
+            if (ts.priority or ()) < oldest:
+                # a request of another shape waits longer than the whole batch
+                return None
+        return None
+
+    def _batch_limit(self, key: tuple, ts: TaskState) -> int:
+        """The batch limit of the shape ``key`` (of task ``ts``), cached."""
+        assert self.runtime is not None
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self.runtime.dit_batch_limit(task_features(ts.annotations))
+            self._limits[key] = limit
+        return limit
 
     def running_keys(self) -> list[str]:
         """Keys of the tasks running in this worker's threads: the scheduler's
@@ -243,6 +333,7 @@ class StagePlugin(WorkerPlugin):
             return
         runtimes.install(runtime)
         self.runtime = runtime
+        self._limits = {}
         resources = stage_resources(Pool(stage, runtime.model), stage_slots(stage))
         await worker.set_resources(**resources)
         await self._report(
@@ -305,6 +396,8 @@ class StagePlugin(WorkerPlugin):
             logger.warning("Scheduler has no dflow extension (%s)", error)
 
     async def teardown(self, worker: Worker) -> None:
+        # Dask's own pick of the next task again
+        vars(worker.state).pop("_next_ready_task", None)
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             runtimes.uninstall(runtime.model, runtime.stage)

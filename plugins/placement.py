@@ -22,13 +22,15 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   divides it by the worker's task slots: with DiT batching
   (``dflow.runtime.max-dit-batch``) a worker has several slots, yet a task
   shares a step only with requests of its shape;
-- a worker with several task slots starts denoising tasks that then wait in its step loop for a batch they cannot
-  join (another shape, a full batch): Dask counts them as executing, so neither
-  stealing nor the rebalance can move them. Whenever a worker of the pool is
-  idle, the busiest worker where a task would finish later is asked to give a
-  batch of them back (``dflow_give_back``); the scheduler places them again,
-  never on a worker that gave them back (a restriction: Dask would otherwise
-  send a task back to the worker holding its inputs).
+- a worker with several task slots starts only denoising tasks that can join
+  the batch it runs (:meth:`dflow.worker.StagePlugin.next_ready_task`); one
+  that then waits in its step loop all the same (a batch an out-of-memory step
+  capped) is executing to Dask, so neither stealing nor the rebalance can move
+  it. Whenever a worker of the pool is idle, the busiest worker where a task
+  would finish later is asked to give a batch of them back
+  (``dflow_give_back``); the scheduler places them again, never on a worker
+  that gave them back (a restriction: Dask would otherwise send a task back to
+  the worker holding its inputs).
 
 Off with ``dflow.health.placement: false`` (and without Dask's stealing
 extension, nothing is rebalanced).

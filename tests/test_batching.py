@@ -99,6 +99,15 @@ def executing(dask_worker) -> list[str]:
     return [str(ts.key) for ts in dask_worker.state.executing]
 
 
+def queued(dask_worker) -> list[str]:
+    """Keys of the tasks waiting in this worker's queue for a resource slot."""
+    return [str(ts.key) for ts in dask_worker.state.constrained]
+
+
+def free_dit_slots(dask_worker) -> float:
+    return dask_worker.state.available_resources.get("dit", 0)
+
+
 def stage_failures(dask_worker, key: str) -> list[str]:
     return [
         event.exception_text
@@ -184,7 +193,43 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_alone(client):
     assert_unbatched_pixels(outputs)
 
 
-# -- a waiting request moves to an idle worker -------------------------------------
+def test_a_request_of_another_shape_waits_queued_while_its_shape_joins(client):
+    """A worker denoising a batch starts only requests that can join it: one of
+    another shape stays in the worker's queue though slots are free, and one of
+    the batch's shape submitted after it joins the batch (the batch holds a
+    request older than the waiting one). Each keeps its unbatched pixels."""
+    spec = request(0).spec
+    long, worker = start_running(
+        client, "denoise", request(40, steps=spec.limit("max_steps"))
+    )
+    other = dflow.submit(client, request(41, height=32, width=32))
+    other_key = f"denoise-{request_id(other)}"
+    poll(
+        lambda: other_key in client.run(queued, workers=[worker])[worker],
+        timeout=60,
+        what=f"{other_key} to reach the DiT worker",
+    )
+    joiner = dflow.submit(client, request(42))
+    poll(
+        lambda: (
+            f"denoise-{request_id(joiner)}"
+            in client.run(executing, workers=[worker])[worker]
+        ),
+        timeout=60,
+        what="the request of the batch's shape to join",
+    )
+    # still queued, though the worker has slots free
+    assert other_key in client.run(queued, workers=[worker])[worker]
+    assert client.run(free_dit_slots, workers=[worker])[worker] >= 1
+    long.cancel()
+    outputs = client.gather([joiner, other])
+    batches = client.run_on_scheduler(denoise_batches)
+    assert batches[request_id(joiner)] > 1
+    assert batches[request_id(other)] == 1
+    assert_unbatched_pixels(outputs)
+
+
+# -- a request of another shape goes to the worker that falls idle -----------------
 
 EMULATED = "pixart-sigma-1024"
 #: two emulated H200 DiT workers with four task slots each
@@ -214,8 +259,8 @@ def emulated_client(tmp_path_factory) -> Iterator[Client]:
         stop([address.process, *workers])
 
 
-def placement_given_back(dask_scheduler) -> int:
-    return dask_scheduler.plugins["dflow-placement"].given_back
+def placement_moved(dask_scheduler) -> int:
+    return dask_scheduler.plugins["dflow-placement"].moved
 
 
 def denoise_workers(dask_scheduler) -> dict[str, str]:
@@ -224,12 +269,11 @@ def denoise_workers(dask_scheduler) -> dict[str, str]:
     return {r.request: r.worker for r in records if r.stage == "dit"}
 
 
-def test_a_request_waiting_behind_another_shape_moves_to_an_idle_worker(
-    emulated_client,
-):
-    """A worker with several slots starts a request it cannot batch with the one
-    it denoises; once the other DiT worker falls idle, the waiting request goes
-    there rather than waiting for the whole denoise."""
+def test_a_request_of_another_shape_is_not_held_in_a_free_slot(emulated_client):
+    """While both DiT workers denoise a request, a request of a third shape
+    waits in a worker's queue, not in one of its free slots; once the other
+    worker falls idle, the scheduler's rebalance moves it there rather than
+    letting it wait for the whole denoise."""
     client = emulated_client
 
     def emulated(seed: int, **changes) -> Request:
@@ -248,18 +292,20 @@ def test_a_request_waiting_behind_another_shape_moves_to_an_idle_worker(
     assert worker_b != worker_a, "the second request went to the busy worker"
     waiting = dflow.submit(client, emulated(3, height=512, width=512, steps=2))
     key = f"denoise-{request_id(waiting)}"
-    (parked_on,) = poll(
-        lambda: [a for a, keys in client.run(executing).items() if key in keys],
+    (queued_on,) = poll(
+        lambda: [a for a, keys in client.run(queued).items() if key in keys],
         timeout=60,
-        what=f"{key} to start",
+        what=f"{key} to reach a DiT worker",
     )
-    busy, idle = (first, second) if parked_on == worker_a else (second, first)
+    assert client.run(free_dit_slots, workers=[queued_on])[queued_on] >= 1
+    assert key not in client.run(executing, workers=[queued_on])[queued_on]
+    busy, idle = (first, second) if queued_on == worker_a else (second, first)
     idle.cancel()
     output = waiting.result(timeout=60)
     assert output.request.seed == 3
     # it ran on the worker that fell idle, while the other still denoises
     moved_to = client.run_on_scheduler(denoise_workers)[request_id(waiting)]
-    assert moved_to == ({worker_a, worker_b} - {parked_on}).pop()
+    assert moved_to == ({worker_a, worker_b} - {queued_on}).pop()
     assert busy.status == "pending"
-    assert client.run_on_scheduler(placement_given_back) >= 1
+    assert client.run_on_scheduler(placement_moved) >= 1
     busy.cancel()

@@ -331,4 +331,4 @@ def test_dit_batches_cost_and_stop_where_the_h200_curve_says(side, speedup, limi
         {"dflow.runtime.backend": "emulated", "dflow.emulation.time-scale": 1e-4}
     ):
         runtime = StageRuntime(spec.name, "dit", gpu_type="h200", max_dit_batch=8)
-        assert runtime.dit_batch_limit(request) == limit
+        assert runtime.dit_batch_limit(request.features) == limit
