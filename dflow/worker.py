@@ -24,14 +24,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dask.config
 from distributed import Nanny, Worker
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.worker_state_machine import TaskState
+from distributed.worker_state_machine import TaskState, WorkerState
 
 import dflow.config  # noqa: F401
 from dflow import backend, diagnosis, logs
@@ -120,9 +120,8 @@ class StagePlugin(WorkerPlugin):
         worker.handlers["dflow_running"] = self.running_keys
         worker.handlers["dflow_give_back"] = self.give_back
         worker.stream_handlers["dflow-priorities"] = self.reprioritize
-        # Dask's pick of the next task to start, which the batch gate narrows
-        self._next_ready_task = worker.state._next_ready_task
-        worker.state._next_ready_task = self.next_ready_task  # type: ignore[method-assign]
+        # Dask's pick of the next task to start, narrowed by next_ready_task
+        worker.state.__class__ = BatchingWorkerState
         backend.current().setup_worker(worker)
         # Load in the background: the worker joins the scheduler (and shows as
         # loading) at once, and takes stage tasks once the model is warm.
@@ -139,9 +138,12 @@ class StagePlugin(WorkerPlugin):
             and resource in (ts.resource_restrictions or {})
         ]
 
-    def next_ready_task(self) -> TaskState | None:
-        """The task this worker starts next: Dask's pick, except while this
-        worker denoises a batch (``dflow.runtime.max-dit-batch`` above 1).
+    def next_ready_task(
+        self, dask_pick: Callable[[], TaskState | None]
+    ) -> TaskState | None:
+        """The task this worker starts next: Dask's pick (``dask_pick``), except
+        while this worker denoises a batch (``dflow.runtime.max-dit-batch``
+        above 1).
 
         A worker of several task slots starts, besides the batch it runs, only
         denoising tasks that can join it: same :func:`~dflow.pools.batch_key`,
@@ -161,7 +163,7 @@ class StagePlugin(WorkerPlugin):
             or not runtime.steps_batch(runtime.dit_stage)
             or not state.constrained
         ):
-            return self._next_ready_task()
+            return dask_pick()
         resource = Pool(runtime.stage, runtime.model).resource
         batch = [
             ts
@@ -171,13 +173,13 @@ class StagePlugin(WorkerPlugin):
         if not batch or resource not in (
             state.constrained.peek().resource_restrictions or {}
         ):
-            return self._next_ready_task()
+            return dask_pick()
         try:
             joining = self._joining(batch, state.constrained.sorted(), resource)
         except Exception:
             # never break the worker's state machine over a batch
             logger.exception("Could not tell which task may join the batch")
-            return self._next_ready_task()
+            return dask_pick()
         if joining is not None and state._resource_restrictions_satisfied(joining):
             state.constrained.discard(joining)
             return joining
@@ -396,8 +398,6 @@ class StagePlugin(WorkerPlugin):
             logger.warning("Scheduler has no dflow extension (%s)", error)
 
     async def teardown(self, worker: Worker) -> None:
-        # Dask's own pick of the next task again
-        vars(worker.state).pop("_next_ready_task", None)
         runtime, self.runtime = self.runtime, None
         if runtime is not None:
             runtimes.uninstall(runtime.model, runtime.stage)
@@ -409,6 +409,22 @@ class StagePlugin(WorkerPlugin):
             gc.freeze()
         elif runtime is not None:
             await asyncio.to_thread(runtime.close)
+
+
+class BatchingWorkerState(WorkerState):
+    """Dask's worker state machine, whose pick of the next task to start the
+    worker's :class:`StagePlugin` narrows while it denoises a batch
+    (:meth:`StagePlugin.next_ready_task`). The plugin sets it as the class of
+    its worker's state (the same slots: Dask builds the state itself); without
+    the plugin it picks as Dask does."""
+
+    __slots__ = ()
+
+    def _next_ready_task(self) -> TaskState | None:
+        plugin = self.plugins.get(StagePlugin.name)
+        if isinstance(plugin, StagePlugin):
+            return plugin.next_ready_task(super()._next_ready_task)
+        return super()._next_ready_task()
 
 
 def spawn_environment() -> dict[str, str | None]:

@@ -193,36 +193,42 @@ def test_cancelling_one_request_of_a_batch_leaves_the_others_alone(client):
     assert_unbatched_pixels(outputs)
 
 
+def queue_and_free_slots(dask_worker) -> tuple[list[str], float]:
+    """The worker's queued keys and its free DiT slots, at one moment."""
+    return queued(dask_worker), free_dit_slots(dask_worker)
+
+
 def test_a_request_of_another_shape_waits_queued_while_its_shape_joins(client):
     """A worker denoising a batch starts only requests that can join it: one of
     another shape stays in the worker's queue though slots are free, and one of
-    the batch's shape submitted after it joins the batch (the batch holds a
-    request older than the waiting one). Each keeps its unbatched pixels."""
+    the batch's shape joins the batch, ahead of it, while the batch holds a
+    request due before it (pools run earliest deadline first: the SLOs set the
+    order). Each keeps its unbatched pixels."""
     spec = request(0).spec
-    long, worker = start_running(
-        client, "denoise", request(40, steps=spec.limit("max_steps"))
+    # 512px: its steps take long enough on CPU for the others to arrive
+    long = request(40, height=512, width=512, steps=spec.limit("max_steps"))
+    first = dflow.submit(client, long, slo=600)
+    key = f"denoise-{request_id(first)}"
+    (worker,) = poll(
+        lambda: [a for a, keys in client.run(executing).items() if key in keys],
+        timeout=60,
+        what=f"{key} to start",
     )
-    other = dflow.submit(client, request(41, height=32, width=32))
+    other = dflow.submit(client, request(41, height=32, width=32), slo=3600)
     other_key = f"denoise-{request_id(other)}"
-    poll(
-        lambda: other_key in client.run(queued, workers=[worker])[worker],
+    _, free = poll(
+        lambda: (
+            found
+            if other_key in (found := client.run(queue_and_free_slots)[worker])[0]
+            else None
+        ),
         timeout=60,
         what=f"{other_key} to reach the DiT worker",
     )
-    joiner = dflow.submit(client, request(42))
-    poll(
-        lambda: (
-            f"denoise-{request_id(joiner)}"
-            in client.run(executing, workers=[worker])[worker]
-        ),
-        timeout=60,
-        what="the request of the batch's shape to join",
-    )
-    # still queued, though the worker has slots free
-    assert other_key in client.run(queued, workers=[worker])[worker]
-    assert client.run(free_dit_slots, workers=[worker])[worker] >= 1
-    long.cancel()
-    outputs = client.gather([joiner, other])
+    # queued, though the worker denoises one request in its four slots
+    assert free == BATCH - 1
+    joiner = dflow.submit(client, request(42, height=512, width=512, steps=3), slo=7200)
+    outputs = client.gather([first, joiner, other])
     batches = client.run_on_scheduler(denoise_batches)
     assert batches[request_id(joiner)] > 1
     assert batches[request_id(other)] == 1
