@@ -38,7 +38,7 @@ from dflow.adapters.denoising import DenoisingState
 from dflow.catalog import resolve
 from dflow.errors import Cancelled, StageOutOfMemory
 from dflow.output import Output
-from dflow.pools import MONOLITHIC, WORKER_STAGES, base_stage, expert_of
+from dflow.pools import MONOLITHIC, WORKER_STAGES, base_stage, batch_key, expert_of
 from dflow.predictor import batch_limit
 from dflow.request import Request
 from dflow.spec import STAGES, ModelSpec
@@ -455,7 +455,9 @@ class StageRuntime:
         self._encode = Batcher(self._encode_each, max_batch)
         self._decode = Batcher(self._decode_each, max_batch)
         self._steps = StepBatcher(self._step, self._step_limit)
+        #: batch limits by state key (the step loop's) and by batch key
         self._limits: dict[tuple, int] = {}
+        self._shape_limits: dict[tuple, int] = {}
         logger.info(
             "Loaded %s stage %s on %s (%s%s) in %.1fs",
             self.spec.name,
@@ -523,7 +525,8 @@ class StageRuntime:
             raise RuntimeError(f"this runtime serves stage {self.stage!r}, not 'dit'")
         self._check(request, stage)
         tensors = {k: v for k, v in embeddings.items() if isinstance(v, torch.Tensor)}
-        if self.steps_batch(stage):
+        # a shape that cannot batch runs in one pipeline call, as unbatched
+        if self.steps_batch(stage) and self.dit_batch_limit(request.features) > 1:
             return self._denoise_in_steps(
                 request, tensors, embeddings, should_stop, on_step
             )
@@ -560,9 +563,10 @@ class StageRuntime:
 
     def steps_batch(self, stage: str) -> bool:
         """Whether denoising runs through the step loop that batches concurrent
-        requests: not for one expert's runtime, whose state moves to the other
-        expert's pool, nor an image-to-video model, whose image condition the
-        step seam does not carry."""
+        requests (for shapes whose :meth:`dit_batch_limit` is above 1): not for
+        one expert's runtime, whose state moves to the other expert's pool, nor
+        an image-to-video model, whose image condition the step seam does not
+        carry."""
         return (
             self.max_dit_batch > 1
             and expert_of(stage) is None
@@ -602,16 +606,21 @@ class StageRuntime:
         on its task) one denoising step takes: ``max_dit_batch``, less where
         the profiles predict a larger batch would not fit this device or not
         gain ``dflow.runtime.dit-batch-min-gain`` in throughput
-        (:func:`~dflow.predictor.batch_limit`)."""
-        price, memory = backend.current().dit_batch_price(
-            self.spec, self.stages, self.gpu_type, self.device
-        )
-        return batch_limit(
-            lambda batch: price(features, batch),
-            self.max_dit_batch,
-            memory,
-            float(dask.config.get("dflow.runtime.dit-batch-min-gain")),
-        )
+        (:func:`~dflow.predictor.batch_limit`). Kept per
+        :func:`~dflow.pools.batch_key`."""
+        key = batch_key(features)
+        limit = self._shape_limits.get(key)
+        if limit is None:
+            price, memory = backend.current().dit_batch_price(
+                self.spec, self.stages, self.gpu_type, self.device
+            )
+            limit = self._shape_limits[key] = batch_limit(
+                lambda batch: price(features, batch),
+                self.max_dit_batch,
+                memory,
+                float(dask.config.get("dflow.runtime.dit-batch-min-gain")),
+            )
+        return limit
 
     def drain(self) -> None:
         """Stop taking denoising calls: queued ones that have not started leave

@@ -105,8 +105,6 @@ class StagePlugin(WorkerPlugin):
         self.worker: Worker | None = None
         self.runtime: runtimes.StageRuntime | None = None
         self.ready: asyncio.Event | None = None
-        #: the runtime's DiT batch limit per batch key
-        self._limits: dict[tuple, int] = {}
 
     async def setup(self, worker: Worker) -> None:
         from dflow.protocol import register_serializers
@@ -195,7 +193,8 @@ class StagePlugin(WorkerPlugin):
         if len(keys) > 1:
             return None
         key = keys.pop()
-        if len(batch) >= self._batch_limit(key, batch[0]):
+        limit = self.runtime.dit_batch_limit(task_features(batch[0].annotations))
+        if len(batch) >= limit:
             return None
         oldest = min(ts.priority or () for ts in batch)
         for ts in queued:
@@ -207,15 +206,6 @@ class StagePlugin(WorkerPlugin):
                 # a request of another shape waits longer than the whole batch
                 return None
         return None
-
-    def _batch_limit(self, key: tuple, ts: TaskState) -> int:
-        """The batch limit of the shape ``key`` (of task ``ts``), cached."""
-        assert self.runtime is not None
-        limit = self._limits.get(key)
-        if limit is None:
-            limit = self.runtime.dit_batch_limit(task_features(ts.annotations))
-            self._limits[key] = limit
-        return limit
 
     def running_keys(self) -> list[str]:
         """Keys of the tasks running in this worker's threads: the scheduler's
@@ -335,7 +325,6 @@ class StagePlugin(WorkerPlugin):
             return
         runtimes.install(runtime)
         self.runtime = runtime
-        self._limits = {}
         resources = stage_resources(Pool(stage, runtime.model), stage_slots(stage))
         await worker.set_resources(**resources)
         await self._report(
