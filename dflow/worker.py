@@ -145,11 +145,13 @@ class StagePlugin(WorkerPlugin):
 
         A worker of several task slots starts, besides the batch it runs, only
         denoising tasks that can join it: same :func:`~dflow.pools.batch_key`,
-        within the batch limit of their shape. The others stay queued, where
-        the scheduler's rebalance can move them and their priorities hold, as
-        with one slot. A task may join ahead of a queued task of another shape
-        only while the batch holds a request ahead of that one (the oldest
-        shape goes next, as in :class:`~dflow.runtime.StepBatcher`), so no shape
+        of a shape that batches (its limit above 1; past the limit they join
+        as members leave, and a monolithic worker's concurrent requests batch
+        their encodes and decodes). The others stay queued, where the
+        scheduler's rebalance can move them and their priorities hold, as with
+        one slot. A task may join ahead of a queued task of another shape only
+        while the batch holds a request ahead of that one (the oldest shape
+        goes next, as in :class:`~dflow.runtime.StepBatcher`), so no shape
         starves.
         """
         assert self.worker is not None
@@ -193,8 +195,7 @@ class StagePlugin(WorkerPlugin):
         if len(keys) > 1:
             return None
         key = keys.pop()
-        limit = self.runtime.dit_batch_limit(task_features(batch[0].annotations))
-        if len(batch) >= limit:
+        if self.runtime.dit_batch_limit(task_features(batch[0].annotations)) <= 1:
             return None
         oldest = min(ts.priority or () for ts in batch)
         for ts in queued:

@@ -24,8 +24,7 @@ many tasks as the others, and stealing hands it more each time it looks idle.
   shares a step only with requests of its shape;
 - a worker with several task slots starts only denoising tasks that can join
   the batch it runs (:meth:`dflow.worker.StagePlugin.next_ready_task`); one
-  that then waits in its step loop all the same (a batch an out-of-memory step
-  capped) is executing to Dask, so neither stealing nor the rebalance can move
+  that then waits in its step loop (its batch is full) is executing to Dask, so neither stealing nor the rebalance can move
   it. Whenever a worker of the pool is idle, the busiest worker where a task
   would finish later is asked to give a batch of them back
   (``dflow_give_back``); the scheduler places them again, never on a worker
