@@ -197,13 +197,13 @@ class StagePlugin(WorkerPlugin):
         key = keys.pop()
         if self.runtime.dit_batch_limit(task_features(batch[0].annotations)) <= 1:
             return None
-        oldest = min(ts.priority or () for ts in batch)
+        foremost = min(ts.priority or () for ts in batch)
         for ts in queued:
             if resource not in (ts.resource_restrictions or {}):
                 continue
             if batch_key(task_features(ts.annotations)) == key:
                 return ts
-            if (ts.priority or ()) < oldest:
+            if (ts.priority or ()) < foremost:
                 # a request of another shape waits longer than the whole batch
                 return None
         return None
