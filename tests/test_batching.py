@@ -19,10 +19,13 @@ import cloudpickle
 import numpy as np
 import pytest
 
+import dask.config
 from distributed import Client
+from distributed.worker_state_machine import TaskState
 
 import dflow
 from dflow import runtime
+from dflow.pools import Pool
 from dflow.request import Request
 from dflow.spec import canonical_name
 from dflow.testing import (
@@ -33,6 +36,7 @@ from dflow.testing import (
     wait_for_pools,
     worker_processes,
 )
+from dflow.worker import StagePlugin
 
 pytestmark = pytest.mark.slow
 
@@ -315,3 +319,39 @@ def test_a_request_of_another_shape_is_not_held_in_a_free_slot(emulated_client):
     assert busy.status == "pending"
     assert client.run_on_scheduler(placement_moved) >= 1
     busy.cancel()
+
+
+def test_a_batch_takes_no_joiner_past_a_request_due_before_all_of_it():
+    """The gate's choice among queued tasks (Dask priorities: smaller runs
+    first), on an emulated H200 that batches PixArt 512px up to 4 and 1024px
+    not at all."""
+    resource = Pool("dit", canonical_name(EMULATED)).resource
+    plugin = StagePlugin("dit", EMULATED)
+
+    def task(key: str, side: int, due: int) -> TaskState:
+        request = Request(model=EMULATED, prompt="a fox", height=side, width=side)
+        features = {
+            k: v
+            for k, v in request.features.items()
+            if isinstance(v, (int, float, bool))
+        }
+        return TaskState(
+            key,
+            priority=(0, due),
+            resource_restrictions={resource: 1},
+            annotations={"dflow": {"features": features}},
+        )
+
+    batch = [task("running", 512, due=5)]
+    behind = [task("other shape", 1024, due=7), task("same shape", 512, due=9)]
+    ahead = [task("other shape", 1024, due=3), task("same shape", 512, due=9)]
+    alone = [task("running", 1024, due=1)]
+    with dask.config.set({"dflow.runtime.backend": "emulated"}):
+        plugin.runtime = runtime.StageRuntime(
+            EMULATED, "dit", gpu_type="h200", max_dit_batch=BATCH
+        )
+        assert plugin._joining(batch, iter(behind), resource) is behind[1]
+        assert plugin._joining(batch, iter(ahead), resource) is None
+        # a shape that does not batch takes no one
+        same = [task("same shape", 1024, due=2)]
+        assert plugin._joining(alone, iter(same), resource) is None
