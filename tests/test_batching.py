@@ -11,9 +11,11 @@ each request alone in the stock pipeline call).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import cloudpickle
 import numpy as np
@@ -56,20 +58,30 @@ WORKER_ENV = {
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def client(tiny_folders, tmp_path_factory) -> Iterator[Client]:
-    logs = tmp_path_factory.mktemp("batching")
+@contextlib.contextmanager
+def fleet(
+    model: str, layout: tuple[str, ...], env: dict[str, str], logs: Path
+) -> Iterator[Client]:
+    """A scheduler with dflow's preload and one worker process per stage of
+    ``layout`` serving ``model``, all ready."""
     with (
         scheduler_process(env=SCHEDULER_ENV, log_dir=logs) as address,
         worker_processes(
-            address, [(s, MODEL) for s in LAYOUT], env=WORKER_ENV, log_dir=logs
+            address, [(s, model) for s in layout], env=env, log_dir=logs
         ) as workers,
         Client(address) as client,
     ):
-        wait_for_pools(client, {MODEL: LAYOUT}, processes=workers)
+        wait_for_pools(client, {model: layout}, processes=workers)
         yield client
         client.close()
         stop([address.process, *workers])
+
+
+@pytest.fixture(scope="module")
+def client(tiny_folders, tmp_path_factory) -> Iterator[Client]:
+    logs = tmp_path_factory.mktemp("batching")
+    with fleet(MODEL, LAYOUT, WORKER_ENV, logs) as client:
+        yield client
     runtime.uninstall(canonical_name(MODEL), "all")
 
 
@@ -253,20 +265,8 @@ EMULATED_ENV = {
 @pytest.fixture(scope="module")
 def emulated_client(tmp_path_factory) -> Iterator[Client]:
     logs = tmp_path_factory.mktemp("binding")
-    with (
-        scheduler_process(env=SCHEDULER_ENV, log_dir=logs) as address,
-        worker_processes(
-            address,
-            [(s, EMULATED) for s in EMULATED_LAYOUT],
-            env=EMULATED_ENV,
-            log_dir=logs,
-        ) as workers,
-        Client(address) as client,
-    ):
-        wait_for_pools(client, {EMULATED: EMULATED_LAYOUT}, processes=workers)
+    with fleet(EMULATED, EMULATED_LAYOUT, EMULATED_ENV, logs) as client:
         yield client
-        client.close()
-        stop([address.process, *workers])
 
 
 def placement_moved(dask_scheduler) -> int:

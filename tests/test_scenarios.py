@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -308,35 +310,34 @@ workload:
 """
 
 
+def bench_file(
+    tmp_path: Path, name: str, text: str, options: list[str]
+) -> tuple[dict[str, Any], str]:
+    """``dflow bench --scenario FILE`` of a scenario file ``name`` written from
+    ``text``, with ``options``: its results.json and what it printed."""
+    from dflow.cli import dflow
+
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        dflow, ["bench", "--scenario", str(path), "--out", str(out), *options]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text()), result.output
+
+
 @pytest.mark.slow
 def test_bench_cli_runs_a_file_with_repeats_and_capacity(tmp_path):
     """A scenario file through ``dflow bench``: two repeats of a mode on
     different seeds, then a two-step capacity sweep (real in-process fleets
     at 1/100 of real time)."""
-    from dflow.cli import dflow
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        dflow,
-        [
-            "bench",
-            "--scenario",
-            str(path),
-            "--out",
-            str(out),
-            "--mode",
-            "static",
-            "--repeats",
-            "2",
-            "--capacity",
-            "--capacity-steps",
-            "2",
-        ],
+    written, output = bench_file(
+        tmp_path,
+        "tiny.yaml",
+        TINY,
+        ["--mode", "static", "--repeats", "2", "--capacity", "--capacity-steps", "2"],
     )
-    assert result.exit_code == 0, result.output
-    written = json.loads((out / "results.json").read_text())
     assert written["scenario"] == "tiny"
     assert [r["seed"] for r in written["runs"]] == [5, 6]
     low, high = written["spread"]["static"]["p95_s"]
@@ -348,7 +349,7 @@ def test_bench_cli_runs_a_file_with_repeats_and_capacity(tmp_path):
     assert first["probes"][0]["multiple"] == pytest.approx(
         0.75 * first["saturation_multiple"]
     )
-    assert "Capacity: highest offered rate" in result.output
+    assert "Capacity: highest offered rate" in output
 
 
 def test_s6_offers_four_fifths_of_each_phase_s_bound():
@@ -436,28 +437,12 @@ def test_bench_cli_runs_and_sweeps_the_expert_split(tmp_path):
     between the two expert pools, then a one-step capacity sweep; the file's
     ``jobs: 2`` runs both at once (real in-process fleets at 1/100 of real
     time, each in a process of its own)."""
-    from dflow.cli import dflow
-
-    path = tmp_path / "experts.yaml"
-    path.write_text(EXPERTS)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(
-        dflow,
-        [
-            "bench",
-            "--scenario",
-            str(path),
-            "--out",
-            str(out),
-            "--mode",
-            "static_experts",
-            "--capacity",
-            "--capacity-steps",
-            "1",
-        ],
+    written, output = bench_file(
+        tmp_path,
+        "experts.yaml",
+        EXPERTS,
+        ["--mode", "static_experts", "--capacity", "--capacity-steps", "1"],
     )
-    assert result.exit_code == 0, result.output
-    written = json.loads((out / "results.json").read_text())
     assert written["jobs"] == 2
     split = written["modes"]["static_experts"]
     model = "wan2.2-i2v-a14b"
@@ -476,4 +461,4 @@ def test_bench_cli_runs_and_sweeps_the_expert_split(tmp_path):
     )
     sweep = written["capacity"]["modes"]["static_experts"]
     assert len(sweep["repeats"][0]["probes"]) == 1
-    assert "| static_experts |" in result.output
+    assert "| static_experts |" in output

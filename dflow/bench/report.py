@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,67 +185,61 @@ def run_scenario(
     which the physical bounds assume too. ``jobs`` > 1 (default the
     scenario's) runs that many fleets at once, each in a process of its own
     (:func:`run_parallel`)."""
-    jobs = jobs or (scenario.quick_variant() if quick else scenario).jobs
-    with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
-        if jobs > 1:
-            return run_parallel(
-                scenario,
-                out,
-                quick=quick,
-                modes=modes,
-                repeats=repeats,
-                capacity=capacity,
-                capacity_steps=capacity_steps,
-                progress=progress,
-                dit_batch=dit_batch,
-                jobs=jobs,
-            )
-        return _run_scenario(
-            scenario,
-            out,
-            quick,
-            modes,
-            repeats,
-            capacity,
-            capacity_steps,
-            progress,
-            dit_batch,
-        )
-
-
-def _run_scenario(
-    scenario: Scenario,
-    out: Path,
-    quick: bool,
-    modes: Sequence[str] | None,
-    repeats: int | None,
-    capacity: bool,
-    capacity_steps: int,
-    progress: Callable[[str, float, float], Any] | None,
-    dit_batch: int,
-) -> dict[str, Any]:
     if quick:
         scenario = scenario.quick_variant()
-    modes = tuple(modes or scenario.modes)
-    repeats = repeats or scenario.repeats
+    runs = Runs(
+        scenario,
+        tuple(modes or scenario.modes),
+        repeats or scenario.repeats,
+        capacity,
+        capacity_steps,
+        dit_batch,
+        out,
+        progress,
+    )
     out.mkdir(parents=True, exist_ok=True)
+    results = _header(scenario, quick, dit_batch, runs.repeats)
+    jobs = jobs or scenario.jobs
+    with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
+        if jobs > 1:
+            return run_parallel(runs, results, jobs)
+        return _run_in_turn(runs, results)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """What one :func:`run_scenario` call runs: the scenario as run (its quick
+    variant with ``quick``), its modes and repeats, and what every run shares."""
+
+    scenario: Scenario
+    modes: tuple[str, ...]
+    repeats: int
+    capacity: bool
+    capacity_steps: int
+    dit_batch: int
+    out: Path
+    progress: Callable[[str, float, float], Any] | None
+
+
+def _run_in_turn(runs: Runs, results: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_scenario`'s runs one after another in this process."""
+    scenario, out, progress = runs.scenario, runs.out, runs.progress
     cost = emulated_cost()
-    results = _header(scenario, quick, dit_batch, repeats)
-    for repeat in range(repeats):
+    for repeat in range(runs.repeats):
         seeded = scenario.reseeded(scenario.workload.seed + repeat)
-        name = f"repeat {repeat + 1}/{repeats}" if repeats > 1 else ""
+        name = f"repeat {repeat + 1}/{runs.repeats}" if runs.repeats > 1 else ""
 
         def report(mode: str, elapsed: float, total: float, name: str = name) -> None:
             if progress is not None:
                 progress(f"{mode} {name}".strip(), elapsed, total)
 
-        one = run_once(seeded, modes, cost, out if repeat == 0 else None, report)
+        one = run_once(seeded, runs.modes, cost, out if repeat == 0 else None, report)
         results["runs"].append(one)
         results.update(combine(results["runs"]))
         write_results(out / "results.json", results)
-    if capacity:
+    if runs.capacity:
         results["capacity"] = capacity_sweep(
-            scenario, modes, cost, repeats, capacity_steps, progress
+            scenario, runs.modes, cost, runs.repeats, runs.capacity_steps, progress
         )
         write_results(out / "results.json", results)
     return results
@@ -572,45 +567,33 @@ def capacity_chain(
 # -- several fleets at once ------------------------------------------------------------
 
 
-def run_parallel(
-    scenario: Scenario,
-    out: Path,
-    *,
-    quick: bool,
-    modes: Sequence[str] | None,
-    repeats: int | None,
-    capacity: bool,
-    capacity_steps: int,
-    progress: Callable[[str, float, float], Any] | None,
-    dit_batch: int,
-    jobs: int,
-) -> dict[str, Any]:
-    """:func:`run_scenario` with ``jobs`` fleets at once, each run in a worker
-    process of its own (spawned: a process starts none of this one's
+def run_parallel(runs: Runs, results: dict[str, Any], jobs: int) -> dict[str, Any]:
+    """:func:`run_scenario`'s runs with ``jobs`` fleets at once, each run in a
+    worker process of its own (spawned: a process starts none of this one's
     threads): every mode's run of each repeat, and each mode and repeat's
     capacity bisection (its runs in turn, longest units first). A run is the
     one :func:`serve` or :func:`capacity_chain` makes in one process; the
     results and plots come out as there. A worker process reads dask config
     from its files and environment (not this process's ``dask.config.set``
-    but the DiT batch limit, which it is given). ``progress`` hears each unit
-    done."""
-    if quick:
-        scenario = scenario.quick_variant()
-    modes = tuple(modes or scenario.modes)
-    repeats = repeats or scenario.repeats
-    out.mkdir(parents=True, exist_ok=True)
+    but the DiT batch limit, which it is given). ``runs.progress`` hears each
+    unit done."""
+    scenario, modes, repeats = runs.scenario, runs.modes, runs.repeats
+    dit_batch, progress = runs.dit_batch, runs.progress
     cost = emulated_cost()
-    results = _header(scenario, quick, dit_batch, repeats)
     seeded = [scenario.reseeded(scenario.workload.seed + r) for r in range(repeats)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context) as pool:
         labels: dict[Future[Any], str] = {}
         chains: dict[tuple[str, int], Future[dict[str, Any]]] = {}
-        if capacity:
+        if runs.capacity:
             for repeat in range(repeats):
                 for mode in modes:
                     chain = pool.submit(
-                        _capacity_job, seeded[repeat], mode, capacity_steps, dit_batch
+                        _capacity_job,
+                        seeded[repeat],
+                        mode,
+                        runs.capacity_steps,
+                        dit_batch,
                     )
                     chains[mode, repeat] = chain
                     labels[chain] = f"{mode} capacity, repeat {repeat + 1}"
@@ -630,21 +613,21 @@ def run_parallel(
             pool.shutdown(cancel_futures=True)
             raise
     for repeat in range(repeats):
-        runs = {mode: served[mode, repeat].result() for mode in modes}
-        plots = out if repeat == 0 else None
-        results["runs"].append(run_once(seeded[repeat], modes, cost, plots, None, runs))
+        plots = runs.out if repeat == 0 else None
+        done = {mode: served[mode, repeat].result() for mode in modes}
+        results["runs"].append(run_once(seeded[repeat], modes, cost, plots, None, done))
     results.update(combine(results["runs"]))
-    if capacity:
+    if runs.capacity:
         results["capacity"] = capacity_sweep(
             scenario,
             modes,
             cost,
             repeats,
-            capacity_steps,
+            runs.capacity_steps,
             chains={key: future.result() for key, future in chains.items()},
         )
     results["jobs"] = jobs
-    write_results(out / "results.json", results)
+    write_results(runs.out / "results.json", results)
     return results
 
 
