@@ -26,6 +26,30 @@ class _DropRecords(logging.Filter):
         return not self.matches(record)
 
 
+class _OneLine(logging.Filter):
+    """Keeps the records ``matches`` picks, their traceback cut to the error's
+    one line; says why in its name."""
+
+    def __init__(self, name: str, matches) -> None:
+        super().__init__(name)
+        self.matches = matches
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and self.matches(record):
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} {type(error).__name__}: {error}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _heartbeat_to_stopped_scheduler(record: logging.LogRecord) -> bool:
+    """A worker's heartbeat can fire between its scheduler stopping and the
+    worker hearing the connection close: distributed logs the refused
+    connection with a traceback, then the worker closes as it should."""
+    error = record.exc_info[1] if record.exc_info else None
+    return isinstance(error, OSError) and "during heartbeat" in str(record.msg)
+
+
 def _closed_websocket_assertion(record: logging.LogRecord) -> bool:
     """Bokeh's ``WSHandler.open`` reads the subprotocol of a websocket whose
     browser already went away (an aborted page load): tornado asserts, and logs
@@ -81,6 +105,10 @@ _FILTERS = (
     (
         "distributed.nanny",
         _DropRecords("stop queue closed at shutdown", _closed_stop_queue),
+    ),
+    (
+        "distributed.worker",
+        _OneLine("heartbeat to a stopped scheduler", _heartbeat_to_stopped_scheduler),
     ),
     (
         "transformers.utils.import_utils",

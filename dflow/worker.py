@@ -127,13 +127,15 @@ class StagePlugin(WorkerPlugin):
             self.assign(self.stage, self.model, stop_on_failure=True)
         )
 
-    def _running(self, resource: str) -> list[str]:
+    def _running(self, resource: str, *, finished: bool = False) -> list[str]:
+        """Keys of the tasks needing ``resource`` that run here (with
+        ``finished``, also those that ran and hold their result here)."""
         assert self.worker is not None
+        states = {"executing", "long-running"} | ({"memory"} if finished else set())
         return [
             str(ts.key)
             for ts in self.worker.state.tasks.values()
-            if ts.state in ("executing", "long-running")
-            and resource in (ts.resource_restrictions or {})
+            if ts.state in states and resource in (ts.resource_restrictions or {})
         ]
 
     def next_ready_task(
@@ -234,11 +236,14 @@ class StagePlugin(WorkerPlugin):
                     queue.add(ts)
 
     async def drain(self) -> list[str]:
-        """Stop taking tasks of the current pool; returns the keys still running.
+        """Stop taking tasks of the current pool; returns the keys of its tasks
+        that run here or ran here.
 
         The pool's resources drop to zero here and on the scheduler, so no queued
         task of the pool starts on this worker any more; the scheduler moves the
-        queued ones elsewhere.
+        others elsewhere. A task that ran is among the keys even where the
+        scheduler has not heard it finish yet (that message may come after this
+        reply): moved, it would run twice.
         """
         assert self.worker is not None
         if self.runtime is None:
@@ -250,7 +255,7 @@ class StagePlugin(WorkerPlugin):
         await self._report(
             "draining", stage=self.runtime.stage, model=self.runtime.model
         )
-        return self._running(pool.resource)
+        return self._running(pool.resource, finished=True)
 
     def give_back(self, batches: int = 1) -> list[str]:
         """Send back to the scheduler up to ``batches`` batches of the denoising

@@ -42,6 +42,8 @@ from dflow.pools import Pool, task_pool
 logger = logging.getLogger(__name__)
 
 ACTUATORS = ("switch-roles", "scale-pools")
+#: Seconds a switch waits for tasks being stolen to the worker to land
+STEAL_WAIT = 30
 
 
 class Actuator(Protocol):
@@ -98,8 +100,10 @@ class RoleSwitcher:
         """Drain ``address``, requeue its queued tasks of ``source`` and have it
         load ``target``; it reports ready (:meth:`finished`) when it serves."""
         try:
-            running = set(await self.scheduler.rpc(address).dflow_drain())
-            self.requeue(address, source, running)
+            started = set(await self.scheduler.rpc(address).dflow_drain())
+            # a steal to it that began before the drain lands after it
+            await self._steals_landed(address)
+            self.requeue(address, source, started)
             await self.scheduler.rpc(address).dflow_assign(
                 stage=target.stage, model=target.model
             )
@@ -107,16 +111,34 @@ class RoleSwitcher:
             logger.exception("Switching %s to %s failed", address, target)
             self.switching.pop(address, None)
 
-    def requeue(self, address: str, pool: Pool | None, running: set[str]) -> None:
-        """Send the pool's tasks placed on ``address`` but not running back to the
-        scheduler, which places them on the pool's other workers."""
+    async def _steals_landed(self, address: str) -> None:
+        """Wait until no task is being stolen to ``address`` (Dask's stealing
+        confirms a move without asking whether the thief still takes the task's
+        pool)."""
+        stealing = self.scheduler.extensions.get("stealing")
+        ws = self.scheduler.workers.get(address)
+        deadline = time.monotonic() + STEAL_WAIT
+        while any(
+            info["thief"] is ws for info in getattr(stealing, "in_flight", {}).values()
+        ):
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "Tasks still being stolen to %s after %ss", address, STEAL_WAIT
+                )
+                return
+            await asyncio.sleep(0.01)
+
+    def requeue(self, address: str, pool: Pool | None, started: set[str]) -> None:
+        """Send the pool's tasks placed on ``address`` that have not started there
+        (``started``: the keys running or run there) back to the scheduler,
+        which places them on the pool's other workers."""
         ws = self.scheduler.workers.get(address)
         if ws is None or pool is None:
             return
         queued: dict[Key, TaskStateState] = {
             ts.key: "released"
             for ts in ws.processing
-            if task_pool(ts.annotations) == pool and ts.key not in running
+            if task_pool(ts.annotations) == pool and ts.key not in started
         }
         if queued:
             self.scheduler.transitions(

@@ -344,6 +344,30 @@ def test_known_dependency_noise_is_dropped_and_the_rest_kept():
     assert not transformers.filter(record(transformers, fallback))
     assert transformers.filter(record(transformers, "something else"))
 
+    # a heartbeat refused by a stopped scheduler: one line, no traceback
+    worker = logging.getLogger("distributed.worker")
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except OSError:
+        refused = sys.exc_info()
+    heartbeat = record(
+        worker, "Failed to communicate with scheduler during heartbeat.", refused
+    )
+    assert worker.filter(heartbeat)
+    line = logging.Formatter().format(heartbeat)
+    assert line == (
+        "Failed to communicate with scheduler during heartbeat. "
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    try:
+        raise KeyError("state")
+    except KeyError:
+        unexpected = record(
+            worker, "Unexpected exception during heartbeat.", sys.exc_info()
+        )
+    assert worker.filter(unexpected)
+    assert "Traceback" in logging.Formatter().format(unexpected)
+
 
 # -- the demo ---------------------------------------------------------------------
 
