@@ -242,6 +242,7 @@ worker.params.append(_PRELOAD_ARGV)
 @click.version_option(package_name="dflow")
 def dflow():
     """dflow: disaggregated diffusion serving on Dask."""
+    logs.quiet_dependencies()
 
 
 dflow.add_command(worker)
