@@ -302,6 +302,10 @@ class ElasticController(SchedulerPlugin):
         owed: Counter[Pool] = Counter()
         # the newest owed task's annotations per pool; its features read once
         latest: dict[Pool, Any] = {}
+        # owed tasks per pool and features (as items: the features of one
+        # model's tasks list the same names in the same order; a shape's list
+        # may arrive as one)
+        shapes: dict[Pool, Counter[tuple]] = {}
         # seconds left to each owed task's deadline, and the newest one's SLO
         due: dict[Pool, list[float]] = {}
         slo: dict[Pool, float] = {}
@@ -311,6 +315,11 @@ class ElasticController(SchedulerPlugin):
                 owed[pool] += 1
                 latest[pool] = ts.annotations
                 info = (ts.annotations or {})["dflow"]
+                shape = tuple(
+                    (name, tuple(v) if isinstance(v, list) else v)
+                    for name, v in info.get("features", {}).items()
+                )
+                shapes.setdefault(pool, Counter())[shape] += 1
                 request = requests.get(info.get("request"))
                 if request is not None and request.due is not None:
                     slo[pool] = request.due - request.submitted
@@ -331,6 +340,10 @@ class ElasticController(SchedulerPlugin):
             pools[pool] = PoolView(
                 owed=owed[pool],
                 newest=newest.get(pool),
+                shapes=tuple(
+                    (dict(shape), count)
+                    for shape, count in shapes.get(pool, Counter()).items()
+                ),
                 recent=recent[-1] if recent else None,
                 observed_s=telemetry.service.get(pool),
                 rate=telemetry.arrival_rate(pool, settings.window),

@@ -105,6 +105,8 @@ class PoolView:
     owed: int = 0
     #: features of the newest owed task, and of the latest finished one
     newest: Mapping[str, Any] | None = None
+    #: the owed tasks' distinct features, each with how many tasks owe it
+    shapes: Sequence[tuple[Mapping[str, Any], int]] = ()
     recent: Mapping[str, Any] | None = None
     #: observed seconds per request (telemetry's moving average)
     observed_s: float | None = None
@@ -167,6 +169,8 @@ class Price:
 
     seconds: float
     cost: PoolCost
+    #: seconds of the work owed on the reference GPU type
+    backlog: float = 0.0
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -433,10 +437,19 @@ def price(
 ) -> Price:
     """Service time on the reference GPU type, speeds, memory and switch time of
     ``pool``, priced by the features of the newest task it owes (else of its
-    latest finished one): the work ahead is priced by its own requests, so a
-    new mix is priced as itself before its first task finishes."""
+    latest finished one), and the work it owes, each task priced by its own
+    features: the work ahead is priced by its own requests, so a new mix is
+    priced as itself before its first task finishes, and a backlog of the old
+    mix as the old mix."""
     features = view.newest if view.newest is not None else view.recent
     base = service(pool, view, reference, features, predictor, observed)
+    backlog = (view.owed - sum(n for _, n in view.shapes)) * (base or 0.0)
+    for shape, count in view.shapes:
+        if shape == features:
+            backlog += count * (base or 0.0)
+            continue
+        seconds = service(pool, view, reference, shape, predictor, observed)
+        backlog += count * (seconds if seconds is not None else base or 0.0)
     speeds = {}
     for gpu_type in gpu_types:
         seconds = (
@@ -464,6 +477,7 @@ def price(
     return Price(
         seconds=base or 0.0,
         cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
+        backlog=backlog,
     )
 
 
@@ -613,7 +627,7 @@ def demands(
         timed = seconds > 0 and (due or slo < math.inf)
         result[pool] = Demand(
             rate=forecast_rate(view, settings) * seconds,
-            backlog=view.owed * seconds,
+            backlog=pool_price.backlog,
             task_seconds=seconds if timed else 0.0,
             due=due,
             slo=slo,

@@ -402,17 +402,34 @@ STEADY_HALF = tuple(2.0 * i + 1.0 for i in range(15))
 
 
 def test_demand_and_targets():
-    observation = fleet(DIT, dit_m=PoolView(owed=4, rate=0.5, arrivals=STEADY_HALF))
-    prices = {
-        DIT: price(
-            DIT, PoolView(newest=DIT_HEAVY), "h200", ["h200"], StageCosts(), {}, 10.0
-        )
-    }
+    view = PoolView(owed=4, rate=0.5, arrivals=STEADY_HALF, newest=DIT_HEAVY)
+    observation = fleet(DIT, dit_m=view)
+    prices = {DIT: price(DIT, view, "h200", ["h200"], StageCosts(), {}, 10.0)}
     (demand,) = demands(observation, prices, SETTINGS).values()
     assert demand.rate == pytest.approx(1.0) and demand.backlog == pytest.approx(8.0)
     # (1 x 30 + 8) / (30 x 0.5) = 2.53: three workers; no load: none
     assert pool_targets({DIT: demand}, 30.0, 0.5) == {DIT: 3}
     assert pool_targets({DIT: Demand(0.0, 0.0)}, 30.0, 0.5) == {DIT: 0}
+
+
+def test_a_backlog_is_priced_by_its_own_tasks():
+    """Arrivals have turned light (10 steps) while 3 heavy tasks (50 steps) are
+    still owed: the arrivals are priced as the newest task, the backlog task
+    by task."""
+    light = {**DIT_HEAVY, "steps": 10}
+    view = PoolView(
+        owed=4,
+        newest=light,
+        shapes=((DIT_HEAVY, 3), (light, 1)),
+        arrivals=STEADY_HALF,
+    )
+    (demand,) = demands(
+        fleet(DIT, dit_m=view),
+        {DIT: price(DIT, view, "h200", ["h200"], StageCosts(), {}, 10.0)},
+        SETTINGS,
+    ).values()
+    assert demand.rate == pytest.approx(0.5 * 0.4)
+    assert demand.backlog == pytest.approx(3 * 2.0 + 0.4)
 
 
 def test_demand_carries_each_stages_deadlines():
