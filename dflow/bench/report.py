@@ -182,9 +182,9 @@ def run_scenario(
     (every run, and per mode the median of the repeats with their min and
     max) and the first repeat's plots; returns the results. ``dit_batch`` is
     every worker's ``dflow.runtime.max-dit-batch`` (1: no DiT batching),
-    which the physical bounds assume too. ``jobs`` > 1 (default the
-    scenario's) runs that many fleets at once, each in a process of its own
-    (:func:`run_parallel`)."""
+    which the physical bounds assume too. Every fleet runs in a process of
+    its own, ``jobs`` (default the scenario's) at once
+    (:func:`run_in_processes`)."""
     if quick:
         scenario = scenario.quick_variant()
     runs = Runs(
@@ -201,9 +201,7 @@ def run_scenario(
     results = _header(scenario, quick, dit_batch, runs.repeats)
     jobs = jobs or scenario.jobs
     with dask.config.set({"dflow.runtime.max-dit-batch": dit_batch}):
-        if jobs > 1:
-            return run_parallel(runs, results, jobs)
-        return _run_in_turn(runs, results)
+        return run_in_processes(runs, results, jobs)
 
 
 @dataclass(frozen=True)
@@ -219,30 +217,6 @@ class Runs:
     dit_batch: int
     out: Path
     progress: Callable[[str, float, float], Any] | None
-
-
-def _run_in_turn(runs: Runs, results: dict[str, Any]) -> dict[str, Any]:
-    """:func:`run_scenario`'s runs one after another in this process."""
-    scenario, out, progress = runs.scenario, runs.out, runs.progress
-    cost = emulated_cost()
-    for repeat in range(runs.repeats):
-        seeded = scenario.reseeded(scenario.workload.seed + repeat)
-        name = f"repeat {repeat + 1}/{runs.repeats}" if runs.repeats > 1 else ""
-
-        def report(mode: str, elapsed: float, total: float, name: str = name) -> None:
-            if progress is not None:
-                progress(f"{mode} {name}".strip(), elapsed, total)
-
-        one = run_once(seeded, runs.modes, cost, out if repeat == 0 else None, report)
-        results["runs"].append(one)
-        results.update(combine(results["runs"]))
-        write_results(out / "results.json", results)
-    if runs.capacity:
-        results["capacity"] = capacity_sweep(
-            scenario, runs.modes, cost, runs.repeats, runs.capacity_steps, progress
-        )
-        write_results(out / "results.json", results)
-    return results
 
 
 def emulated_cost() -> Any:
@@ -567,13 +541,15 @@ def capacity_chain(
 # -- several fleets at once ------------------------------------------------------------
 
 
-def run_parallel(runs: Runs, results: dict[str, Any], jobs: int) -> dict[str, Any]:
+def run_in_processes(runs: Runs, results: dict[str, Any], jobs: int) -> dict[str, Any]:
     """:func:`run_scenario`'s runs with ``jobs`` fleets at once, each run in a
-    worker process of its own (spawned: a process starts none of this one's
-    threads): every mode's run of each repeat, and each mode and repeat's
-    capacity bisection (its runs in turn, longest units first). A run is the
-    one :func:`serve` or :func:`capacity_chain` makes in one process; the
-    results and plots come out as there. A worker process reads dask config
+    fresh process (spawned: it starts none of this one's threads, and runs
+    nothing else): every mode's run of each repeat, and each mode and
+    repeat's capacity bisection (its runs in turn, longest units first). A
+    fleet run after others in one process served slower than alone (the
+    controller's modes most), so no run inherits another's state. A run is
+    the one :func:`serve` or :func:`capacity_chain` makes in one process;
+    the results and plots come out as there. A worker process reads dask config
     from its files and environment (not this process's ``dask.config.set``
     but the DiT batch limit, which it is given). ``runs.progress`` hears each
     unit done."""
@@ -582,7 +558,7 @@ def run_parallel(runs: Runs, results: dict[str, Any], jobs: int) -> dict[str, An
     cost = emulated_cost()
     seeded = [scenario.reseeded(scenario.workload.seed + r) for r in range(repeats)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         labels: dict[Future[Any], str] = {}
         chains: dict[tuple[str, int], Future[dict[str, Any]]] = {}
         if runs.capacity:
@@ -633,7 +609,7 @@ def run_parallel(runs: Runs, results: dict[str, Any], jobs: int) -> dict[str, An
 
 @functools.cache
 def _worker_cost() -> Any:
-    """The cost model of a worker process of :func:`run_parallel`."""
+    """The cost model of a worker process of :func:`run_in_processes`."""
     return emulated_cost()
 
 
