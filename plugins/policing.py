@@ -105,8 +105,7 @@ class TaskPolicing(SchedulerPlugin):
         assert self.scheduler is not None
         timeout = parse_timedelta(dask.config.get("dflow.scheduler.unserved-timeout"))
         now = time.time()
-        # only unrunnable tasks need it: most checks have none
-        served = self.extension.served() if self.scheduler.unrunnable else set()
+        served = self.extension.served()
         recommendations: dict = {}
         waiting: set[Key] = set()
         for ts in list(self.scheduler.unrunnable):
