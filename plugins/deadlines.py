@@ -38,7 +38,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler, TaskState
 
 import dflow.config  # noqa: F401
-from dflow.plugins.extension import DflowExtension
+from dflow.plugins.extension import SERVING, DflowExtension
 from dflow.plugins.predictions import Predictions
 from dflow.pools import MONOLITHIC, STAGES, Pool, task_pool
 
@@ -97,11 +97,14 @@ class Deadlines(SchedulerPlugin):
         requests: dict[str, list[tuple[Any, dict]]] = defaultdict(list)
         for key, info in infos.items():
             requests[info["request"]].append((key, info))
+        gpu_types = self.gpu_types()
         for request, tasks in requests.items():
             stages = {info["stage"]: info for _, info in tasks}
             info = next(iter(stages.values()))
             record = self.extension.requests.get(request)
-            seconds = self.predict(info["model"], stages, info.get("features", {}))
+            seconds = self.predict(
+                info["model"], stages, info.get("features", {}), gpu_types
+            )
             self.stage_seconds[request] = seconds
             due = now + self.slo(info, seconds)
             if record is not None:
@@ -128,16 +131,30 @@ class Deadlines(SchedulerPlugin):
             return math.inf
         return float(factor) * sum(seconds.values())
 
+    def gpu_types(self) -> dict[tuple[str, str], set[str]]:
+        """GPU types of the workers serving each pool, by (stage, model): read
+        once per graph, not once per stage of each of its requests."""
+        types: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for record in self.extension.workers.values():
+            if record.state in SERVING and None not in (record.stage, record.model):
+                types[record.stage, record.model].add(record.gpu_type)
+        return types
+
     def predict(
-        self, model: str, stages: dict[str, Any], features: dict[str, Any]
+        self,
+        model: str,
+        stages: dict[str, Any],
+        features: dict[str, Any],
+        gpu_types: dict[tuple[str, str], set[str]],
     ) -> dict[str, float]:
         """Predicted seconds of each of a request's stages alone, on the fastest
-        GPU type serving its pool (empty when a stage cannot be priced)."""
+        GPU type serving its pool (:meth:`gpu_types`; empty when a stage cannot
+        be priced)."""
         names = (MONOLITHIC,) if MONOLITHIC in stages else STAGES
         seconds = {}
         for stage in names:
             pool = Pool(stage, model)
-            types = {r.gpu_type for r in self.extension.members(pool)}
+            types = gpu_types.get((stage, model), ())
             known = [
                 s
                 for g in types

@@ -367,13 +367,21 @@ class DflowExtension(SchedulerPlugin):
         self, pool: Pool, states: Collection[str] = SERVING
     ) -> list[WorkerRecord]:
         """The records of the workers of ``pool`` in one of ``states``."""
+        # (stage, model) against the pool: no Pool made per worker
         return [
-            r for r in self.workers.values() if r.pool == pool and r.state in states
+            r
+            for r in self.workers.values()
+            if r.state in states and (r.stage, r.model) == pool
         ]
 
     def served(self) -> set[Pool]:
         """Pools that have a worker ready or loading."""
-        return {r.pool for r in self.workers.values() if r.pool and r.state in SERVING}
+        pairs = {
+            (r.stage, r.model)
+            for r in self.workers.values()
+            if r.state in SERVING and r.stage is not None and r.model is not None
+        }
+        return {Pool(*pair) for pair in pairs}
 
     def in_flight(self) -> list[RequestRecord]:
         return [r for r in self.requests.values() if r.status == "pending"]

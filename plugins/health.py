@@ -253,6 +253,7 @@ class Health(SchedulerPlugin):
             self._awake_since = now
         self._checked_at = now
         speeds = self.speeds.refresh()
+        timeout = self.heartbeat_timeout()
         for address, record in list(self.extension.workers.items()):
             ws = self.scheduler.workers.get(address)
             watch = self.watches.get(address)
@@ -269,7 +270,7 @@ class Health(SchedulerPlugin):
                 record.health = ""
             if record.state not in WATCHED:
                 continue
-            hung = self.hung(record, ws, watch, now)
+            hung = self.hung(record, ws, watch, now, timeout)
             if hung is not None:
                 self.fence(address, *hung)
                 continue
@@ -284,13 +285,25 @@ class Health(SchedulerPlugin):
         return max(self.settings.heartbeat_timeout, 10 * interval)
 
     def hung(
-        self, record: WorkerRecord, ws: WorkerState, watch: Watch, now: float
+        self,
+        record: WorkerRecord,
+        ws: WorkerState,
+        watch: Watch,
+        now: float,
+        timeout: float | None = None,
     ) -> tuple[str, str] | None:
         """Why the worker is hung, and the kind of cause (``heartbeat`` or
-        ``stalled``); ``None`` while it is not."""
+        ``stalled``); ``None`` while it is not. ``timeout``: the
+        :meth:`heartbeat_timeout`, if the caller has it."""
         silence = now - max(ws.last_seen, self._awake_since)
-        if silence > self.heartbeat_timeout():
+        if silence > (self.heartbeat_timeout() if timeout is None else timeout):
             return f"no heartbeat for {silence:.1f}s", "heartbeat"
+        if not ws.executing:
+            # idle (most workers of a large fleet): nothing runs, nothing stalls
+            if watch.steps:
+                watch.steps = {}
+            watch.busy_since = None
+            return None
         # the stage calls it runs (as its last heartbeat said) that the
         # scheduler waits for
         running = {

@@ -108,11 +108,13 @@ class SpeedPlacement(SchedulerPlugin):
         """Dask's objective for other tasks; for a stage task, when it would
         finish on ``ws`` at the worker's speed."""
         assert self.scheduler is not None and self._objective is not None
-        pool = task_pool(ts.annotations)
-        if pool is None:
+        # called once per candidate worker of each placement: the stage from
+        # the annotation, without a Pool
+        info = (ts.annotations or {}).get("dflow")
+        if not info:
             return self._objective(ts, ws)
         start, *rest = self._objective(ts, ws)
-        if pool.stage in BATCHING_STAGES:
+        if ws.nthreads > 1 and info["stage"] in BATCHING_STAGES:
             # Dask shares the backlog among the task slots; a denoising task
             # shares a step only with its own shape, so count it whole: an
             # idle worker beats a busy one, whose extra slots are for batching
@@ -226,28 +228,27 @@ class SpeedPlacement(SchedulerPlugin):
     def _members(self) -> dict[Pool, list[WorkerState]]:
         """The ready workers of each pool that take its tasks."""
         assert self.scheduler is not None
-        members: dict[Pool, list[WorkerState]] = {}
+        # by (stage, model) pairs: a thousand workers serve a handful of pools
+        members: dict[tuple[str, str], list[WorkerState]] = {}
+        resources: dict[tuple[str, str], str] = {}
         for record in self.extension.workers.values():
-            ws = self.scheduler.workers.get(record.address)
-            pool = record.pool
-            if pool is None or record.state != "ready" or ws is None:
+            if record.stage is None or record.model is None or record.state != "ready":
                 continue
-            if ws.resources.get(pool.resource, 0) > 0:
-                members.setdefault(pool, []).append(ws)
-        return members
+            ws = self.scheduler.workers.get(record.address)
+            if ws is None:
+                continue
+            pair = (record.stage, record.model)
+            if pair not in resources:
+                resources[pair] = Pool(*pair).resource
+            if ws.resources.get(resources[pair], 0) > 0:
+                members.setdefault(pair, []).append(ws)
+        return {Pool(*pair): workers for pair, workers in members.items()}
 
     def _rebalance_pool(
         self, pool: Pool, workers: list[WorkerState], stealing: Any
     ) -> None:
         assert self.scheduler is not None
         scheduler = self.scheduler
-        # seconds until each worker has cleared its backlog, at its speed
-        backlog = {
-            ws: (ws.occupancy + stealing.in_flight_occupancy[ws])
-            / ws.nthreads
-            / self.factor(ws.address)
-            for ws in workers
-        }
         queued = {
             ws: sorted(
                 (
@@ -259,6 +260,17 @@ class SpeedPlacement(SchedulerPlugin):
                 ),
                 key=lambda ts: ts.priority or (),
             )
+            if ws.processing
+            else []
+            for ws in workers
+        }
+        if not any(queued.values()):
+            return  # nothing to move: most pools, most of the time
+        # seconds until each worker has cleared its backlog, at its speed
+        backlog = {
+            ws: (ws.occupancy + stealing.in_flight_occupancy[ws])
+            / ws.nthreads
+            / self.factor(ws.address)
             for ws in workers
         }
         for _ in range(MAX_MOVES):

@@ -105,7 +105,8 @@ class TaskPolicing(SchedulerPlugin):
         assert self.scheduler is not None
         timeout = parse_timedelta(dask.config.get("dflow.scheduler.unserved-timeout"))
         now = time.time()
-        served = self.extension.served()
+        # only unrunnable tasks need it: most checks have none
+        served = self.extension.served() if self.scheduler.unrunnable else set()
         recommendations: dict = {}
         waiting: set[Key] = set()
         for ts in list(self.scheduler.unrunnable):

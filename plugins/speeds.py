@@ -114,13 +114,16 @@ class WorkerSpeeds:
         """Recompute every worker's speed on its pool now; returns them by
         address (workers whose speed is unknown are left out)."""
         groups: dict[tuple[Pool, str], list[tuple[str, Estimate]]] = {}
-        for record in list(self.extension.workers.values()):
-            if record.pool is None:
+        # from the estimates, not the workers: of a large fleet, only those
+        # that ran enough calls have a speed
+        for (address, pool), estimate in self.estimates.items():
+            if estimate.samples < self.samples:
                 continue
-            estimate = self._estimate(record.address, record.pool)
-            if estimate is not None:
-                key = (record.pool, record.gpu_type)
-                groups.setdefault(key, []).append((record.address, estimate))
+            record = self.extension.workers.get(address)
+            if record is None or record.pool != pool:
+                continue  # gone, or serving another pool now
+            key = (pool, record.gpu_type)
+            groups.setdefault(key, []).append((address, estimate))
         speeds = {}
         for members in groups.values():
             ratios = [estimate.log_ratio for _, estimate in members]
@@ -151,9 +154,3 @@ class WorkerSpeeds:
         for key in [k for k in self.estimates if k[0] == address]:
             del self.estimates[key]
         self.current.pop(address, None)
-
-    def _estimate(self, address: str, pool: Pool) -> Estimate | None:
-        estimate = self.estimates.get((address, pool))
-        if estimate is None or estimate.samples < self.samples:
-            return None
-        return estimate

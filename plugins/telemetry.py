@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,21 +207,30 @@ class Telemetry(SchedulerPlugin):
 
     def queue(self, pool: Pool) -> int:
         """Tasks of ``pool`` waiting for a worker or placed on one (queued or running)."""
+        return self.queues([pool])[pool]
+
+    def queues(self, pools: Iterable[Pool]) -> dict[Pool, int]:
+        """:meth:`queue` of each of ``pools``, in one pass over the workers."""
         assert self.scheduler is not None
-        resource = pool.resource
-        count = sum(
-            1
-            for ts in self.scheduler.unrunnable
-            if ts.resource_restrictions and resource in ts.resource_restrictions
-        )
+        by_resource = {pool.resource: pool for pool in pools}
+        counts = dict.fromkeys(by_resource.values(), 0)
+        for ts in self.scheduler.unrunnable:
+            for resource in ts.resource_restrictions or ():
+                if resource in by_resource:
+                    counts[by_resource[resource]] += 1
         for ws in self.scheduler.workers.values():
-            if ws.resources.get(resource):
-                count += sum(
-                    1
-                    for ts in ws.processing
-                    if ts.resource_restrictions and resource in ts.resource_restrictions
-                )
-        return count
+            if not ws.processing:
+                continue
+            # the pools whose resource the worker advertises
+            advertised = [r for r, n in ws.resources.items() if n and r in by_resource]
+            for ts in ws.processing:
+                restrictions = ts.resource_restrictions
+                if not restrictions:
+                    continue
+                for resource in advertised:
+                    if resource in restrictions:
+                        counts[by_resource[resource]] += 1
+        return counts
 
     def pools(self) -> set[Pool]:
         """Pools that have workers or saw requests within the window; pools
@@ -266,8 +275,8 @@ class Telemetry(SchedulerPlugin):
             if record.state == "ready" and record.stage:
                 workers[record.stage][record.gpu_type] += 1
         queue: dict[str, int] = defaultdict(int)
-        for pool in self.pools():
-            queue[pool.stage] += self.queue(pool)
+        for pool, count in self.queues(self.pools()).items():
+            queue[pool.stage] += count
         completed = sum(
             n
             for (_, status), n in self.extension.counts.items()
