@@ -389,7 +389,9 @@ def test_demo_is_quiet_and_keeps_its_dashboard_up(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=child_environment(),
+        # a demo that hangs on the way out is aborted, and faulthandler prints
+        # where each of its threads was
+        env=child_environment({"PYTHONFAULTHANDLER": "1"}),
     )
     lines = []
     try:
@@ -407,7 +409,12 @@ def test_demo_is_quiet_and_keeps_its_dashboard_up(tmp_path):
             metrics = page.read().decode()
         assert 'dflow_requests_in_flight{model="tiny-flux"} 0.0' in metrics
         demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=120)
+        try:
+            rest, _ = demo.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            demo.send_signal(signal.SIGABRT)
+            rest, _ = demo.communicate(timeout=30)
+            pytest.fail("the demo did not exit within 120 s of Ctrl-C:\n" + rest)
     finally:
         if demo.poll() is None:
             demo.kill()
