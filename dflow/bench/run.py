@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -182,6 +183,8 @@ def run_mode(
         stack.enter_context(dask.config.set(run_config(scenario, mode, scale)))
         # the run's config may quantize the DiT: the predictor prices that
         predictor = fleet_predictor(cost, list(scenario.fleet), scale)
+        worker_log = logging.getLogger("distributed.worker")
+        stack.callback(worker_log.setLevel, worker_log.level)
         cluster = stack.enter_context(
             StageCluster(
                 workers[0][1],
@@ -195,6 +198,9 @@ def run_mode(
                 scheduler_options={"preload": [], "dashboard": False},
             )
         )
+        # while the fleet closes, workers whose heartbeat races the scheduler's
+        # close log an error each: the run is over, nothing is lost
+        stack.callback(worker_log.setLevel, logging.CRITICAL)
         cluster.sync(
             _install, cluster.scheduler, predictor, recorder, autoscaler or thresholds
         )
