@@ -372,6 +372,10 @@ def test_known_dependency_noise_is_dropped_and_the_rest_kept():
 # -- the demo ---------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_demo_is_quiet_and_keeps_its_dashboard_up(tmp_path):
     demo = subprocess.Popen(
@@ -392,6 +396,9 @@ def test_demo_is_quiet_and_keeps_its_dashboard_up(tmp_path):
         # a demo that hangs on the way out is aborted, and faulthandler prints
         # where each of its threads was
         env=child_environment({"PYTHONFAULTHANDLER": "1"}),
+        # Ctrl-C reaches a terminal's foreground job; a shell ignores SIGINT in
+        # its background jobs (as CI may run this), and children inherit that
+        preexec_fn=_default_sigint,
     )
     lines = []
     try:
