@@ -64,6 +64,9 @@ class PlannerWorker:
         Its speed relative to its GPU type (a throttled card, a noisy
         neighbour: :mod:`dflow.plugins.health`); its speed on each pool is its
         type's times this.
+    parked
+        Pools whose weights it keeps in host memory: it switches to them in
+        their ``resume_seconds`` (:class:`PoolCost`).
     """
 
     name: str
@@ -76,6 +79,7 @@ class PlannerWorker:
     ready_in: float = 0.0
     barred: frozenset[Pool] = frozenset()
     speed: float = 1.0
+    parked: frozenset[Pool] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,20 @@ class PoolCost:
     switch_seconds
         Per GPU type, the time a worker needs to start serving this pool (model
         load and warm-up), during which it serves nothing; missing: 0.
+    resume_seconds
+        Per GPU type, the same for a worker that keeps the pool's weights in
+        host memory (:attr:`PlannerWorker.parked`); missing: ``switch_seconds``.
     """
 
     speeds: Mapping[str, float]
     memory_bytes: int = 0
     switch_seconds: Mapping[str, float] = field(default_factory=dict)
+    resume_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    def switch(self, gpu_type: str, parked: bool = False) -> float:
+        """Seconds a worker of ``gpu_type`` takes to start serving the pool."""
+        load = self.switch_seconds.get(gpu_type, 0.0)
+        return self.resume_seconds.get(gpu_type, load) if parked else load
 
 
 @dataclass(frozen=True)
@@ -501,7 +514,7 @@ class _Problem:
         self.drain: list[float] = []
         step = horizon / 16 if horizon > 0 else 0.0
         kinds: dict[tuple, int] = {}
-        by_type: dict[tuple[str, int, float], int] = {}
+        by_type: dict[tuple[str, int, float, frozenset[Pool]], int] = {}
         # a pool's memory is an estimate (the spec's weights where no profile
         # predicts a peak); a worker serving the pool shows its GPU holds it
         fits: dict[tuple[str, int], set[Pool]] = {}
@@ -523,10 +536,11 @@ class _Problem:
                 w.pool,
                 w.ready_in,
                 w.drain_seconds,
+                w.parked,
             )
             known = made.get(fields)
             if known is None:
-                key = (w.gpu_type, w.memory_bytes, w.speed)
+                key = (w.gpu_type, w.memory_bytes, w.speed, w.parked)
                 if key not in by_type:
                     held = fits.get((w.gpu_type, w.memory_bytes), set())
                     speeds = tuple(
@@ -536,7 +550,7 @@ class _Problem:
                         for p in self.pools
                     )
                     switches = tuple(
-                        costs[p].switch_seconds.get(w.gpu_type, 0.0) for p in self.pools
+                        costs[p].switch(w.gpu_type, p in w.parked) for p in self.pools
                     )
                     if (speeds, switches) not in kinds:
                         kinds[speeds, switches] = len(self.speed)

@@ -774,6 +774,24 @@ class StageRuntime:
         )
         return torch.zeros(latents.shape, dtype=getattr(torch, latents.dtype))
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of its stages' weights in the model's dtype (8-bit DiT weights
+        take less)."""
+        return sum(self.spec.weight_bytes.get(s, 0) for s in self.stages)
+
+    def park(self) -> None:
+        """Free the device but keep the weights in host memory, for a worker
+        that may serve this stage again (:meth:`resume`)."""
+        self.encodings.clear()
+        self.adapter.park()
+
+    def resume(self) -> float:
+        """Serve again after :meth:`park`. Returns the seconds it took."""
+        start = time.perf_counter()
+        self.adapter.resume()
+        return time.perf_counter() - start
+
     def close(self) -> None:
         """Drop the model and return its device memory."""
         self.encodings.clear()

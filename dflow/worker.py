@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import dask.config
+from dask.utils import parse_bytes
 from distributed import Nanny, Worker
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -36,6 +37,7 @@ from distributed.worker_state_machine import TaskState, WorkerState
 import dflow.config  # noqa: F401
 from dflow import backend, diagnosis, logs
 from dflow import runtime as runtimes
+from dflow.catalog import resolve
 from dflow.pools import (
     MONOLITHIC,
     WORKER_STAGES,
@@ -104,6 +106,9 @@ class StagePlugin(WorkerPlugin):
         self.quantize = quantize
         self.worker: Worker | None = None
         self.runtime: runtimes.StageRuntime | None = None
+        #: stages it served before, their weights kept in host memory (most
+        #: recently parked last; ``dflow.runtime.park-memory`` bytes at most)
+        self.parked: dict[tuple[str, str], runtimes.StageRuntime] = {}
         self.ready: asyncio.Event | None = None
 
     async def setup(self, worker: Worker) -> None:
@@ -292,8 +297,44 @@ class StagePlugin(WorkerPlugin):
                 stage,
                 model,
             )
-            await asyncio.to_thread(old.close)
+            await asyncio.to_thread(self._park, old)
         await self.assign(stage, model)
+
+    def _park(self, runtime: runtimes.StageRuntime) -> None:
+        """Keep ``runtime``'s weights in host memory if they fit
+        ``dflow.runtime.park-memory`` (the least recently parked go first),
+        else close it."""
+        budget = parse_bytes(dask.config.get("dflow.runtime.park-memory") or 0)
+        closing = [runtime]
+        if runtime.weight_bytes <= budget:
+            try:
+                runtime.park()
+            except Exception:
+                logger.warning(
+                    "Could not keep stage %s of %s in host memory; unloading it",
+                    runtime.stage,
+                    runtime.model,
+                    exc_info=True,
+                )
+            else:
+                closing = []
+                self.parked[runtime.model, runtime.stage] = runtime
+                while sum(r.weight_bytes for r in self.parked.values()) > budget:
+                    closing.append(self.parked.pop(next(iter(self.parked))))
+        for leaving in closing:
+            leaving.close()
+
+    def _unpark(self, model: str, stage: str) -> runtimes.StageRuntime | None:
+        """The parked runtime of ``stage`` of ``model`` (a name or path), taken
+        out of :attr:`parked`."""
+        try:
+            name = resolve(model).name
+        except Exception:  # the load that follows says what is wrong with it
+            name = model
+        return self.parked.pop((name, stage), None)
+
+    def _parked_pools(self) -> list[str]:
+        return [str(Pool(stage, model)) for model, stage in self.parked]
 
     async def assign(
         self, stage: str, model: str, *, stop_on_failure: bool = False
@@ -309,18 +350,39 @@ class StagePlugin(WorkerPlugin):
         # of workers it does not know yet
         while worker.status in (Status.init, Status.starting, Status.undefined):
             await asyncio.sleep(0.05)
-        await self._report("loading", stage=stage, model=model)
+        await self._report(
+            "loading", stage=stage, model=model, parked=self._parked_pools()
+        )
+        parked = self._unpark(model, stage)
+        if parked is not None:
+            try:
+                resumed = await asyncio.to_thread(parked.resume)
+            except Exception:
+                logger.warning(
+                    "Could not resume stage %s of %s from host memory; loading it",
+                    stage,
+                    parked.model,
+                    exc_info=True,
+                )
+                await asyncio.to_thread(parked.close)
+                parked = None
         warming = False
         try:
-            runtime = await asyncio.to_thread(
-                runtimes.StageRuntime,
-                model,
-                stage,
-                gpu_type=None if self.gpu_type == "auto" else self.gpu_type,
-                quantize=self.quantize if holds_dit(stage) else None,
-            )
-            warming = True
-            warmup = await asyncio.to_thread(runtime.warmup)
+            if parked is not None:
+                runtime, load, warmup = parked, resumed, 0.0
+            else:
+                runtime = await asyncio.to_thread(
+                    runtimes.StageRuntime,
+                    model,
+                    stage,
+                    gpu_type=None if self.gpu_type == "auto" else self.gpu_type,
+                    quantize=self.quantize if holds_dit(stage) else None,
+                )
+                warming = True
+                load, warmup = (
+                    runtime.load_seconds,
+                    await asyncio.to_thread(runtime.warmup),
+                )
         except Exception as error:
             message = diagnosis.load_failure(model, stage, error, warming)
             logger.error("Worker %s %s", worker.name, message)
@@ -339,16 +401,19 @@ class StagePlugin(WorkerPlugin):
             model=runtime.model,
             quantize=runtime.quantize,
             resources=resources,
-            # what a switch to this pool costs: load plus warm-up
-            load_seconds=runtime.load_seconds + warmup,
+            # what a switch to this pool costs: load plus warm-up, or a resume
+            load_seconds=load + warmup,
+            resumed=parked is not None,
+            parked=self._parked_pools(),
             spec=runtime.spec.to_dict(),
         )
         self.ready.set()
         logger.info(
-            "Stage %s of %s ready (load %.1fs, warm-up %.1fs)",
+            "Stage %s of %s ready (%s %.1fs, warm-up %.1fs)",
             stage,
             runtime.model,
-            runtime.load_seconds,
+            "resumed from host memory in" if parked is not None else "load",
+            load,
             warmup,
         )
 
@@ -394,6 +459,7 @@ class StagePlugin(WorkerPlugin):
 
     async def teardown(self, worker: Worker) -> None:
         runtime, self.runtime = self.runtime, None
+        parked, self.parked = list(self.parked.values()), {}
         if runtime is not None:
             runtimes.uninstall(runtime.model, runtime.stage)
         if worker.nanny is not None and worker.status in CLOSING:
@@ -402,8 +468,9 @@ class StagePlugin(WorkerPlugin):
             # takes seconds: past the Nanny's patience, which then kills the
             # process with a warning. Leave the heap out of collections.
             gc.freeze()
-        elif runtime is not None:
-            await asyncio.to_thread(runtime.close)
+        else:
+            for leaving in [runtime, *parked] if runtime is not None else parked:
+                await asyncio.to_thread(leaving.close)
 
 
 class BatchingWorkerState(WorkerState):

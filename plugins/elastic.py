@@ -89,6 +89,8 @@ class ElasticController(SchedulerPlugin):
         self.moved: dict[str, float] = {}
         #: measured seconds to load and warm a pool, per (pool, gpu type)
         self.load_seconds: dict[tuple[Pool, str], float] = {}
+        #: measured seconds to resume a pool's parked weights, per (pool, gpu type)
+        self.resume_seconds: dict[tuple[Pool, str], float] = {}
         #: when each moved worker should serve its new pool (its drain and
         #: load as the plan that moved it priced them)
         self.ready_at: dict[str, float] = {}
@@ -138,9 +140,8 @@ class ElasticController(SchedulerPlugin):
             return
         self.actuator.finished(msg["address"])
         if msg["pool"] is not None and msg.get("load_seconds") is not None:
-            self.load_seconds[Pool.parse(msg["pool"]), msg["gpu_type"]] = msg[
-                "load_seconds"
-            ]
+            seconds = self.resume_seconds if msg.get("resumed") else self.load_seconds
+            seconds[Pool.parse(msg["pool"]), msg["gpu_type"]] = msg["load_seconds"]
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.actuator.finished(worker)
@@ -280,6 +281,7 @@ class ElasticController(SchedulerPlugin):
                 busy,
                 running,
                 moving_to,
+                record.parked,
             )
             old = kept.get(address)
             if old is not None and old[0] == key:
@@ -296,6 +298,7 @@ class ElasticController(SchedulerPlugin):
                     running_s=running,
                     moving_to=moving_to,
                     speed=record.speed,
+                    parked=frozenset(Pool.parse(p) for p in record.parked),
                 )
             self._views[address] = key, view
             workers.append(view)
@@ -353,7 +356,13 @@ class ElasticController(SchedulerPlugin):
                 due=tuple(due.get(pool, ())),
                 slo=slo.get(pool, math.inf),
             )
-        return Observation(now, tuple(workers), pools, dict(self.load_seconds))
+        return Observation(
+            now,
+            tuple(workers),
+            pools,
+            dict(self.load_seconds),
+            dict(self.resume_seconds),
+        )
 
     def plan(self, observation: Observation, settings: Settings) -> Plan | None:
         """The planner's plan for the observed fleet and demand (None: no fleet,
@@ -388,7 +397,7 @@ class ElasticController(SchedulerPlugin):
         planned = self._planned.get(address)
         cost = self._costs.get(target) if target is not None else None
         if planned is not None and cost is not None:
-            switch = cost.switch_seconds.get(planned.gpu_type, 0.0)
+            switch = cost.switch(planned.gpu_type, target in planned.parked)
             self.ready_at[address] = now + planned.drain_seconds + switch
         if source is not None and target is not None:
             cooldown = parse_timedelta(dask.config.get("dflow.planner.cooldown"))

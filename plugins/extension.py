@@ -86,6 +86,10 @@ class WorkerRecord:
     health: str = ""
     #: the 8-bit format of its DiT weights (``None``: the model's dtype)
     quantize: str | None = None
+    #: pools whose weights it keeps in host memory, to switch back to fast
+    parked: tuple[str, ...] = ()
+    #: its last load resumed parked weights (``load_seconds`` is that resume)
+    resumed: bool = False
 
     @property
     def pool(self) -> Pool | None:
@@ -307,9 +311,12 @@ class DflowExtension(SchedulerPlugin):
             "load_seconds",
             "error",
             "quantize",
+            "resumed",
         ):
             if name in info:
                 setattr(record, name, info[name])
+        if "parked" in info:
+            record.parked = tuple(info["parked"])
         if spec is not None and model is not None:
             self.specs[model] = spec
         if state == "failed":
@@ -323,6 +330,7 @@ class DflowExtension(SchedulerPlugin):
             previous=_text(previous),
             gpu_type=record.gpu_type,
             load_seconds=record.load_seconds,
+            resumed=record.resumed,
         )
 
     def pools(self) -> dict[str, dict[str, dict[str, int]]]:

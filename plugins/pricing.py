@@ -95,6 +95,8 @@ class WorkerView:
     moving_to: Pool | None = None
     #: its speed relative to its GPU type (``None``: not measured yet)
     speed: float | None = None
+    #: pools whose weights it keeps in host memory (a fast switch back)
+    parked: frozenset[Pool] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class Observation:
     pools: Mapping[Pool, PoolView]
     #: measured seconds to load and warm a pool, per (pool, GPU type)
     load_seconds: Mapping[tuple[Pool, str], float] = field(default_factory=dict)
+    #: measured seconds to resume a pool's parked weights, per (pool, GPU type)
+    resume_seconds: Mapping[tuple[Pool, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ def _seen(view: WorkerView, now: float, moved: Mapping[str, float]) -> dict[str,
         "busy": view.busy,
         "last_move": now if settling else moved.get(view.address),
         "speed": speed_factor(view.speed),
+        "parked": view.parked,
     }
 
 
@@ -434,9 +439,10 @@ def price(
     load_seconds: Mapping[tuple[Pool, str], float],
     default_switch: float,
     observed: bool = True,
+    resume_seconds: Mapping[tuple[Pool, str], float] | None = None,
 ) -> Price:
-    """Service time on the reference GPU type, speeds, memory and switch time of
-    ``pool``, priced by the features of the newest task it owes (else of its
+    """Service time on the reference GPU type, speeds, memory and switch times
+    of ``pool`` (a load, where measured a resume of parked weights), priced by the features of the newest task it owes (else of its
     latest finished one), and the work it owes, each task priced by its own
     features: the work ahead is priced by its own requests, so a new mix is
     priced as itself before its first task finishes, and a backlog of the old
@@ -474,9 +480,19 @@ def price(
         g: load_seconds.get((pool, g), max(known, default=default_switch))
         for g in gpu_types
     }
+    resumes = {
+        g: seconds
+        for (p, g), seconds in (resume_seconds or {}).items()
+        if p == pool and g in switch
+    }
     return Price(
         seconds=base or 0.0,
-        cost=PoolCost(speeds=speeds, memory_bytes=memory, switch_seconds=switch),
+        cost=PoolCost(
+            speeds=speeds,
+            memory_bytes=memory,
+            switch_seconds=switch,
+            resume_seconds=resumes,
+        ),
         backlog=backlog,
     )
 
@@ -504,6 +520,7 @@ def price_pools(
             observation.load_seconds,
             settings.default_switch,
             observed=settings.pricing != "prediction",
+            resume_seconds=observation.resume_seconds,
         )
         for pool in pools
     }
@@ -515,6 +532,10 @@ def price_pools(
 #: over the splits tried, so a steady load is seldom split)
 CHANGE_SPLITS = 20
 CHANGE_THRESHOLD = 13.8
+#: Splits younger than the grid's youngest, as fractions of it: a rate
+#: that fell to nothing a few seconds ago (a phase ended) is plain within
+#: seconds, and a worker held for it meanwhile may move against the new phase
+YOUNG_SPLITS = (0.5, 0.25, 0.125)
 
 
 def forecast_rate(view: PoolView, settings: Settings) -> float:
@@ -577,18 +598,25 @@ def change_point(
     them (log-likelihood ratio); ``(span, 0)`` when no split passes the
     likelihood-ratio test (:data:`CHANGE_THRESHOLD`).
 
-    ``ages`` are seconds since each arrival, youngest first; a split leaves at
-    least ``least`` seconds on either side.
+    ``ages`` are seconds since each arrival, youngest first. The splits tried
+    are a grid of :data:`CHANGE_SPLITS` that leaves at least ``least``
+    seconds on either side, and :data:`YOUNG_SPLITS` of its youngest: the
+    test itself keeps a few seconds' chance swing from passing.
     """
     if span <= 0:
         return 0.0, 0.0
     total = bisect.bisect_right(ages, span)
     whole = _poisson_fit(total, span)
     best, split = 0.0, span
-    for index in range(1, CHANGE_SPLITS):
-        age = span * index / CHANGE_SPLITS
-        if age < least or span - age < least:
-            continue
+    step = span / CHANGE_SPLITS
+    grid = [
+        step * index
+        for index in range(1, CHANGE_SPLITS)
+        if least <= step * index <= span - least
+    ]
+    if grid:
+        grid += [grid[0] * fraction for fraction in YOUNG_SPLITS]
+    for age in grid:
         recent = bisect.bisect_left(ages, age)
         ratio = _poisson_fit(recent, age) + _poisson_fit(total - recent, span - age)
         ratio -= whole

@@ -362,6 +362,16 @@ def test_forecast_takes_the_rate_since_a_change_point():
     # and back down: a backlog's phase ended 15 s ago
     dropped = poisson_ages((3.0, 45.0), (0.3, 15.0))
     assert forecast_rate(PoolView(arrivals=dropped), settings) < 0.8
+    # a phase that ended 4 s ago, younger than the grid's youngest split (6 s
+    # of a 120 s span): seen at once, while a steady load of that rate stays whole
+    settings = dataclasses.replace(SETTINGS, window=30.0, horizon=120.0)
+    ended = poisson_ages((3.0, 116.0), (0.0, 4.0))
+    assert forecast_rate(PoolView(arrivals=ended), settings) == 0.0
+    for seed in range(20):
+        ages = poisson_ages((3.0, 120.0), seed=seed)
+        assert forecast_rate(PoolView(arrivals=ages), settings) == pytest.approx(
+            len(ages) / 120.0
+        )
     # nothing arrived
     assert forecast_rate(PoolView(), settings) == 0.0
     assert rate_since_change((1.0, 2.0), 0.0, 1.0) == 0.0
@@ -665,6 +675,9 @@ async def test_role_switcher_moves_workers_and_the_pools_follow(
     ]
     assert events[-1]["pool"] == f"dit:{EMULATED}"
     assert events[-1]["previous"] == f"dit:{EMULATED}"
+    # it kept the encoder's weights in host memory, and loaded the DiT's
+    record = extension.workers[spare.address]
+    assert record.parked == (f"encoder:{EMULATED}",) and not record.resumed
 
     # an operator's move goes through a handler and is a decision
     await c.scheduler.dflow_move(
@@ -675,6 +688,17 @@ async def test_role_switcher_moves_workers_and_the_pools_follow(
             extension.workers[spare.address].pool == ("encoder", EMULATED)
             and extension.workers[spare.address].state == "ready"
         )
+    )
+    # back to the encoder: the parked weights resume, and the controller
+    # prices the next such switch by that resume
+    record = extension.workers[spare.address]
+    assert record.resumed and record.parked == (f"dit:{EMULATED}",)
+    gpu_type = record.gpu_type
+    assert controller.resume_seconds[Pool("encoder", EMULATED), gpu_type] == (
+        record.load_seconds
+    )
+    assert (
+        record.load_seconds < controller.load_seconds[Pool("dit", EMULATED), gpu_type]
     )
     (decision,) = await c.scheduler.dflow_decisions()
     assert decision["worker"] == str(spare.name)

@@ -530,6 +530,27 @@ def test_a_busy_workers_drain_counts_in_its_switch():
     assert result.utilization[DIT] == pytest.approx(6 / 5.125)
 
 
+def test_a_worker_that_parked_a_pool_switches_back_in_its_resume_time():
+    workers = placed({ENC: 2, DIT: 4, VAE: 2})
+    loads = costs(switch=25)
+    # 25 s loads over a 30 s horizon do not pay (the test above) ...
+    assert plan(workers, demand(1, 6, 1), loads, now=0.0, horizon=30).moves == []
+    # ... but w6 kept the DiT's weights in host memory, and resumes them in
+    # 1 s: it serves 29/30 of the horizon, and with it a second mover's 5/30
+    # pays too: 1.50 -> 6 / (4 + 29/30 + 5/30) = 1.17
+    loads[DIT] = replace(loads[DIT], resume_seconds={"h200": 1.0})
+    parked = [
+        replace(w, parked=frozenset({DIT})) if w.name == "w6" else w for w in workers
+    ]
+    result = plan(parked, demand(1, 6, 1), loads, now=0.0, horizon=30)
+    assert sorted(m.worker for m in result.moves) == ["w0", "w6"]
+    assert result.utilization[DIT] == pytest.approx(6 / (4 + 29 / 30 + 5 / 30))
+    # a pool never resumed yet costs a parked worker a load
+    assert loads[ENC].switch("h200", parked=True) == 25.0
+    assert loads[DIT].switch("h200", parked=True) == 1.0
+    assert loads[DIT].switch("h200") == 25.0
+
+
 def test_a_worker_settling_into_its_pool_counts_for_the_rest_of_the_horizon():
     # w4 and w5 were just moved to the DiT and load for another 15 s of a 30 s
     # horizon: the DiT has 4 + 2 x 0.5 workers, utilization 6 / 5 = 1.2

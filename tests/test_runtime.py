@@ -347,6 +347,43 @@ def test_denoise_stops_when_asked(runtimes, preset):
     assert finished["timings"]["encode"] == embeddings["timings"]["encode"]
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+            ],
+        ),
+    ],
+)
+def test_a_parked_runtime_frees_the_device_and_resumes_the_same(tiny_folders, device):
+    """On CUDA a parked stage's weights wait in pinned host memory; on the CPU
+    they are in host memory already and stay where they are."""
+    dit = StageRuntime("tiny-pixart", "dit", device=device)
+    request = Request(model="tiny-pixart", prompt="a cat", seed=0, steps=2)
+    embeddings = dit.zero_embeddings(request)
+    before = dit.denoise(request, embeddings)["latents"].cpu()
+    transformer = dit.adapter.pipe.transformer
+    weights = [t.data_ptr() for t in transformer.parameters()]
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+    dit.park()
+    if device == "cuda":
+        parked = [*transformer.parameters()]
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in parked)
+        freed = allocated - torch.cuda.memory_allocated()
+        assert freed >= sum(t.numel() * t.element_size() for t in parked)
+    else:
+        assert [t.data_ptr() for t in transformer.parameters()] == weights
+    assert dit.resume() >= 0
+    assert all(t.device.type == device for t in transformer.parameters())
+    after = dit.denoise(request, embeddings)["latents"].cpu()
+    assert torch.equal(after, before)
+
+
 @pytest.mark.parametrize("preset", TINY)
 def test_zero_inputs_are_shaped_as_the_real_ones(runtimes, preset):
     """What a DiT or VAE runtime warms up and profiles on without the stage

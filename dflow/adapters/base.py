@@ -120,6 +120,7 @@ class Adapter:
                 f"got {offload!r}"
             )
         quantization.check_offload(self.quantize, offload, self.device)
+        self.offloaded = offload != "none"
         # offloaded weights live in host memory and visit the device per use
         home = self.device if offload == "none" else torch.device("cpu")
         source = presets.folder_of(self.spec)
@@ -174,6 +175,27 @@ class Adapter:
         pipe.set_progress_bar_config(disable=True)
         self._configure(pipe)
         return pipe
+
+    # -- parking ------------------------------------------------------------------
+
+    def park(self) -> None:
+        """Move the weights to pinned host memory and free the device, so that
+        :meth:`resume` copies them back over the host link rather than loading
+        them from disk. Offloaded or CPU weights are in host memory already."""
+        if self.device.type == "cpu" or self.offloaded:
+            return
+        self.pipe.to("cpu")
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    tensor.data = tensor.data.pin_memory()
+        torch.cuda.empty_cache()
+
+    def resume(self) -> None:
+        """Bring parked weights back to the device (:meth:`park`)."""
+        if self.device.type == "cpu" or self.offloaded:
+            return
+        self.pipe.to(self.device)
 
     def _configure(self, pipe: Any) -> None:
         """Fix what a pipeline derives from components this stage did not load."""

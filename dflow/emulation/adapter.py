@@ -231,6 +231,23 @@ class EmulatedAdapter(Adapter):
 
         return sleep
 
+    # -- parking -------------------------------------------------------------------
+
+    def park(self) -> None:
+        self._sleep_until(time.perf_counter(), self._host_copy_seconds())
+
+    def resume(self) -> None:
+        self._sleep_until(time.perf_counter(), self._host_copy_seconds())
+
+    def _host_copy_seconds(self) -> float:
+        """Emulated seconds of a park or a resume: the weights over the card's
+        pinned host link; an offloaded stage's are in host memory already."""
+        if self.placement.mode != "resident":
+            return 0.0
+        return self.cost.resume_seconds(
+            self.spec, self.stages, self.gpu.name, self.quantize
+        )
+
     # -- stage calls ---------------------------------------------------------------
 
     def encode(self, requests: Sequence[Request]) -> list[Embeddings]:

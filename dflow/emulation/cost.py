@@ -296,6 +296,21 @@ class CostModel:
             return round(weights * QUANTIZED_SHARE)
         return weights
 
+    def resume_seconds(
+        self, spec: ModelSpec, stages: Iterable[str], gpu: str, quantize: str | None
+    ) -> float:
+        """Emulated seconds to copy ``stages``' weights between pinned host
+        memory and ``gpu`` (a parked stage resuming, or parking)."""
+        weights = sum(self.weight_bytes(spec, s, quantize) for s in stages)
+        return weights / (self.pinned_gibs(gpu) * GIB)
+
+    def pinned_gibs(self, gpu: str) -> float:
+        """GiB per second pinned host memory reaches ``gpu`` at: its link's
+        payload rate at the efficiency measured on the reference."""
+        pinned = self.anchors["ceilings"]["h2d_pinned_gibs"]
+        efficiency = pinned / self.catalog.gpu(self.catalog.reference).link_gibs
+        return self.catalog.gpu(gpu).link_gibs * efficiency
+
     def offload_rates(self, gpu: str) -> tuple[float, float]:
         """Bytes per second that model offload and group offload move weights at
         on ``gpu``, solved from the measured Flux runs (docs/emulation.md)."""
@@ -303,13 +318,10 @@ class CostModel:
             self._offload = self._calibrate_offload()
         model_rate, group_rate = self._offload
         ceilings = self.anchors["ceilings"]
-        pinned = ceilings["h2d_pinned_gibs"]
-        # the link's measured efficiency on the reference carries over to other links
-        efficiency = pinned / self.catalog.gpu(self.catalog.reference).link_gibs
-        link = self.catalog.gpu(gpu).link_gibs * efficiency
+        link = self.pinned_gibs(gpu)
         # model offload copies through pageable memory: host-bound unless the link is slower
         model = model_rate * min(1.0, link / ceilings["h2d_pageable_gibs"])
-        return model, group_rate * link / pinned
+        return model, group_rate * link / ceilings["h2d_pinned_gibs"]
 
     def _calibrate_offload(self) -> tuple[float, float]:
         measured = self.anchors["monolithic_flux_1024"]
