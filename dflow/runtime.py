@@ -780,6 +780,11 @@ class StageRuntime:
         take less)."""
         return sum(self.spec.weight_bytes.get(s, 0) for s in self.stages)
 
+    def reserve_host(self) -> None:
+        """Page-lock the host memory :meth:`park` copies the weights into
+        (slow; workers do it in the background)."""
+        self.adapter.reserve_host()
+
     def park(self) -> None:
         """Free the device but keep the weights in host memory, for a worker
         that may serve this stage again (:meth:`resume`)."""

@@ -109,6 +109,7 @@ class StagePlugin(WorkerPlugin):
         #: stages it served before, their weights kept in host memory (most
         #: recently parked last; ``dflow.runtime.park-memory`` bytes at most)
         self.parked: dict[tuple[str, str], runtimes.StageRuntime] = {}
+        self._reserving: asyncio.Task | None = None
         self.ready: asyncio.Event | None = None
 
     async def setup(self, worker: Worker) -> None:
@@ -304,7 +305,7 @@ class StagePlugin(WorkerPlugin):
         """Keep ``runtime``'s weights in host memory if they fit
         ``dflow.runtime.park-memory`` (the least recently parked go first),
         else close it."""
-        budget = parse_bytes(dask.config.get("dflow.runtime.park-memory") or 0)
+        budget = self._park_memory()
         closing = [runtime]
         if runtime.weight_bytes <= budget:
             try:
@@ -323,6 +324,10 @@ class StagePlugin(WorkerPlugin):
                     closing.append(self.parked.pop(next(iter(self.parked))))
         for leaving in closing:
             leaving.close()
+
+    @staticmethod
+    def _park_memory() -> int:
+        return parse_bytes(dask.config.get("dflow.runtime.park-memory") or 0)
 
     def _unpark(self, model: str, stage: str) -> runtimes.StageRuntime | None:
         """The parked runtime of ``stage`` of ``model`` (a name or path), taken
@@ -408,6 +413,11 @@ class StagePlugin(WorkerPlugin):
             spec=runtime.spec.to_dict(),
         )
         self.ready.set()
+        if runtime.weight_bytes <= self._park_memory():
+            # page-locking is slow: done while serving, a later park only copies
+            self._reserving = asyncio.create_task(
+                asyncio.to_thread(runtime.reserve_host)
+            )
         logger.info(
             "Stage %s of %s ready (%s %.1fs, warm-up %.1fs)",
             stage,

@@ -554,7 +554,7 @@ def forecast_rate(view: PoolView, settings: Settings) -> float:
     """
     span = max(settings.window, settings.horizon)
     ages = view.arrivals
-    since, step = change_point(ages, span, least=settings.window / 6)
+    since, step = latest_change(ages, span, least=settings.window / 6)
     line, now, slope = trend(ages, span)
     if 2 * line > CHANGE_THRESHOLD and line > step:
         return max(0.0, now + slope * settings.horizon / 2)
@@ -562,10 +562,27 @@ def forecast_rate(view: PoolView, settings: Settings) -> float:
 
 
 def rate_since_change(ages: Sequence[float], span: float, least: float) -> float:
-    """Arrivals per second since the likeliest change point of their Poisson
-    rate within the last ``span`` seconds (:func:`change_point`)."""
-    since, _ = change_point(ages, span, least)
+    """Arrivals per second since the latest change point of their Poisson
+    rate within the last ``span`` seconds (:func:`latest_change`)."""
+    since, _ = latest_change(ages, span, least)
     return bisect.bisect_left(ages, since) / since if since > 0 else 0.0
+
+
+def latest_change(
+    ages: Sequence[float], span: float, least: float
+) -> tuple[float, float]:
+    """Seconds since the latest change point of the arrivals' Poisson rate
+    within the last ``span`` seconds: the likeliest one (:func:`change_point`),
+    then the likeliest within the time since it, and so on while one passes
+    the test. A phase that began and ended within the span (a burst of
+    PixArt that gave way to Flux a few seconds ago) then ends the rate the
+    forecast holds, rather than begins it. Returns it and the first split's
+    log-likelihood ratio (``(span, 0)``: no change)."""
+    since, ratio = change_point(ages, span, least)
+    while since < span:
+        span = since
+        since, _ = change_point(ages, span, least)
+    return since, ratio
 
 
 def trend(ages: Sequence[float], span: float) -> tuple[float, float, float]:

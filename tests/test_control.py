@@ -372,6 +372,16 @@ def test_forecast_takes_the_rate_since_a_change_point():
         assert forecast_rate(PoolView(arrivals=ages), settings) == pytest.approx(
             len(ages) / 120.0
         )
+    # a busy phase that began 45 s ago and ended 4 s ago, after a quiet one:
+    # the latest change is its end, not its start
+    burst = poisson_ages((0.2, 71.0), (3.0, 45.0), (0.05, 4.0))
+    assert forecast_rate(PoolView(arrivals=burst), settings) < 0.5
+    assert rate_since_change(burst, 120.0, 5.0) < 0.5
+    # while one that goes on is held
+    going = poisson_ages((0.2, 75.0), (3.0, 45.0))
+    assert forecast_rate(PoolView(arrivals=going), settings) == pytest.approx(
+        3.0, rel=0.25
+    )
     # nothing arrived
     assert forecast_rate(PoolView(), settings) == 0.0
     assert rate_since_change((1.0, 2.0), 0.0, 1.0) == 0.0

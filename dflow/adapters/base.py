@@ -105,6 +105,9 @@ class Adapter:
         self.exact_batches = bool(dask.config.get("dflow.runtime.exact-dit-batch"))
         self._conditioning: dict[int, list[torch.nn.Module]] = {}
         self._swapping = threading.Lock()
+        #: page-locked host buffers the weights park in (:meth:`reserve_host`)
+        self._host: list[torch.Tensor] | None = None
+        self._host_lock = threading.Lock()
 
     @property
     def family(self) -> Family:
@@ -178,24 +181,51 @@ class Adapter:
 
     # -- parking ------------------------------------------------------------------
 
+    def reserve_host(self) -> None:
+        """Page-lock host buffers for the weights (slow: the host locks pages
+        at about 1 GiB/s), so that :meth:`park` only copies into them. Workers
+        call it in the background once the stage serves."""
+        if self.device.type == "cpu" or self.offloaded:
+            return
+        with self._host_lock:
+            if self._host is None:
+                self._host = [
+                    torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                    for t in self._weights()
+                ]
+
     def park(self) -> None:
         """Move the weights to pinned host memory and free the device, so that
         :meth:`resume` copies them back over the host link rather than loading
         them from disk. Offloaded or CPU weights are in host memory already."""
         if self.device.type == "cpu" or self.offloaded:
             return
-        self.pipe.to("cpu")
-        for module in self.pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                for tensor in [*module.parameters(), *module.buffers()]:
-                    tensor.data = tensor.data.pin_memory()
+        self.reserve_host()
+        with self._host_lock:
+            assert self._host is not None
+            for tensor, host in zip(self._weights(), self._host):
+                if tensor.device.type != "cpu":
+                    host.copy_(tensor)
+                    tensor.data = host
         torch.cuda.empty_cache()
 
     def resume(self) -> None:
-        """Bring parked weights back to the device (:meth:`park`)."""
+        """Bring parked weights back to the device (:meth:`park`); their host
+        buffers stay for the next park."""
         if self.device.type == "cpu" or self.offloaded:
             return
-        self.pipe.to(self.device)
+        with self._host_lock:
+            for tensor in self._weights():
+                tensor.data = tensor.data.to(self.device, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [
+            tensor
+            for module in self.pipe.components.values()
+            if isinstance(module, torch.nn.Module)
+            for tensor in [*module.parameters(), *module.buffers()]
+        ]
 
     def _configure(self, pipe: Any) -> None:
         """Fix what a pipeline derives from components this stage did not load."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import dask.config
-from dask.utils import parse_timedelta
+from dask.utils import parse_bytes, parse_timedelta
 
 from dflow.adapters.base import Adapter, Denoising, Embeddings, StepCallback
 from dflow.adapters.denoising import DenoisingState
@@ -153,6 +153,8 @@ class EmulatedAdapter(Adapter):
         #: in when a step follows another stage's call
         self._last_stage: str | None = None
         self._placements: dict[tuple, Placement] = {}
+        self._host_lock = threading.Lock()
+        self._reserved = False
         default = self.family.default_features(spec)
         self.placement = self._placement(default)
         # draw the random bytes of the outputs now, as part of the load
@@ -233,17 +235,34 @@ class EmulatedAdapter(Adapter):
 
     # -- parking -------------------------------------------------------------------
 
+    def reserve_host(self) -> None:
+        with self._host_lock:
+            if not self._reserved:
+                self._sleep_until(time.perf_counter(), self._host_seconds("pin"))
+                self._reserved = True
+
     def park(self) -> None:
-        self._sleep_until(time.perf_counter(), self._host_copy_seconds())
+        self.reserve_host()
+        with self._host_lock:
+            self._sleep_until(time.perf_counter(), self._host_seconds("copy"))
 
     def resume(self) -> None:
-        self._sleep_until(time.perf_counter(), self._host_copy_seconds())
+        with self._host_lock:
+            self._sleep_until(time.perf_counter(), self._host_seconds("copy"))
 
-    def _host_copy_seconds(self) -> float:
-        """Emulated seconds of a park or a resume: the weights over the card's
-        pinned host link; an offloaded stage's are in host memory already."""
+    def _host_seconds(self, what: str) -> float:
+        """Emulated seconds to page-lock host buffers for the weights
+        (``"pin"``) or to copy them over the card's pinned host link
+        (``"copy"``); an offloaded stage's are in host memory already."""
         if self.placement.mode != "resident":
             return 0.0
+        if what == "pin":
+            weights = sum(
+                self.cost.weight_bytes(self.spec, s, self.quantize) for s in self.stages
+            )
+            return weights / parse_bytes(
+                dask.config.get("dflow.emulation.pin-bandwidth")
+            )
         return self.cost.resume_seconds(
             self.spec, self.stages, self.gpu.name, self.quantize
         )
