@@ -782,7 +782,7 @@ class StageRuntime:
 
     def reserve_host(self) -> None:
         """Page-lock the host memory :meth:`park` copies the weights into
-        (slow; workers do it in the background)."""
+        (slow; workers do it in the background, and :meth:`close` stops it)."""
         self.adapter.reserve_host()
 
     def park(self) -> None:
@@ -799,6 +799,7 @@ class StageRuntime:
 
     def close(self) -> None:
         """Drop the model and return its device memory."""
+        self.adapter.unreserve()
         self.encodings.clear()
         del self.adapter
         gc.collect()

@@ -472,6 +472,8 @@ class StagePlugin(WorkerPlugin):
         parked, self.parked = list(self.parked.values()), {}
         if runtime is not None:
             runtimes.uninstall(runtime.model, runtime.stage)
+            # a reservation under way would hold the process's exit
+            runtime.adapter.unreserve()
         if worker.nanny is not None and worker.status in CLOSING:
             # The worker process exits next and the OS takes its memory back.
             # Collecting torch's heap object by object at interpreter exit

@@ -554,17 +554,36 @@ def forecast_rate(view: PoolView, settings: Settings) -> float:
     """
     span = max(settings.window, settings.horizon)
     ages = view.arrivals
-    since, step = latest_change(ages, span, least=settings.window / 6)
-    line, now, slope = trend(ages, span)
+    # the tests count arrival instants: a client's batch of requests at once
+    # is one event, not evidence of a rate that many times higher
+    events = arrival_events(ages)
+    since, step = latest_change(events, span, least=settings.window / 6)
+    line, now, slope = trend(events, span)
     if 2 * line > CHANGE_THRESHOLD and line > step:
-        return max(0.0, now + slope * settings.horizon / 2)
+        tasks = bisect.bisect_right(ages, span)
+        per_event = tasks / max(1, bisect.bisect_right(events, span))
+        return max(0.0, (now + slope * settings.horizon / 2) * per_event)
     return bisect.bisect_left(ages, since) / since if since > 0 else 0.0
+
+
+#: Arrivals closer together than this are one event to the change-point test
+SIMULTANEOUS = 0.01
+
+
+def arrival_events(ages: Sequence[float]) -> list[float]:
+    """``ages`` (youngest first) less those within :data:`SIMULTANEOUS`
+    seconds of the arrival before them."""
+    events: list[float] = []
+    for age in ages:
+        if not events or age - events[-1] >= SIMULTANEOUS:
+            events.append(age)
+    return events
 
 
 def rate_since_change(ages: Sequence[float], span: float, least: float) -> float:
     """Arrivals per second since the latest change point of their Poisson
     rate within the last ``span`` seconds (:func:`latest_change`)."""
-    since, _ = latest_change(ages, span, least)
+    since, _ = latest_change(arrival_events(ages), span, least)
     return bisect.bisect_left(ages, since) / since if since > 0 else 0.0
 
 

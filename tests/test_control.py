@@ -382,6 +382,17 @@ def test_forecast_takes_the_rate_since_a_change_point():
     assert forecast_rate(PoolView(arrivals=going), settings) == pytest.approx(
         3.0, rel=0.25
     )
+    # a steady load of clients' batches (1 to 4 requests at once): the tests
+    # count instants, so the batches split no span
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        instants = poisson_ages((1.0, 120.0), seed=seed)
+        batched = tuple(
+            sorted(a + 0.001 * i for a in instants for i in range(rng.integers(1, 5)))
+        )
+        assert forecast_rate(PoolView(arrivals=batched), settings) == pytest.approx(
+            len(batched) / 120.0
+        )
     # nothing arrived
     assert forecast_rate(PoolView(), settings) == 0.0
     assert rate_since_change((1.0, 2.0), 0.0, 1.0) == 0.0

@@ -277,9 +277,11 @@ def test_a_parked_stage_resumes_over_the_host_link():
     for call in (dit.resume, dit.park):
         seconds, _ = timed(call, 0.2)
         assert seconds == pytest.approx(copy, rel=0.1)
+    # a worker reserves them once the stage serves; a park after that copies
     reserved = adapter(FLUX, ["dit"], gpu="rtx4090")
     seconds, _ = timed(reserved.reserve_host)
-    assert seconds == pytest.approx(weights / (0.98 * GIB), rel=0.1)
+    assert seconds < 0.05
+    time.sleep(weights / (0.98 * GIB) * SCALE)
     seconds, _ = timed(reserved.park, 0.2)
     assert seconds == pytest.approx(copy, rel=0.1)
     offloaded = adapter(FLUX, STAGES, gpu="rtx4090")

@@ -108,6 +108,7 @@ class Adapter:
         #: page-locked host buffers the weights park in (:meth:`reserve_host`)
         self._host: list[torch.Tensor] | None = None
         self._host_lock = threading.Lock()
+        self._unreserve = threading.Event()
 
     @property
     def family(self) -> Family:
@@ -188,11 +189,22 @@ class Adapter:
         if self.device.type == "cpu" or self.offloaded:
             return
         with self._host_lock:
-            if self._host is None:
-                self._host = [
-                    torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                    for t in self._weights()
-                ]
+            if self._host is not None:
+                return
+            host = []
+            for tensor in self._weights():
+                if self._unreserve.is_set():  # closing: buffers no one will use
+                    return
+                host.append(
+                    torch.empty(
+                        tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True
+                    )
+                )
+            self._host = host
+
+    def unreserve(self) -> None:
+        """Stop a :meth:`reserve_host` under way (the stage is closing)."""
+        self._unreserve.set()
 
     def park(self) -> None:
         """Move the weights to pinned host memory and free the device, so that
@@ -200,6 +212,7 @@ class Adapter:
         them from disk. Offloaded or CPU weights are in host memory already."""
         if self.device.type == "cpu" or self.offloaded:
             return
+        self._unreserve.clear()
         self.reserve_host()
         with self._host_lock:
             assert self._host is not None

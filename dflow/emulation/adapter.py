@@ -154,7 +154,7 @@ class EmulatedAdapter(Adapter):
         self._last_stage: str | None = None
         self._placements: dict[tuple, Placement] = {}
         self._host_lock = threading.Lock()
-        self._reserved = False
+        self._reserved_at: float | None = None
         default = self.family.default_features(spec)
         self.placement = self._placement(default)
         # draw the random bytes of the outputs now, as part of the load
@@ -236,15 +236,22 @@ class EmulatedAdapter(Adapter):
     # -- parking -------------------------------------------------------------------
 
     def reserve_host(self) -> None:
+        # the buffers are ready when page-locking them would be done: a park
+        # before then waits for it, and no thread sleeps meanwhile
         with self._host_lock:
-            if not self._reserved:
-                self._sleep_until(time.perf_counter(), self._host_seconds("pin"))
-                self._reserved = True
+            if self._reserved_at is None:
+                pin = self._host_seconds("pin") * time_scale()
+                self._reserved_at = time.perf_counter() + pin
+
+    def unreserve(self) -> None:
+        pass
 
     def park(self) -> None:
         self.reserve_host()
         with self._host_lock:
-            self._sleep_until(time.perf_counter(), self._host_seconds("copy"))
+            assert self._reserved_at is not None
+            start = max(time.perf_counter(), self._reserved_at)
+            self._sleep_until(start, self._host_seconds("copy"))
 
     def resume(self) -> None:
         with self._host_lock:
