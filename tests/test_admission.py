@@ -61,8 +61,9 @@ CONFIG = {
     "dflow.elastic.enabled": False,
     "dflow.runtime.backend": "emulated",
     "dflow.emulation.time-scale": 1.0,
-    # loads in a moment: these tests time requests, not loads
+    # loads and parks in a moment: these tests time requests, not switches
     "dflow.emulation.load-bandwidth": "1000GiB",
+    "dflow.emulation.pin-bandwidth": "1000GiB",
     "dflow.scheduler.check-interval": "100ms",
 }
 

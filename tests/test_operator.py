@@ -186,7 +186,9 @@ def test_a_workers_life_in_its_log(tmp_path, tiny_folders):
         poll(lambda: switch in address.process.tail(200), 30, "the switch's line")
 
         # dflow's output futures (the notebook test cancels one of dflow.map's)
-        future = RequestFuture(client.submit(time.sleep, 30).key, client)
+        # short: if the worker starts it before the cancel arrives, the worker's
+        # close waits for it
+        future = RequestFuture(client.submit(time.sleep, 2).key, client)
         future.cancel()
         with pytest.raises(FutureCancelledError, match="reason: cancelled"):
             future.result(timeout=30)
